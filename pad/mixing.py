@@ -1,0 +1,137 @@
+"""Kernel banks: the weights a dynamic layer mixes, fully or partially dynamic.
+
+A *bank* owns ``K`` dynamic kernels of one static shape ``S`` (for a conv
+``S = (out, in/groups, kh, kw)``, for a linear layer ``S = (out, in)``).  Calling
+the bank returns the two parts a layer needs to build its weight:
+
+* ``dynamic``: ``(K, *S)``, the kernels as they enter the input-dependent sum,
+* ``static``: ``(*S)`` or ``None``, the input-independent part.
+
+A layer that routes with weights ``pi`` of shape ``(B, K)`` then uses
+``pi @ dynamic.flatten(1) + static.flatten()``; a Mixture of Experts uses
+``dynamic[e] + static`` for expert ``e``.  The bank knows nothing of
+convolutions or tokens.
+
+PAD (partially dynamic) mixing, with a binary mask ``M`` of shape ``S``
+(1 = dynamic position)::
+
+    Omega(x) = lambda_d * M * W~(x) + lambda_s * (1 - M) * W_s
+
+Because ``W~(x)`` is linear in the kernels, ``M * W~(x)`` is the same sum over
+the masked kernels ``M * W_k``, which is what :class:`PartiallyDynamicWeights`
+returns.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SCALE_FACTOR_VARIANTS = ("both", "s", "d", "none")
+
+
+class ScaleFactors(nn.Module):
+    """The two scale factors of one PAD layer.
+
+    ``variant``:
+      * ``both``: one learnable scalar ``phi`` (init 0); ``lambda_d = 2 sigmoid(phi)``,
+        ``lambda_s = 2 - lambda_d`` (both start at 1),
+      * ``s``: only ``lambda_s = 2 sigmoid(phi)`` is learned, ``lambda_d = 1``,
+      * ``d``: only ``lambda_d = 2 sigmoid(phi)`` is learned, ``lambda_s = 1``,
+      * ``none``: both fixed at 1, no parameter.
+    """
+
+    def __init__(self, variant: str = "both"):
+        super().__init__()
+        if variant not in SCALE_FACTOR_VARIANTS:
+            raise ValueError(f"unknown scale-factor variant {variant!r}; expected one of {SCALE_FACTOR_VARIANTS}")
+        self.variant = variant
+        if variant != "none":
+            self.phi = nn.Parameter(torch.zeros(()))
+
+    def forward(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Returns ``(lambda_d, lambda_s)``, each a 0-d tensor or the float 1.0."""
+        if self.variant == "none":
+            return 1.0, 1.0
+        learned = 2.0 * torch.sigmoid(self.phi)
+        if self.variant == "both":
+            return learned, 2.0 - learned
+        if self.variant == "s":
+            return 1.0, learned
+        return learned, 1.0
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}"
+
+
+class DynamicWeights(nn.Module):
+    """``K`` kernels of static shape ``S``, all positions dynamic.
+
+    Args:
+        num_kernels: ``K`` (kernels, or experts).
+        shape: the static shape ``S``.
+    Attributes:
+        kernels: parameter ``(K, *S)``.
+    """
+
+    def __init__(self, num_kernels: int, shape: tuple[int, ...], dtype: torch.dtype | None = None):
+        super().__init__()
+        if num_kernels < 1:
+            raise ValueError(f"number of kernels must be >= 1, got {num_kernels}")
+        self.kernels = nn.Parameter(torch.empty(num_kernels, *shape, dtype=dtype))
+
+    @property
+    def num_kernels(self) -> int:
+        return self.kernels.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.kernels.shape[1:]
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(dynamic (K, *S), None)``."""
+        return self.kernels, None
+
+
+class PartiallyDynamicWeights(DynamicWeights):
+    """``K`` kernels plus one static weight, mixed by a binary mask and two scale factors.
+
+    Attributes:
+        kernels: parameter ``(K, *S)``, the dynamic kernels ``W_k``.
+        static_weight: parameter ``(*S)``, ``W_s``.
+        mask: float buffer ``(*S)`` of 0/1, 1 = dynamic position (starts all ones).
+        scale: :class:`ScaleFactors`.
+
+    Like ``torch.nn.utils.prune``, the mask is a buffer beside the weights;
+    :func:`pad.compact.export_compact` makes it permanent by storing only the
+    positions each part uses.
+    """
+
+    def __init__(self, num_kernels: int, shape: tuple[int, ...], scale_factors: str = "both",
+                 dtype: torch.dtype | None = None):
+        super().__init__(num_kernels, shape, dtype=dtype)
+        self.static_weight = nn.Parameter(torch.empty(*shape, dtype=dtype))
+        self.register_buffer("mask", torch.ones(*shape, dtype=dtype if dtype is not None else torch.get_default_dtype()))
+        self.scale = ScaleFactors(scale_factors)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(lambda_d * M * W_k  (K, *S),  lambda_s * (1 - M) * W_s  (*S))``."""
+        lambda_d, lambda_s = self.scale()
+        mask = self.mask
+        return (lambda_d * mask) * self.kernels, (lambda_s * (1.0 - mask)) * self.static_weight
+
+    def mode_contrast(self) -> torch.Tensor:
+        """``lambda_d * W_k - lambda_s * W_s`` per kernel, ``(K, *S)``: how much turning a
+        position static changes each kernel's contribution (detached)."""
+        with torch.no_grad():
+            lambda_d, lambda_s = self.scale()
+            return lambda_d * self.kernels - lambda_s * self.static_weight
+
+    def dynamic_ratio(self) -> float:
+        return float(self.mask.sum() / self.mask.numel())
+
+
+def weight_banks(model: nn.Module):
+    """Yields ``(name, bank)`` for every :class:`PartiallyDynamicWeights` inside ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, PartiallyDynamicWeights):
+            yield name, module
