@@ -1,6 +1,7 @@
 """Statistics of partially dynamic models: dynamic ratio and stored parameters."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .mixing import PartiallyDynamicWeights, weight_banks
@@ -46,6 +47,7 @@ def scale_factors(model: nn.Module) -> dict[str, tuple[float, float]]:
     """``{layer name: (lambda_d, lambda_s)}`` for every PAD layer."""
     out = {}
     for name, bank in weight_banks(model):
-        lambda_d, lambda_s = bank.scale()
+        with torch.no_grad():
+            lambda_d, lambda_s = bank.scale()
         out[name] = (float(lambda_d), float(lambda_s))
     return out
