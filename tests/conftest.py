@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random BERT saved like a hub checkpoint, built offline.
+
+``tiny_bert_dir`` is a directory that ``AutoModelForSequenceClassification``
+and ``AutoTokenizer`` load with ``from_pretrained`` and no network:
+a 2-layer, 32-hidden ``BertForSequenceClassification`` (2 labels, random
+weights, seed 0) plus a WordPiece ``vocab.txt`` and the tokenizer files
+``save_pretrained`` writes.  The vocabulary holds the special tokens, some
+common words, every lowercase letter and digit and their ``##`` continuations,
+so any lowercase ASCII text tokenizes without falling back to ``[UNK]`` for
+whole words.
+"""
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["the", "is", "was", "not", "good", "bad", "movie", "film", "great", "and", "it", "of", "to"]
+PUNCTUATION = list(".,!?'\"-:;()")
+
+
+def tiny_vocab() -> list[str]:
+    chars = list(string.ascii_lowercase) + list(string.digits)
+    return SPECIAL_TOKENS + WORDS + PUNCTUATION + chars + [f"##{c}" for c in chars]
+
+
+def tiny_bert_config(num_labels: int = 2, **overrides):
+    """A ``BertConfig`` small enough for CPU tests (hidden 32, 2 layers, 4 heads, FFN 64)."""
+    from transformers import BertConfig
+    settings = dict(vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def save_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, **overrides) -> Path:
+    """Writes a random tiny ``BertForSequenceClassification`` and its tokenizer to ``path``."""
+    import torch
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_file = path / "vocab.txt"
+    vocab_file.write_text("\n".join(tiny_vocab()) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True).save_pretrained(path)
+    torch.manual_seed(seed)
+    BertForSequenceClassification(tiny_bert_config(num_labels, **overrides)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A saved tiny BERT (2 labels) with its tokenizer; shared by the session, do not modify it."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture
+def make_tiny_bert_dir(tmp_path):
+    """Factory: ``make_tiny_bert_dir(num_labels=2, seed=0, **config overrides) -> Path`` (a fresh dir)."""
+    counter = iter(range(1_000_000))
+
+    def make(num_labels: int = 2, seed: int = 0, **overrides) -> Path:
+        return save_tiny_bert(tmp_path / f"tiny_bert_{next(counter)}", num_labels, seed, **overrides)
+
+    return make
