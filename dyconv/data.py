@@ -1,0 +1,212 @@
+"""Datasets and transforms for the DY-Conv trainer: Fashion-MNIST (IDX files) and ImageNet-style folders.
+
+* Fashion-MNIST: 1-channel 28 px, 10 classes, read from the IDX gzip files of the
+  Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
+  or from ``--data DIR`` holding the same files, else downloaded by torchvision.
+* ImageNet layout: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` read with
+  ``torchvision.datasets.ImageFolder``, 3 channels, RandomResizedCrop + flip for
+  training, Resize(size * 256 / 224) + CenterCrop for validation.
+
+Unreadable images are detected lazily, when the loader first opens them (a full
+upfront scan would read all of ImageNet before the first step): :func:`load_rgb_image`
+turns the PIL error into a :class:`DataError` naming the file.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets, transforms
+from torchvision.transforms import v2
+
+DATASETS = ("fashion-mnist", "imagenet")
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# IDX type byte -> numpy big-endian dtype
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable data; the CLI prints it as one line.
+
+    Raised inside a DataLoader worker, PyTorch re-raises it in the main process as
+    ``DataError(<worker traceback text>)``; ``str()`` recovers the original message.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if text.startswith("Caught DataError"):
+            return text.strip().rsplit("DataError: ", 1)[-1]
+        return text
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model needs to know about the data."""
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    small_input: bool
+
+
+# ---------------------------------------------------------------- IDX / Fashion-MNIST
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Reads an IDX file (plain or ``.gz``) into a tensor of its stored shape and type."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">i4")) if len(raw) >= header else None
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    if dims is None or len(raw) - header != int(np.prod(dims, dtype=np.int64)) * dtype.itemsize:
+        raise DataError(f"IDX file {path} is truncated or its size does not match its header")
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem,
+                      directory / "FashionMNIST" / "raw" / f"{stem}.gz", directory / "FashionMNIST" / "raw" / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(train: bool, root: str | os.PathLike | None = None,
+                       download_root: str | os.PathLike = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST as ``(images uint8 (N, 28, 28), labels int64 (N,))``.
+
+    Looks for the IDX files in ``root`` (or, without it, the Debian package's
+    directory); when they are absent, downloads them with torchvision into
+    ``root`` (or ``download_root``).
+    """
+    image_stem, label_stem = FASHION_MNIST_FILES[train]
+    search = Path(root) if root is not None else Path(FASHION_MNIST_SYSTEM_DIR)
+    image_file, label_file = _find_idx(search, image_stem), _find_idx(search, label_stem)
+    if image_file is not None and label_file is not None:
+        images, labels = read_idx(image_file), read_idx(label_file).long()
+    else:
+        target = Path(root) if root is not None else Path(download_root)
+        try:
+            dataset = datasets.FashionMNIST(str(target), train=train, download=True)
+        except (OSError, RuntimeError) as err:
+            raise DataError(f"Fashion-MNIST is not in {search} and could not be downloaded into {target}: {err}") from None
+        images, labels = dataset.data, dataset.targets.long()
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST files in {search} have unexpected shapes {tuple(images.shape)}, {tuple(labels.shape)}")
+    return images, labels
+
+
+class TensorImageDataset(Dataset):
+    """Grey images held in memory as uint8 ``(N, H, W)``; items are ``(float (1, S, S), int label)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index].unsqueeze(0).float().div_(255)
+        return self.transform(image), int(self.labels[index])
+
+
+def fashion_mnist_transform(train: bool, image_size: int = 28):
+    """Pad-2 random crop and flip for training; resize when ``image_size`` is not 28."""
+    steps = [v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()] if train else []
+    if image_size != 28:
+        steps.append(v2.Resize(image_size, antialias=True))
+    steps.append(v2.Normalize([FASHION_MNIST_MEAN], [FASHION_MNIST_STD]))
+    return v2.Compose(steps)
+
+
+# ---------------------------------------------------------------- ImageNet layout
+
+def load_rgb_image(path: str) -> Image.Image:
+    """ImageFolder loader that names the file when PIL cannot read it."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from None
+
+
+def imagenet_transform(train: bool, image_size: int = 224):
+    """RandomResizedCrop + flip (train) or Resize(size * 256 / 224) + CenterCrop (val), ImageNet normalisation."""
+    if train:
+        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def image_folder(root: str | os.PathLike, split: str, image_size: int, train: bool) -> datasets.ImageFolder:
+    """``root/split/<class>/*`` as an ImageFolder; DataError when missing or empty."""
+    directory = Path(root) / split
+    if not directory.is_dir():
+        raise DataError(f"data folder {directory} does not exist (expected {Path(root)}/{{train,val}}/<class>/<images>)")
+    try:
+        return datasets.ImageFolder(str(directory), transform=imagenet_transform(train, image_size), loader=load_rgb_image)
+    except FileNotFoundError as err:
+        raise DataError(f"data folder {directory} is empty: {err}") from None
+
+
+# ---------------------------------------------------------------- assembly
+
+def random_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """The first ``size`` items of a seeded permutation (the whole dataset when ``size`` is None or too big)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    if size < 1:
+        raise DataError(f"a subset needs at least one sample, got {size}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:size].tolist())
+
+
+def build_datasets(dataset: str, data_dir: str | None, image_size: int, train_subset: int | None = None,
+                   val_subset: int | None = None, seed: int = 0,
+                   download_root: str = "data") -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Training and validation sets and their :class:`DatasetInfo`.
+
+    Items are ``(image float (C, image_size, image_size), label int)``.
+    """
+    if dataset == "fashion-mnist":
+        train_set = TensorImageDataset(*load_fashion_mnist(True, data_dir, download_root),
+                                       fashion_mnist_transform(True, image_size))
+        val_set = TensorImageDataset(*load_fashion_mnist(False, data_dir, download_root),
+                                     fashion_mnist_transform(False, image_size))
+        info = DatasetInfo("fashion-mnist", 10, 1, image_size, small_input=True)
+    elif dataset == "imagenet":
+        if data_dir is None:
+            raise DataError("--dataset imagenet needs --data DIR with DIR/train/<class>/* and DIR/val/<class>/*")
+        if not Path(data_dir).is_dir():
+            raise DataError(f"data folder {data_dir} does not exist")
+        train_set = image_folder(data_dir, "train", image_size, train=True)
+        val_set = image_folder(data_dir, "val", image_size, train=False)
+        if train_set.classes != val_set.classes:
+            raise DataError(f"{data_dir}/train and {data_dir}/val have different class folders")
+        info = DatasetInfo("imagenet", len(train_set.classes), 3, image_size, small_input=False)
+    else:
+        raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    return random_subset(train_set, train_subset, seed), random_subset(val_set, val_subset, seed + 1), info

@@ -1,0 +1,441 @@
+"""Train or evaluate a (PAD-)DY-Conv ResNet / MobileNetV2 on ImageNet-style folders or Fashion-MNIST.
+
+    python dyconv/main.py --config configs/dyconv/fashion_mnist_quick.yaml --conv dyconv --pad --output runs/x
+    torchrun --nproc_per_node=8 dyconv/main.py --config configs/dyconv/resnet50_dyconv_pad.yaml --data /imagenet
+
+Flags and ``--config file.yaml`` (keys are flag names, dashes or underscores;
+command-line flags override the file; ``--no-pad`` etc. turn off a boolean the file
+turns on).  With ``--pad``, Iterative Mode Partition runs once before training on
+``--partition-batches`` training batches (rank 0; the masks are then broadcast),
+never when resuming.  Outputs in ``--output``: ``checkpoint.pt`` (latest),
+``best.pt``, ``summary.json``, ``tb/`` (TensorBoard) and, for PAD,
+``model_compact.safetensors``.
+
+Exit codes: 0 success; 2 bad input (unknown arch/conv, a value out of range, a
+missing/empty/unreadable data folder or image, a missing, truncated or foreign
+checkpoint), reported as one ``error: ...`` line on stderr.  Checkpoints are
+written to a temporary file and renamed, so a failing run never leaves a broken
+checkpoint behind; bad input is detected before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.tensorboard import SummaryWriter
+
+import pad
+from dyconv.data import DATASETS, DataError, build_datasets
+from dyconv.engine import (LR_SCHEDULES, CheckpointError, TrainSettings, check_compatible, evaluate, load_checkpoint,
+                           parameter_groups, save_checkpoint, train_one_epoch, unwrap)
+from dyconv.layers import CONVS, get_temperature, set_temperature
+from dyconv.models import ARCHS, build_model, count_flops
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Expected bad input: printed as one ``error:`` line, exit code 2."""
+
+
+# ---------------------------------------------------------------- arguments
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise UsageError(message)
+
+
+def _bounded(kind, low=None, high=None, low_open=False):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+    return convert
+
+
+def _dynamic_ratio(text: str) -> float:
+    value = _bounded(float)(text)
+    try:
+        pad.check_dynamic_ratio(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add = p.add_argument
+    add("--config", help="YAML file of flag values; command-line flags override it")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="ImageNet layout DIR/train/<class>/*, DIR/val/<class>/*; "
+                                  "for fashion-mnist, a folder holding the IDX files (downloaded there if absent)")
+    g.add_argument("--dataset", choices=DATASETS, help="default: imagenet with --data, else fashion-mnist")
+    g.add_argument("--image-size", type=_bounded(int, 8), help="default 224 (imagenet), 28 (fashion-mnist)")
+    g.add_argument("--train-subset", type=_bounded(int, 1), help="train on a seeded random subset of N samples")
+    g.add_argument("--val-subset", type=_bounded(int, 1), help="evaluate on a seeded random subset of N samples")
+    g.add_argument("--workers", type=_bounded(int, 0), default=4, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default="resnet18")
+    g.add_argument("--conv", choices=CONVS, default="dyconv")
+    g.add_argument("--pad", action=argparse.BooleanOptionalAction, default=False, help="partially dynamic (PAD) convs")
+    g.add_argument("--kernels", type=_bounded(int, 1), default=4, help="K kernels per dynamic conv")
+    g.add_argument("--reduction", type=_bounded(int, 1), default=4, help="attention reduction r")
+    g.add_argument("--scale-factors", choices=pad.SCALE_FACTOR_VARIANTS, default="both")
+    g = p.add_argument_group("mode partition (IMP)")
+    g.add_argument("--dynamic-ratio", type=_dynamic_ratio, default=0.3, help="kappa in (0, 1]")
+    g.add_argument("--partition-criterion", choices=pad.CRITERIA, default="taylor")
+    g.add_argument("--partition-iterations", type=_bounded(int, 1), default=10)
+    g.add_argument("--partition-schedule", choices=pad.SCHEDULES, default="exponential")
+    g.add_argument("--partition-scope", choices=pad.SCOPES, default="global")
+    g.add_argument("--partition-batches", type=_bounded(int, 1), default=10)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_bounded(int, 1), default=100)
+    g.add_argument("--batch-size", type=_bounded(int, 1), default=256, help="per process")
+    g.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=0.1)
+    g.add_argument("--momentum", type=_bounded(float, 0.0, 1.0), default=0.9)
+    g.add_argument("--weight-decay", type=_bounded(float, 0.0), default=1e-4,
+                   help="on conv/linear weights only (not BN, biases, PAD phi)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+                   help="per iteration: cosine to 0, or x0.1 at 30/60/90%% of training")
+    g.add_argument("--warmup-epochs", type=_bounded(float, 0.0), default=0.0, help="linear lr warmup")
+    g.add_argument("--label-smoothing", type=_bounded(float, 0.0, 0.99), default=0.1)
+    g.add_argument("--mixup", type=_bounded(float, 0.0), default=0.0, help="mixup alpha; 0 = off")
+    g.add_argument("--temp-init", type=_bounded(float, 0.0, low_open=True), default=30.0,
+                   help="attention temperature at the start (and during IMP)")
+    g.add_argument("--temp-epochs", type=_bounded(float, 0.0), default=10.0, help="epochs to anneal it to 1")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="autocast: bfloat16 on CPU, float16 + GradScaler on CUDA")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", default="runs/dyconv", help="output folder")
+    g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate)")
+    g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
+                   help="only evaluate the --resume checkpoint and write summary.json")
+    return p
+
+
+def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The YAML file ``path`` as command-line tokens (placed before the real ones, which then win)."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise UsageError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config {path} must be a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    tokens = []
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest in ("config", "help"):
+            raise UsageError(f"config {path}: unknown key {key!r}")
+        option = actions[dest].option_strings[0]
+        if value is None:
+            continue
+        if isinstance(actions[dest], argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise UsageError(f"config {path}: {key} must be true or false, got {value!r}")
+            tokens.append(option if value else "--no-" + option[2:])
+        elif isinstance(value, (dict, list, bool)):
+            raise UsageError(f"config {path}: {key} must be a single value, got {value!r}")
+        else:
+            tokens += [option, str(value)]
+    return tokens
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    tokens = config_tokens(known.config, parser) if known.config else []
+    args = parser.parse_args(tokens + argv)
+    if args.dataset is None:
+        args.dataset = "imagenet" if args.data else "fashion-mnist"
+    if args.image_size is None:
+        args.image_size = 224 if args.dataset == "imagenet" else 28
+    if args.pad and args.conv == "static":
+        raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
+    if args.evaluate and not args.resume:
+        raise UsageError("--evaluate needs --resume CHECKPOINT")
+    return args
+
+
+# ---------------------------------------------------------------- distributed
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on CUDA, gloo on CPU; else one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Distributed(dist.get_rank(), world_size, device)
+    return Distributed(0, 1, device)
+
+
+# ---------------------------------------------------------------- pieces of a run
+
+def model_metadata(args: argparse.Namespace, num_classes: int, in_channels: int, small_input: bool) -> dict:
+    """What a checkpoint must match to be loaded into this run's model."""
+    return {"arch": args.arch, "conv": args.conv, "pad": args.pad, "kernels": args.kernels,
+            "reduction": args.reduction, "scale_factors": args.scale_factors, "num_classes": num_classes,
+            "in_channels": in_channels, "small_input": small_input}
+
+
+def make_loaders(train_set, val_set, args, ctx: Distributed) -> tuple[DataLoader, DataLoader]:
+    """Training loader (DistributedSampler under torchrun) and this rank's shard of the validation set."""
+    per_rank = -(-len(train_set) // ctx.world_size)
+    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
+                  persistent_workers=args.workers > 0)
+    sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed) if ctx.enabled else None
+    # drop the last partial batch (a 1-sample batch breaks BatchNorm) unless it is the only one
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=per_rank >= args.batch_size,
+                              generator=torch.Generator().manual_seed(args.seed), **common)
+    val_shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size)) if ctx.enabled else val_set
+    val_loader = DataLoader(val_shard, args.batch_size, shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def partition_batches(train_set, args) -> list:
+    """``--partition-batches`` training batches, drawn once with a generator seeded by ``--seed``."""
+    loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
+                        generator=torch.Generator().manual_seed(args.seed))
+    return list(itertools.islice(loader, args.partition_batches))
+
+
+def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict | None:
+    """IMP on rank 0 at temperature ``--temp-init``, then every mask broadcast from rank 0."""
+    report = None
+    if ctx.is_main:
+        batches = partition_batches(train_set, args)
+        device = ctx.device
+
+        def loss_fn(m, batch):
+            return F.cross_entropy(m(batch[0].to(device)), batch[1].to(device))
+
+        def synflow_fn(m, batch):
+            return m(torch.ones_like(batch[0]).to(device)).sum()
+
+        set_temperature(model, args.temp_init)
+        try:
+            result = pad.iterative_mode_partition(
+                model, batches, loss_fn, args.dynamic_ratio, iterations=args.partition_iterations,
+                criterion=args.partition_criterion, schedule=args.partition_schedule, scope=args.partition_scope,
+                synflow_fn=synflow_fn, generator=torch.Generator().manual_seed(args.seed))
+        except ValueError as err:
+            raise UsageError(f"mode partition: {err}") from None
+        print(result.format(), flush=True)
+        report = {**result.as_dict(), "batches": len(batches), "batch_size": args.batch_size}
+    if ctx.enabled:
+        for _, bank in pad.weight_banks(model):
+            dist.broadcast(bank.mask, src=0)
+    return report
+
+
+def log_epoch(writer: SummaryWriter, model: nn.Module, metrics: dict, train_loss: float, epoch: int) -> None:
+    """Per-epoch TensorBoard scalars: validation metrics, dynamic ratio, scale factors."""
+    writer.add_scalar("train/epoch_loss", train_loss, epoch)
+    for key in ("top1", "top5", "loss"):
+        writer.add_scalar(f"val/{key}", metrics[key], epoch)
+    ratio = pad.dynamic_ratio(model)
+    if ratio is not None:
+        writer.add_scalar("pad/dynamic_ratio", ratio, epoch)
+    factors = pad.scale_factors(model)
+    if factors:
+        lambda_d = torch.tensor([d for d, _ in factors.values()])
+        lambda_s = torch.tensor([s for _, s in factors.values()])
+        writer.add_scalar("pad/lambda_d_mean", float(lambda_d.mean()), epoch)
+        writer.add_scalar("pad/lambda_s_mean", float(lambda_s.mean()), epoch)
+        writer.add_histogram("pad/lambda_d", lambda_d, epoch)
+        writer.add_histogram("pad/lambda_s", lambda_s, epoch)
+    writer.flush()
+
+
+def write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
+    """The run's summary.json: metrics, dynamic ratio, parameter counts, FLOPs, PAD statistics."""
+    counts = pad.parameter_counts(model)
+    return {
+        "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
+        "dynamic_ratio": pad.dynamic_ratio(model),
+        "params_dense": counts["dense"], "params_compact": counts["compact"], "mask_entries": counts["mask_entries"],
+        "flops": count_flops(model, (info.in_channels, info.image_size, info.image_size)),
+        "arch": args.arch, "conv": args.conv, "pad": args.pad, "kernels": args.kernels,
+        "scale_factor_variant": args.scale_factors, "dataset": info.name, "image_size": info.image_size,
+        "num_classes": info.num_classes, "seed": args.seed,
+        "scale_factors": {name: {"lambda_d": d, "lambda_s": s} for name, (d, s) in pad.scale_factors(model).items()},
+        "temperature": get_temperature(model),
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+def run(args: argparse.Namespace, ctx: Distributed) -> int:
+    start = time.time()
+    torch.manual_seed(args.seed)
+    output = Path(args.output)
+    train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
+                                              args.val_subset, args.seed)
+    try:
+        model = build_model(args.arch, conv=args.conv, pad=args.pad, num_classes=info.num_classes,
+                            small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
+                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    meta = model_metadata(args, info.num_classes, info.in_channels, info.small_input)
+
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        check_compatible(checkpoint["meta"], meta, args.resume)
+        model.load_state_dict(checkpoint["model"])
+        if checkpoint.get("temperature") is not None:
+            set_temperature(model, checkpoint["temperature"])
+    model.to(ctx.device)
+    train_loader, val_loader = make_loaders(train_set, val_set, args, ctx)
+    sizes = {"train_samples": len(train_set), "val_samples": len(val_set), "world_size": ctx.world_size}
+
+    if args.evaluate:
+        metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled)
+        if ctx.is_main:
+            output.mkdir(parents=True, exist_ok=True)
+            summary = summarise(model, args, info, metrics, {
+                "epochs": checkpoint["epoch"], "evaluate_only": True, "partition": checkpoint.get("partition"),
+                "wall_seconds": time.time() - start, **sizes})
+            write_json(summary, output / "summary.json")
+            print(f"evaluate {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", flush=True)
+        return 0
+
+    partition = checkpoint.get("partition") if checkpoint else None
+    if args.pad and checkpoint is None:
+        partition = run_partition(model, train_set, args, ctx)
+
+    steps_per_epoch = len(train_loader)
+    settings = TrainSettings(base_lr=args.lr, lr_schedule=args.lr_schedule,
+                             warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+                             total_steps=args.epochs * steps_per_epoch, temp_init=args.temp_init,
+                             temp_anneal_steps=round(args.temp_epochs * steps_per_epoch),
+                             mixup_alpha=args.mixup, amp=args.amp)
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    scaler = torch.amp.GradScaler("cuda") if args.amp and ctx.device.type == "cuda" else None
+    epoch, step, best_top1, metrics = 0, 0, float("-inf"), None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        epoch, step = checkpoint["epoch"], checkpoint["step"]
+        best_top1, metrics = checkpoint.get("best_top1", best_top1), checkpoint.get("metrics")
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
+        if ctx.enabled else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    writer = None
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(output / "tb"))
+    train_loss = checkpoint.get("train_loss") if checkpoint else None
+    try:
+        for epoch in range(epoch, args.epochs):
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+            train_loss, step = train_one_epoch(net, train_loader, optimizer, criterion, settings, step, ctx.device,
+                                               scaler, writer, epoch, progress=ctx.is_main)
+            metrics = evaluate(net, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
+            if not ctx.is_main:
+                continue
+            log_epoch(writer, model, metrics, train_loss, epoch + 1)
+            print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top1 {metrics['top1']:.2f} "
+                  f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}", flush=True)
+            is_best = metrics["top1"] >= best_top1
+            best_top1 = max(best_top1, metrics["top1"])
+            save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch + 1, "step": step, "temperature": get_temperature(model), "best_top1": best_top1,
+                "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta, "args": vars(args),
+            }, output / "checkpoint.pt")
+            if is_best:
+                shutil.copyfile(output / "checkpoint.pt", output / "best.pt.tmp")
+                os.replace(output / "best.pt.tmp", output / "best.pt")
+        if metrics is None:  # resumed a finished run: nothing to train
+            metrics = evaluate(net, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
+    finally:
+        if writer is not None:
+            writer.close()
+    if ctx.is_main:
+        summary = summarise(model, args, info, metrics, {
+            "epochs": args.epochs if checkpoint is None else max(args.epochs, checkpoint["epoch"]),
+            "steps": step, "train_loss": train_loss, "best_top1": best_top1, "evaluate_only": False,
+            "partition": partition, "wall_seconds": time.time() - start, **sizes})
+        write_json(summary, output / "summary.json")
+        if args.pad:
+            pad.save_compact(model, output / "model_compact.safetensors")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ctx = None
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+        ctx = init_distributed()
+        return run(args, ctx)
+    except (UsageError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    finally:
+        if ctx is not None and ctx.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
