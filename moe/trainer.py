@@ -1,0 +1,122 @@
+"""A ``transformers.Trainer`` for MoE and PAD-MoE models.
+
+:class:`MoETrainer` adds the gates' auxiliary loss to the task loss while
+training, logs (to every ``report_to`` integration, TensorBoard included) the
+running means of both losses, the PAD scale factors, the dynamic ratio and the
+per-expert load, and runs Iterative Mode Partition once before training
+(:meth:`MoETrainer.partition`).
+
+Multi-GPU (``torchrun``): every rank runs IMP on its own partition batches and
+then takes rank 0's masks (a broadcast of every mask buffer), so all ranks start
+training with the same partition, the one rank 0 reports and saves.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+from transformers import Trainer
+
+import pad
+from moe.modeling import aux_loss, expert_load
+
+logger = logging.getLogger(__name__)
+
+
+def model_statistics(model: torch.nn.Module) -> dict[str, float]:
+    """PAD statistics of ``model``: ``dynamic_ratio`` and the mean ``lambda_d``/``lambda_s`` over
+    PAD layers; empty for a model without PAD layers."""
+    ratio = pad.dynamic_ratio(model)
+    if ratio is None:
+        return {}
+    factors = list(pad.scale_factors(model).values())
+    return {"dynamic_ratio": ratio,
+            "lambda_d": sum(d for d, _ in factors) / len(factors),
+            "lambda_s": sum(s for _, s in factors) / len(factors)}
+
+
+def synflow_objective(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """SynFlow's objective for a text classifier: the sum of the logits for an all-ones input,
+    i.e. ``inputs_embeds`` of ones ``(B, L, hidden)`` shaped like ``batch["input_ids"] (B, L)``."""
+    ids = batch["input_ids"]
+    embeds = torch.ones(*ids.shape, model.config.hidden_size, device=ids.device, dtype=model.dtype)
+    return model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids)).logits.sum()
+
+
+class MoETrainer(Trainer):
+    """``Trainer`` whose training loss is ``task loss + moe.modeling.aux_loss(model)``.
+
+    Evaluation losses stay the task loss alone, so ``eval_loss`` compares across
+    dense, MoE and PAD-MoE models.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The aux loss is a per-batch mean: let Trainer scale the whole loss for
+        # gradient accumulation instead of normalising by tokens in the batch.
+        self.model_accepts_loss_kwargs = False
+        self._reset_running_means()
+
+    def _reset_running_means(self) -> None:
+        self._task_loss_sum = self._aux_loss_sum = self._load_sum = None
+        self._steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            aux = aux_loss(self.accelerator.unwrap_model(model)).to(loss.dtype)
+            self._accumulate(loss.detach(), aux.detach())
+            loss = loss + aux
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, task_loss: torch.Tensor, aux: torch.Tensor) -> None:
+        loads = list(expert_load(self.accelerator.unwrap_model(self.model)).values())
+        mean_load = torch.stack([load.float() for load in loads]).mean(0) if loads else None  # (E,) over layers
+        if self._steps == 0:
+            self._task_loss_sum, self._aux_loss_sum, self._load_sum = task_loss.float(), aux.float(), mean_load
+        else:
+            self._task_loss_sum = self._task_loss_sum + task_loss.float()
+            self._aux_loss_sum = self._aux_loss_sum + aux.float()
+            if mean_load is not None:
+                self._load_sum = self._load_sum + mean_load
+        self._steps += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds, to every training log (the ones holding ``loss``), the means since the last
+        log of ``task_loss``, ``aux_loss`` and ``expert_load/e<i>`` (share of token assignments
+        per expert, averaged over MoE layers; ``1/E`` is balanced), and the PAD statistics."""
+        if "loss" in logs and self._steps:
+            means = torch.stack([self._task_loss_sum, self._aux_loss_sum]) / self._steps
+            task_loss, aux = self._nested_gather(means).view(-1, 2).mean(0).tolist()
+            logs["task_loss"], logs["aux_loss"] = round(task_loss, 6), round(aux, 6)
+            if self._load_sum is not None:
+                for e, share in enumerate((self._load_sum / self._steps).tolist()):
+                    logs[f"expert_load/e{e}"] = round(share, 6)
+            logs.update({k: round(v, 6) for k, v in model_statistics(self.model).items()})
+            self._reset_running_means()
+        super().log(logs, start_time)
+
+    def partition(self, dynamic_ratio: float, iterations: int, criterion: str = "taylor",
+                  schedule: str = "exponential", scope: str = "global", num_batches: int = 8) -> pad.PartitionReport:
+        """Iterative Mode Partition of every PAD layer on ``num_batches`` training batches.
+
+        The loss is the task loss alone (``model(**batch).loss``); ``synflow`` uses
+        :func:`synflow_objective`; ``random`` is seeded by ``args.seed``.  Logs the
+        report and returns it.
+        """
+        if num_batches < 1:
+            raise ValueError(f"partition batches must be >= 1, got {num_batches}")
+        batches = [self._prepare_inputs(batch) for batch in itertools.islice(self.get_train_dataloader(), num_batches)]
+        generator = torch.Generator().manual_seed(self.args.seed)
+        report = pad.iterative_mode_partition(
+            self.model, batches, lambda m, b: m(**b).loss, dynamic_ratio, iterations=iterations,
+            criterion=criterion, schedule=schedule, scope=scope, synflow_fn=synflow_objective, generator=generator)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            with torch.no_grad():
+                for _, bank in pad.weight_banks(self.model):
+                    torch.distributed.broadcast(bank.mask, src=0)
+        logger.info(report.format())
+        self.log({"partition/dynamic_ratio": report.achieved, "partition/target": report.target,
+                  "partition/batches": float(len(batches))})
+        return report
