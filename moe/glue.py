@@ -232,6 +232,8 @@ def _file_label(spec: TaskSpec, value, path: str):
         return spec.label_names.index(value)
     if isinstance(value, str) and value in spec.tsv_labels:
         return spec.tsv_labels.index(value)
+    if isinstance(value, str) and value.strip().isdigit():  # ids in a column that also holds names
+        value = int(value)
     if isinstance(value, (int, np.integer)) and 0 <= int(value) < spec.num_labels:
         return int(value)
     raise ValueError(f"{path}: label {value!r} is not one of the {spec.name} labels {list(spec.label_names)}")
