@@ -221,8 +221,8 @@ def load_data_files(files: dict[str, str], spec: TaskSpec | None, cache_dir: str
             if missing:
                 raise ValueError(f"{files[split]}: missing column(s) {missing} for task {spec.name}")
             if "label" in ds.column_names and split != "test":
-                raw[split] = ds.map(lambda ex, _p=files[split]: {"label": _file_label(spec, ex["label"], _p)},
-                                    remove_columns=["label"])
+                labels = [_file_label(spec, value, files[split]) for value in ds["label"]]
+                raw[split] = ds.remove_columns("label").add_column("label", labels)
     return raw
 
 
