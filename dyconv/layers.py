@@ -69,8 +69,9 @@ def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def _kaiming_like_conv(weight: torch.Tensor) -> None:
-    """nn.Conv2d's default initialisation, for one conv-shaped weight ``(O, I, kh, kw)``."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    """Kaiming initialisation of one conv-shaped weight ``(O, I, kh, kw)``, as torchvision's
+    ResNets and MobileNetV2 initialise their convs: ``normal(0, sqrt(2 / (O kh kw)))``."""
+    nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
 
 
 def _check_positive_temperature(value: float) -> float:
@@ -185,7 +186,7 @@ class _RoutedConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Every kernel, and ``W_s`` for PAD, initialised like an ``nn.Conv2d`` weight."""
+        """Every kernel, and ``W_s`` for PAD, initialised like a conv weight (Kaiming, see above)."""
         with torch.no_grad():
             for kernel in self.bank.kernels:
                 _kaiming_like_conv(kernel)

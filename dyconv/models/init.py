@@ -1,16 +1,18 @@
-"""torchvision's initialisation, extended to the kernels of dynamic convs."""
+"""torchvision's initialisation of ResNet and MobileNetV2.
+
+Dynamic convs initialise their kernels (and ``W_s``) themselves with the same
+``kaiming_normal_(mode="fan_out")``, so they are not touched here (it would only
+draw the largest tensors of the model twice).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pad import DynamicWeights, PartiallyDynamicWeights
-
 
 @torch.no_grad()
 def init_weights(model: nn.Module, linear_std: float | None) -> None:
-    """Conv weights (static convs, every dynamic kernel and every PAD ``W_s``) get
-    ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` over their conv shape;
+    """Static conv weights get ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``;
     BatchNorm gets ones and zeros.  ``linear_std``: the classifier's ``normal_(0, std)``
     with zero bias (MobileNetV2), or ``None`` to keep ``nn.Linear``'s default (ResNet);
     the attention FCs inside dynamic convs keep their own initialisation.
@@ -20,11 +22,6 @@ def init_weights(model: nn.Module, linear_std: float | None) -> None:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, DynamicWeights) and len(module.shape) == 4:
-            for kernel in module.kernels:
-                nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
-            if isinstance(module, PartiallyDynamicWeights):
-                nn.init.kaiming_normal_(module.static_weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

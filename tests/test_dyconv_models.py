@@ -1,0 +1,262 @@
+"""ResNet / MobileNetV2 over the conv factory: builds, layer types, parameter and FLOP counts, IMP on a model."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import pad
+from dyconv.layers import CONVS, CondConv2d, DynamicConv2d, ODConv2d
+from dyconv.models import ARCHS, build_model, count_flops, count_parameters
+
+torch.set_num_threads(1)
+
+LAYERS = {"static": nn.Conv2d, "condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d}
+VARIANTS = [("static", False)] + [(conv, use_pad) for conv in CONVS[1:] for use_pad in (False, True)]
+RESNET_BLOCKS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3),
+                 "resnet50": (3, 4, 6, 3)}
+
+
+def stem_of(model):
+    return model.conv1 if hasattr(model, "conv1") else model.features[0][0]
+
+
+def classifier_of(model):
+    return model.fc if hasattr(model, "fc") else model.classifier[-1]
+
+
+def block_convs(model):
+    """Every conv module except the stem, in order."""
+    stem = stem_of(model)
+    return [m for m in model.modules()
+            if isinstance(m, (nn.Conv2d, CondConv2d, DynamicConv2d, ODConv2d)) and m is not stem]
+
+
+def expected_block_conv_count(arch):
+    """Counted from the papers' tables, not from the code."""
+    if arch in RESNET_BLOCKS:
+        blocks = RESNET_BLOCKS[arch]
+        per_block = 3 if arch == "resnet50" else 2
+        shortcuts = 4 if arch == "resnet50" else 3  # resnet50's first stage widens 64 -> 256
+        return sum(blocks) * per_block + shortcuts
+    blocks = 1 + 2 + 3 + 4 + 3 + 3 + 1  # MobileNetV2 inverted residuals; the first has no expansion conv
+    return 2 + 3 * (blocks - 1) + 1  # + the last 1x1 conv
+
+
+# ---------------------------------------------------------------- builds
+
+@pytest.mark.parametrize("conv, use_pad", VARIANTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_and_conv_builds_and_runs(arch, conv, use_pad):
+    torch.manual_seed(0)
+    for kwargs, x in (({}, torch.randn(1, 3, 224, 224)),
+                      ({"small_input": True, "in_channels": 1, "num_classes": 10}, torch.randn(2, 1, 28, 28))):
+        model = build_model(arch, conv, use_pad, **kwargs)
+        assert type(stem_of(model)) is nn.Conv2d and type(classifier_of(model)) is nn.Linear
+        convs = block_convs(model)
+        assert len(convs) == expected_block_conv_count(arch)
+        assert all(type(m) is LAYERS[conv] for m in convs)
+        if conv != "static":
+            assert all(isinstance(m.bank, pad.PartiallyDynamicWeights) == use_pad for m in convs)
+        # the 224 px pass in eval mode at batch 1, the 28 px pass in training mode (BatchNorm statistics)
+        model.train(bool(kwargs))
+        with torch.no_grad():
+            logits = model(x)
+        assert logits.shape == (x.shape[0], kwargs.get("num_classes", 1000))
+        assert torch.isfinite(logits).all()
+        del model
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet50", "mobilenetv2_075"])
+def test_stems_set_the_final_feature_size(arch):
+    model = build_model(arch).eval()
+    trunk = model.layer4 if hasattr(model, "layer4") else model.features
+    sizes = []
+    trunk.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[-1]))
+    model(torch.randn(1, 3, 224, 224))
+    small = build_model(arch, small_input=True, in_channels=1, num_classes=10).eval()
+    trunk = small.layer4 if hasattr(small, "layer4") else small.features
+    trunk.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[-1]))
+    small(torch.randn(1, 1, 28, 28))
+    assert sizes == [224 // 32, math.ceil(28 / 8)]
+    assert stem_of(small).stride == (1, 1) and stem_of(small).kernel_size == (3, 3)
+
+
+def test_unknown_arch_and_bad_arguments():
+    with pytest.raises(ValueError, match=r"unknown arch 'vgg16'; expected one of \('resnet10'"):
+        build_model("vgg16")
+    with pytest.raises(ValueError, match="unknown conv"):
+        build_model("resnet10", conv="involution")
+    with pytest.raises(ValueError, match="PAD needs a dynamic conv"):
+        build_model("resnet10", pad=True)
+    with pytest.raises(ValueError, match="number of kernels"):
+        build_model("resnet10", conv="dyconv", kernels=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("resnet10", num_classes=0)
+
+
+# ---------------------------------------------------------------- parameters
+
+@pytest.mark.parametrize("arch, reference", [
+    ("resnet18", lambda: torchvision.models.resnet18(weights=None)),
+    ("resnet50", lambda: torchvision.models.resnet50(weights=None)),
+    ("mobilenetv2_100", lambda: torchvision.models.mobilenet_v2(weights=None)),
+    ("mobilenetv2_050", lambda: torchvision.models.mobilenet_v2(weights=None, width_mult=0.5)),
+])
+def test_static_models_match_torchvision(arch, reference):
+    ours, theirs = build_model(arch), reference()
+    assert count_parameters(ours) == sum(p.numel() for p in theirs.parameters())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def dyconv_attention_parameters(in_channels, kernels, reduction=4, min_hidden=4):
+    hidden = max(in_channels // reduction, min_hidden)
+    return in_channels * hidden + hidden + hidden * kernels + kernels
+
+
+def test_pad_dyconv_parameter_counts_dense_and_compact():
+    kernels, ratio = 4, 0.3
+    static = build_model("resnet10", small_input=True, num_classes=10)
+    partial = build_model("resnet10", "dyconv", pad=True, small_input=True, num_classes=10, kernels=kernels)
+
+    one = partial.layer2[0].conv1  # 64 -> 128, 3x3
+    weight_size = 128 * 64 * 9
+    per_layer_extra = kernels * weight_size + dyconv_attention_parameters(64, kernels) + 1  # + phi
+    assert count_parameters(one) == weight_size + per_layer_extra
+
+    extra = sum(kernels * math.prod(m.weight.shape) + dyconv_attention_parameters(m.in_channels, kernels) + 1
+                for m in block_convs(static))
+    assert count_parameters(partial) == count_parameters(static) + extra
+
+    banks = dict(pad.weight_banks(partial))
+    scores = {name: torch.rand(bank.mask.shape, generator=torch.Generator().manual_seed(i))
+              for i, (name, bank) in enumerate(banks.items())}
+    with torch.no_grad():
+        pad.select_dynamic(banks, scores, ratio, "global")
+    assert abs(pad.dynamic_ratio(partial) - ratio) * sum(b.mask.numel() for b in banks.values()) <= len(banks)
+    for layer in block_convs(partial):
+        dynamic = int(layer.bank.mask.sum())
+        size = layer.bank.mask.numel()
+        kappa = dynamic / size
+        compact_kernel_weights = (1 - kappa) * size + kappa * kernels * size
+        assert compact_kernel_weights == pytest.approx((size - dynamic) + kernels * dynamic, abs=1e-6)
+        others = dyconv_attention_parameters(layer.in_channels, kernels) + 1
+        assert pad.parameter_counts(layer)["compact"] == round(compact_kernel_weights) + others
+    counts = pad.parameter_counts(partial)
+    assert counts["dense"] == count_parameters(partial)
+    assert counts["compact"] == count_parameters(partial) - sum(
+        int(b.mask.sum()) + (b.mask.numel() - int(b.mask.sum())) * kernels for b in banks.values())
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def test_count_flops():
+    resnet18 = build_model("resnet18")
+    flops = count_flops(resnet18, (3, 224, 224))
+    assert isinstance(flops, int)
+    assert abs(flops - 2 * 1.814e9) / (2 * 1.814e9) < 0.05  # torchvision: 1.814 G multiply-accumulates
+    assert count_flops(resnet18, (1, 3, 224, 224)) == flops
+    assert resnet18.training  # mode restored
+
+    small = build_model("resnet10", small_input=True, in_channels=1, num_classes=10)
+    dynamic = build_model("resnet10", "dyconv", pad=True, small_input=True, in_channels=1, num_classes=10)
+    static_flops, dynamic_flops = count_flops(small, (1, 28, 28)), count_flops(dynamic, (1, 28, 28))
+    assert 0 < static_flops < dynamic_flops < 1.1 * static_flops  # aggregation and attention are cheap
+    # the first conv alone: 2 * out_pixels * out_ch * in_ch * k * k
+    assert count_flops(nn.Sequential(small.conv1), (1, 28, 28)) == 2 * 28 * 28 * 64 * 1 * 9
+    with pytest.raises(ValueError, match="input_size must be"):
+        count_flops(small, (28, 28))
+
+
+# ---------------------------------------------------------------- IMP on a model
+
+def random_batches(count=2, batch=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 28, 28, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+            for _ in range(count)]
+
+
+def cross_entropy(model, batch):
+    images, labels = batch
+    return F.cross_entropy(model(images), labels)
+
+
+@pytest.fixture(scope="module")
+def tiny_pad_resnet():
+    torch.manual_seed(0)
+    return build_model("resnet10", "dyconv", pad=True, small_input=True, in_channels=1, num_classes=10)
+
+
+@pytest.mark.parametrize("scope", pad.SCOPES)
+@pytest.mark.parametrize("schedule", pad.SCHEDULES)
+def test_imp_hits_ratio_and_only_shrinks(tiny_pad_resnet, scope, schedule):
+    model, ratio, iterations = tiny_pad_resnet, 0.3, 2
+    batches = random_batches(count=1, batch=3)
+    banks = dict(pad.weight_banks(model))
+
+    # the first round by hand, from all-dynamic masks
+    with torch.no_grad():
+        for bank in banks.values():
+            bank.mask.fill_(1)
+    scores = pad.score_positions(model, batches, cross_entropy, "taylor")
+    with torch.no_grad():
+        pad.select_dynamic(banks, scores, pad.ratio_schedule(ratio, iterations, schedule)[0], scope)
+    first = {name: bank.mask.clone() for name, bank in banks.items()}
+
+    report = pad.iterative_mode_partition(model, batches, cross_entropy, ratio, iterations=iterations,
+                                          schedule=schedule, scope=scope)
+    total = sum(b.mask.numel() for b in banks.values())
+    assert abs(pad.dynamic_ratio(model) - ratio) * total <= len(banks)
+    assert report.achieved == pytest.approx(pad.dynamic_ratio(model))
+    if scope == "local":
+        for bank in banks.values():
+            assert abs(bank.mask.sum().item() - ratio * bank.mask.numel()) <= 1
+    assert len(report.ratio_per_iteration) == iterations
+    assert all(a > b for a, b in zip([1.0] + report.ratio_per_iteration, report.ratio_per_iteration))
+    # the dynamic set only shrinks: the final masks lie inside the first round's
+    for name, bank in banks.items():
+        assert (bank.mask <= first[name]).all()
+    assert sum(b.mask.sum() for b in banks.values()) < sum(m.sum() for m in first.values())
+
+
+@pytest.mark.parametrize("layer_cls", [DynamicConv2d, CondConv2d])
+def test_taylor_scores_equal_independent_autograd(layer_cls):
+    """S = |sum_batches sum_samples g ⊙ (lambda_d W~(x) - lambda_s W_s)| with g = dL/dOmega,
+    Omega built per sample as a leaf tensor and convolved by hand."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        layer = layer_cls(3, 4, 3, stride=1, padding=1, kernels=3, pad=True)
+        model = nn.Sequential(layer).eval()
+        with torch.no_grad():
+            layer.bank.mask.copy_((torch.rand(layer.bank.shape) < 0.5).double())
+            layer.bank.scale.phi.fill_(-0.4)
+        generator = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(3, 3, 6, 6, generator=generator), torch.randn(3, 4, 6, 6, generator=generator))
+                   for _ in range(2)]
+
+        def loss_fn(m, batch):
+            return ((m(batch[0]) - batch[1]) ** 2).mean()
+
+        scores = pad.score_positions(model, batches, loss_fn, "taylor")["0.bank"]
+
+        lambda_d = 2 * torch.sigmoid(torch.tensor(-0.4))
+        lambda_s = 2 - lambda_d
+        mask, static, kernels = layer.bank.mask, layer.bank.static_weight.detach(), layer.bank.kernels.detach()
+        total = torch.zeros_like(mask)
+        for x, y in batches:
+            with torch.no_grad():
+                routing = layer.attention(x)
+            full = [sum(routing[b, k] * kernels[k] for k in range(3)) for b in range(x.shape[0])]  # W~(x_b)
+            omegas = [(lambda_d * mask * w + lambda_s * (1 - mask) * static).requires_grad_(True) for w in full]
+            out = torch.cat([F.conv2d(x[b:b + 1], omegas[b], padding=1) for b in range(x.shape[0])])
+            grads = torch.autograd.grad(((out - y) ** 2).mean(), omegas)
+            for g, w in zip(grads, full):
+                total += g * (lambda_d * w - lambda_s * static)
+        torch.testing.assert_close(scores, total.abs(), rtol=1e-8, atol=1e-14)
+        assert scores.abs().sum() > 0
+    finally:
+        torch.set_default_dtype(previous)
