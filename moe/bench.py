@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 import pad
@@ -86,6 +85,7 @@ def forward_backward(model, inputs):
 
 def time_model(model, inputs, min_run_time: float) -> dict[str, float]:
     """Median seconds of a forward (eval) and a forward+backward (train)."""
+    from torch.utils.benchmark import Timer  # imported here: its import logs a CUDA warning on CPU machines
     times = {}
     for name, fn, training in (("forward_s", forward, False), ("forward_backward_s", forward_backward, True)):
         model.train(training)
@@ -167,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_run_time = 0.2 if mini else 1.0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    check_moe_settings("pad", num_experts=args.num_experts, top_k=args.top_k)
+    pad.check_dynamic_ratio(args.dynamic_ratio)
     for name in ("batch_size", "seq_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -36,7 +36,7 @@ def cv_squared(values: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     variance, as in the paper's code); 0 for a single value."""
     if values.numel() < 2:
         return values.new_zeros(())
-    values = values.float()
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     return values.var() / (values.mean() ** 2 + eps)
 
 
@@ -84,10 +84,14 @@ class NoisyTopKGate(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(in_features, num_experts, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """Routes ``x`` of shape ``(T, d)``."""
-        clean = x @ self.w_gate                                        # (T, E)
+        """Routes ``x`` of shape ``(T, d)``; computes in at least float32, outside autocast."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._route(x.to(torch.promote_types(x.dtype, torch.float32)))
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        clean = x @ self.w_gate.to(x.dtype)                            # (T, E)
         if self.training:
-            noise_std = F.softplus(x @ self.w_noise)
+            noise_std = F.softplus(x @ self.w_noise.to(x.dtype))
             logits = clean + torch.randn_like(clean) * noise_std
         else:
             logits = clean

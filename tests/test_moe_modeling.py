@@ -1,5 +1,10 @@
 """BERT Mixture-of-Experts modeling: gating, MoE/PAD-MoE layers, model conversion, save/load."""
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,6 +268,21 @@ def test_aux_loss_finite_and_non_negative_when_an_expert_gets_no_token(training)
         assert torch.isfinite(gate.w_noise.grad).all()
 
 
+def test_gate_routes_in_float32_under_autocast():
+    model = convert_to_moe(tiny_bert(dtype=torch.float32), "pad", num_experts=4, top_k=2).train()
+    layer = next(iter(moe_layers(model).values()))
+    randomize_(layer.gate.w_gate)
+    x = torch.randn(12, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = layer.gate(x)
+        out = model(**batch())
+    assert routing.gates.dtype == torch.float32
+    torch.testing.assert_close(routing.gates.sum(1), torch.ones(12), atol=1e-6, rtol=0)
+    assert out.logits.dtype == torch.bfloat16
+    (out.loss + aux_loss(model)).backward()
+    assert layer.gate.w_gate.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- once per forward, gradients
 
 @pytest.mark.parametrize("moe", ["moe", "pad"])
@@ -476,3 +496,59 @@ def test_model_without_feed_forward_layers_is_rejected():
 
 def test_public_constants():
     assert MOE_TYPES == ("none", "moe", "pad") and MOE_LAYERS == ("intermediate", "output", "both")
+
+
+# ---------------------------------------------------------------- benchmark CLI (no timing assertions)
+
+def test_bench_cli_measures_the_three_models_with_the_given_settings(tiny_bert_dir, tmp_path, capsys):
+    from moe import bench
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--model", str(tiny_bert_dir), "--batch-size", "2", "--seq-length", "8", "--num-experts", "3",
+                     "--top-k", "2", "--dynamic-ratio", "0.25", "--min-run-time", "0.01", "--device", "cpu",
+                     "--output", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["settings"] == dict(batch_size=2, seq_length=8, num_experts=3, top_k=2, dynamic_ratio=0.25,
+                                      min_run_time=0.01, device="cpu", threads=torch.get_num_threads())
+    rows = result["models"]
+    assert set(rows) == {"dense", "moe", "pad"} and "pad" in capsys.readouterr().out
+    for row in rows.values():
+        for key in ("forward_s", "forward_backward_s", "forward_flops"):
+            assert row[f"{key}_relative"] == pytest.approx(row[key] / rows["dense"][key])
+    hidden, inner, layers, tokens, experts, k = 32, 64, 2, 16, 3, 2
+    ffn_flops = layers * 2 * tokens * 2 * hidden * inner
+    gate_flops = layers * 2 * tokens * experts * (hidden + inner)
+    assert rows["moe"]["forward_flops"] - rows["dense"]["forward_flops"] == (k - 1) * ffn_flops + gate_flops
+    assert rows["pad"]["forward_flops"] == rows["moe"]["forward_flops"]
+    assert rows["pad"]["dynamic_ratio"] == 0.25 and rows["dense"]["dynamic_ratio"] is None
+    weight = hidden * inner
+    rest = layers * experts * (hidden + inner) + layers * 2 * experts * (hidden + inner) + 2 * layers
+    assert rows["pad"]["ffn_params_compact"] == 2 * layers * round(0.75 * weight + 0.25 * experts * weight) + rest
+    assert rows["dense"]["ffn_params_dense"] == layers * (2 * weight + hidden + inner)
+
+
+def test_bench_mini_defaults_and_explicit_flags():
+    from moe import bench
+    args = bench.parse_args(["--mini"])
+    assert (args.batch_size, args.seq_length, args.min_run_time) == (8, 64, 0.2)
+    assert (bench.parse_args([]).batch_size, bench.parse_args([]).seq_length) == (32, 128)
+    assert bench.parse_args(["--mini", "--batch-size", "4"]).batch_size == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "9"], "error: top_k must be between 1 and num_experts (8), got 9"),
+    (["--dynamic-ratio", "1.5"], "error: dynamic ratio must be in (0, 1], got 1.5"),
+    (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    (["--model", "/nonexistent/model"], "error: /nonexistent/model is not a model directory (no config.json)"),
+])
+def test_bench_bad_input_gives_one_line_and_exit_2(argv, message, capsys):
+    from moe import bench
+    assert bench.main(argv) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_bench_bad_input_from_the_command_line_has_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "moe.bench", "--top-k", "0"], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: top_k must be between 1 and num_experts (8), got 0"
