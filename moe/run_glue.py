@@ -199,17 +199,22 @@ def check_splits(raw, training_args: TrainingArguments, spec: glue.TaskSpec | No
             raise ValueError(f"--{flag} needs a {split} split (e.g. --{split.split('_')[0]}_file)")
 
 
-def tokenize(raw, tokenizer, text_columns: tuple[str, ...], label_to_id: dict | None, data_args, training_args):
-    """Tokenizes every split; ``label`` holds class ids (or floats), test labels stay -1."""
+def labels_to_ids(raw, label_to_id: dict) -> None:
+    """Replaces raw label values (files without a task) by class ids, in place; unknown ones -> -1."""
+    for split, ds in raw.items():
+        if "label" in ds.column_names:
+            ids = [label_to_id.get(str(v), -1) for v in ds["label"]]
+            raw[split] = ds.remove_columns("label").add_column("label", ids)
+
+
+def tokenize(raw, tokenizer, text_columns: tuple[str, ...], data_args, training_args):
+    """Tokenizes every split (labels pass through unchanged)."""
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def encode(examples):
         texts = [examples[c] for c in text_columns]
-        result = tokenizer(*texts, padding=padding, max_length=max_length, truncation=True)
-        if label_to_id is not None and "label" in examples:
-            result["label"] = [label_to_id.get(str(v), -1) for v in examples["label"]]
-        return result
+        return tokenizer(*texts, padding=padding, max_length=max_length, truncation=True)
 
     with training_args.main_process_first(desc="dataset map pre-processing"):
         return raw.map(encode, batched=True, load_from_cache_file=not data_args.overwrite_cache,
@@ -312,8 +317,9 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     text_columns = spec.text_columns if spec is not None else glue.infer_text_columns(
         next(iter(raw.values())).column_names)
     # Files without a task hold raw label values; a task's sources already hold class ids.
-    label_to_id = None if is_regression or spec is not None else {name: i for i, name in enumerate(label_names)}
-    data = tokenize(raw, tokenizer, text_columns, label_to_id, data_args, training_args)
+    if spec is None and not is_regression:
+        labels_to_ids(raw, {name: i for i, name in enumerate(label_names)})
+    data = tokenize(raw, tokenizer, text_columns, data_args, training_args)
 
     def limit(split, n):
         return split.select(range(min(n, len(split)))) if n is not None else split
@@ -345,11 +351,11 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
                 report = trainer.partition(moe_args.dynamic_ratio, moe_args.partition_iterations,
                                            moe_args.partition_criterion, moe_args.partition_schedule,
                                            moe_args.partition_scope, moe_args.partition_batches)
-                extra = partition_summary(report, moe_args.partition_batches)
+                extra = partition_summary(report, trainer.partition_batches_used)
                 if trainer.is_world_process_zero():
                     os.makedirs(training_args.output_dir, exist_ok=True)
                     with open(os.path.join(training_args.output_dir, "partition.json"), "w") as f:
-                        json.dump({**report.as_dict(), "batches": moe_args.partition_batches}, f, indent=2)
+                        json.dump({**report.as_dict(), "batches": trainer.partition_batches_used}, f, indent=2)
             else:
                 logger.info("masks come from %s; no partition", checkpoint or model_args.model_name_or_path)
         result = trainer.train(resume_from_checkpoint=checkpoint)

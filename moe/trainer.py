@@ -103,11 +103,13 @@ class MoETrainer(Trainer):
 
         The loss is the task loss alone (``model(**batch).loss``); ``synflow`` uses
         :func:`synflow_objective`; ``random`` is seeded by ``args.seed``.  Logs the
-        report and returns it.
+        report and returns it; ``self.partition_batches_used`` holds how many batches
+        there were (fewer than ``num_batches`` when the training set is small).
         """
         if num_batches < 1:
             raise ValueError(f"partition batches must be >= 1, got {num_batches}")
         batches = [self._prepare_inputs(batch) for batch in itertools.islice(self.get_train_dataloader(), num_batches)]
+        self.partition_batches_used = len(batches)
         generator = torch.Generator().manual_seed(self.args.seed)
         report = pad.iterative_mode_partition(
             self.model, batches, lambda m, b: m(**b).loss, dynamic_ratio, iterations=iterations,
