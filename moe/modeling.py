@@ -171,7 +171,7 @@ def convert_to_moe(model: nn.Module, moe: str = "moe", num_experts: int = 8, top
     check_moe_settings(**settings)
     if moe == "none":
         return model
-    if moe_layers_of(model):
+    if any(isinstance(m, MoELinear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has MoE layers; convert a dense model")
     blocks = _feed_forward_blocks(model)
     if not blocks:
@@ -188,17 +188,14 @@ def convert_to_moe(model: nn.Module, moe: str = "moe", num_experts: int = 8, top
     return model
 
 
-def moe_layers_of(model: nn.Module) -> dict[str, MoELinear]:
+def moe_layers(model: nn.Module) -> dict[str, MoELinear]:
     """``{module name: MoELinear}`` for every MoE layer of ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoELinear)}
 
 
-moe_layers = moe_layers_of
-
-
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """0-d: sum of the aux losses of all MoE layers in the last forward (zero if none)."""
-    losses = [m.last_aux_loss for m in moe_layers_of(model).values() if m.last_aux_loss is not None]
+    losses = [m.last_aux_loss for m in moe_layers(model).values() if m.last_aux_loss is not None]
     if not losses:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)
@@ -209,7 +206,7 @@ def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{MoE layer name: (E,)}``: share of the last forward's ``T*k`` token-to-expert
     assignments that went to each expert (sums to 1; balanced = ``1/E`` each)."""
     return {name: m.last_expert_counts / m.last_expert_counts.sum().clamp_min(1)
-            for name, m in moe_layers_of(model).items() if m.last_expert_counts is not None}
+            for name, m in moe_layers(model).items() if m.last_expert_counts is not None}
 
 
 def ffn_parameter_counts(model: nn.Module) -> dict[str, int]:
