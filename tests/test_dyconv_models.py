@@ -1,5 +1,8 @@
 """ResNet / MobileNetV2 over the conv factory: builds, layer types, parameter and FLOP counts, IMP on a model."""
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torchvision
 from torch import nn
 
 import pad
+from dyconv import bench
 from dyconv.layers import CONVS, CondConv2d, DynamicConv2d, ODConv2d
 from dyconv.models import ARCHS, build_model, count_flops, count_parameters
 
@@ -260,3 +264,81 @@ def test_taylor_scores_equal_independent_autograd(layer_cls):
         assert scores.abs().sum() > 0
     finally:
         torch.set_default_dtype(previous)
+
+
+# ---------------------------------------------------------------- benchmark CLI
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(capsys, *argv):
+    code = bench.main(["--threads", "1", "--repeats", "1", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(out, first_column):
+    return [line.split() for line in out.splitlines() if line.split() and line.split()[0] == first_column]
+
+
+def test_bench_flags_change_what_is_measured(capsys):
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--param-archs", "resnet10",
+                             "--dynamic-ratio", "0.5", "--kernels", "2")
+    assert code == 0
+    assert "batch 2, 1 repeats, device cpu (cpu, 1 threads), K=2, PAD dynamic ratio 0.5" in out
+    timing = table_rows(out, "40")
+    assert [r[1] for r in timing] == ["static", "dyconv", "pad-dyconv"]
+    for row in timing:
+        values = [float(v) for v in row[2:]]
+        assert all(v > 0 for v in values)
+        if row[1] == "static":
+            assert values[1] == values[3] == values[5] == values[7] == 1.0
+    (params,) = table_rows(out, "resnet10")
+    static, dyconv, dense, compact = (int(v.replace(",", "")) for v in params[1:5])
+    static_model = build_model("resnet10")
+    convs = block_convs(static_model)
+    weights = sum(math.prod(m.weight.shape) for m in convs)
+    attention = sum(dyconv_attention_parameters(m.in_channels, 2) for m in convs)
+    assert static == count_parameters(static_model)
+    assert dyconv == static + weights + attention  # K = 2 kernels replace each static weight
+    assert dense == dyconv + weights + len(convs)  # + W_s and phi per layer
+    # kappa = 0.5 and K = 2: of the 3 |W| kernel weights stored, (1 - kappa)|W| + kappa K |W| = 1.5 |W| are kept
+    assert abs((dense - compact) - 1.5 * weights) <= len(convs)
+    assert float(params[-1]) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_bench_mini_measures_112_px_with_two_repeats(capsys):
+    code = bench.main(["--mini", "--threads", "1", "--batch-size", "1", "--param-archs", "resnet10"])
+    out = capsys.readouterr().out
+    assert code == 0 and "batch 1, 2 repeats" in out
+    assert [row[1] for row in table_rows(out, "112")] == ["static", "dyconv", "pad-dyconv"]
+    assert not table_rows(out, "224")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dynamic-ratio", "0"], "dynamic ratio must be in (0, 1], got 0.0"),
+    (["--sizes", "16"], "image sizes must be >= 32"),
+    (["--param-archs", "vgg"], "invalid choice: 'vgg'"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--kernels", "0"], "--kernels must be >= 1"),
+])
+def test_bench_bad_input_is_one_line(capsys, argv, message):
+    assert bench.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith("bench_dyconv: error: ") and message in err
+
+
+def test_bench_script_exit_code_and_message():
+    result = subprocess.run(["bash", str(REPO / "scripts" / "bench_dyconv.sh"), "--batch-size", "x"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("bench_dyconv")]
+    assert lines == ["bench_dyconv: error: argument --batch-size: invalid int value: 'x'"]
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_cuda_unavailable(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "bench_dyconv: error: --device cuda but CUDA is not available"
