@@ -1,0 +1,144 @@
+"""Datasets of the DY-Conv trainer: the IDX reader, Fashion-MNIST, ImageFolder errors, subsets."""
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dyconv import data
+from dyconv.data import DataError
+
+torch.set_num_threads(1)
+
+
+def write_idx(path: Path, array: np.ndarray, type_byte: int, big_endian_dtype: str) -> None:
+    """An IDX file written by hand from the format's definition (magic 0 0 type ndim, int32 dims, data)."""
+    payload = struct.pack(">BBBB", 0, 0, type_byte, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    payload += array.astype(big_endian_dtype).tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+
+
+def test_read_idx_plain_and_gzip(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "images.gz", images, 0x08, ">u1")
+    write_idx(tmp_path / "images", images, 0x08, ">u1")
+    for name in ("images.gz", "images"):
+        got = data.read_idx(tmp_path / name)
+        assert got.dtype == torch.uint8 and got.shape == (2, 3, 4)
+        assert torch.equal(got, torch.from_numpy(images))
+
+
+def test_read_idx_big_endian_int32(tmp_path):
+    values = np.array([1, 256, 65536, -7, 2**30], dtype=np.int64)
+    write_idx(tmp_path / "ints", values, 0x0C, ">i4")
+    assert data.read_idx(tmp_path / "ints").tolist() == values.tolist()
+
+
+def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
+    (tmp_path / "junk").write_bytes(b"\x01\x02\x03\x04" + bytes(10))
+    with pytest.raises(DataError, match="not an IDX file"):
+        data.read_idx(tmp_path / "junk")
+    write_idx(tmp_path / "full", np.zeros((4, 5), dtype=np.uint8), 0x08, ">u1")
+    raw = (tmp_path / "full").read_bytes()
+    (tmp_path / "cut").write_bytes(raw[:-3])
+    with pytest.raises(DataError, match="truncated"):
+        data.read_idx(tmp_path / "cut")
+
+
+def test_real_fashion_mnist_files():
+    root = Path(data.FASHION_MNIST_SYSTEM_DIR)
+    assert root.is_dir(), "install the Debian package dataset-fashion-mnist (scripts/setup.sh does)"
+    for train, size in ((True, 60000), (False, 10000)):
+        images, labels = data.load_fashion_mnist(train)
+        assert images.shape == (size, 28, 28) and images.dtype == torch.uint8
+        assert labels.shape == (size,) and int(labels.min()) == 0 and int(labels.max()) == 9
+        # Fashion-MNIST is balanced: every class has a tenth of each split
+        assert torch.bincount(labels).tolist() == [size // 10] * 10
+
+
+def tiny_fashion_dir(root: Path, n_train: int = 12, n_test: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for (images_name, labels_name), n in zip(data.FASHION_MNIST_FILES.values(), (n_train, n_test)):
+        write_idx(root / f"{images_name}.gz", rng.integers(0, 256, (n, 28, 28)), 0x08, ">u1")
+        write_idx(root / f"{labels_name}.gz", np.arange(n) % 10, 0x08, ">u1")
+    return root
+
+
+def test_load_fashion_mnist_from_a_folder(tmp_path):
+    tiny_fashion_dir(tmp_path)
+    images, labels = data.load_fashion_mnist(False, tmp_path)
+    assert images.shape == (6, 28, 28) and labels.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_fashion_mnist_datasets_and_transforms(tmp_path):
+    tiny_fashion_dir(tmp_path)
+    train_set, val_set, info = data.build_datasets("fashion-mnist", str(tmp_path), 28)
+    assert (info.num_classes, info.in_channels, info.small_input) == (10, 1, True)
+    raw, _ = data.load_fashion_mnist(False, tmp_path)
+    image, label = val_set[3]
+    expected = (raw[3].float() / 255 - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD
+    assert label == 3 and image.shape == (1, 28, 28)
+    torch.testing.assert_close(image[0], expected)
+    assert train_set[0][0].shape == (1, 28, 28)
+    _, resized, _ = data.build_datasets("fashion-mnist", str(tmp_path), 32)
+    assert resized[0][0].shape == (1, 32, 32)
+
+
+def make_folder(root: Path, classes=("a", "b"), per_class=2, size=20) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_layout_and_transforms(tmp_path):
+    make_folder(tmp_path)
+    train_set, val_set, info = data.build_datasets("imagenet", str(tmp_path), 16)
+    assert (info.num_classes, info.in_channels, info.small_input) == (2, 3, False)
+    assert len(train_set) == 4 and train_set[0][0].shape == (3, 16, 16) and val_set[0][0].shape == (3, 16, 16)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.build_datasets("imagenet", str(tmp_path / "missing"), 16)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    with pytest.raises(DataError, match="is empty"):
+        data.build_datasets("imagenet", str(tmp_path / "empty"), 16)
+    make_folder(tmp_path / "mismatch")
+    (tmp_path / "mismatch" / "val" / "b").rename(tmp_path / "mismatch" / "val" / "c")
+    with pytest.raises(DataError, match="different class folders"):
+        data.build_datasets("imagenet", str(tmp_path / "mismatch"), 16)
+    with pytest.raises(DataError, match="needs --data"):
+        data.build_datasets("imagenet", None, 16)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):
+        data.load_rgb_image(str(bad))
+
+
+def test_data_error_recovers_message_from_a_worker_traceback():
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        "  File \"x.py\", line 1, in f\n    raise DataError(...)\n"
+                        "dyconv.data.DataError: cannot read image /d/x.png: bad\n")
+    assert str(wrapped) == "cannot read image /d/x.png: bad"
+    assert str(DataError("plain message")) == "plain message"
+
+
+def test_random_subset_is_seeded_and_distinct():
+    dataset = list(range(50))
+    a, b, c = (data.random_subset(dataset, 10, seed) for seed in (3, 3, 4))
+    assert len(a) == 10 and list(a) == list(b) and list(a) != list(c)
+    assert len(set(a)) == 10
+    assert data.random_subset(dataset, None, 0) is dataset and data.random_subset(dataset, 80, 0) is dataset
