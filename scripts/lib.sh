@@ -40,11 +40,11 @@ glue_run() {
   ROWS+=("$RUNS/$row")
   [ -f "$RUNS/$row/all_results.json" ] && return 0
   if [ "$MINI" = 1 ]; then
-    "$PY" moe/run_glue.py configs/glue/quick.json --glue_dir data/glue --task_name "$task" "$@" --output_dir "$RUNS/$row"
+    "$PY" moe/run_glue.py configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" "$@" --output_dir "$RUNS/$row" --overwrite_output_dir
   elif [ -n "${GLUE_DIR:-}" ]; then
-    "$PY" moe/run_glue.py configs/glue/bert_base.json --glue_dir "$GLUE_DIR" --task_name "$task" "$@" --output_dir "$RUNS/$row"
+    "$PY" moe/run_glue.py configs/glue/bert_base_pad.json --glue_dir "$GLUE_DIR" --task_name "$task" "$@" --output_dir "$RUNS/$row"
   else
-    "$PY" moe/run_glue.py configs/glue/bert_base.json --task_name "$task" "$@" --output_dir "$RUNS/$row"
+    "$PY" moe/run_glue.py configs/glue/bert_base_pad.json --task_name "$task" "$@" --output_dir "$RUNS/$row"
   fi
 }
 
