@@ -327,18 +327,18 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
     output = Path(args.output)
     train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
                                               args.val_subset, args.seed)
+    meta = model_metadata(args, info.num_classes, info.in_channels, info.small_input)
+    checkpoint = None
+    if args.resume:  # checked before anything is built or written
+        checkpoint = load_checkpoint(args.resume)
+        check_compatible(checkpoint["meta"], meta, args.resume)
     try:
         model = build_model(args.arch, conv=args.conv, pad=args.pad, num_classes=info.num_classes,
                             small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
                             reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    meta = model_metadata(args, info.num_classes, info.in_channels, info.small_input)
-
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        check_compatible(checkpoint["meta"], meta, args.resume)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         if checkpoint.get("temperature") is not None:
             set_temperature(model, checkpoint["temperature"])

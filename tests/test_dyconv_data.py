@@ -62,6 +62,7 @@ def test_real_fashion_mnist_files():
 
 
 def tiny_fashion_dir(root: Path, n_train: int = 12, n_test: int = 6) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for (images_name, labels_name), n in zip(data.FASHION_MNIST_FILES.values(), (n_train, n_test)):
         write_idx(root / f"{images_name}.gz", rng.integers(0, 256, (n, 28, 28)), 0x08, ">u1")
