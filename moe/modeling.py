@@ -109,9 +109,10 @@ class MoELinear(nn.Module):
         token_of = order // self.top_k
         counts = torch.bincount(assigned, minlength=self.num_experts).tolist()
         inputs = tokens.index_select(0, token_of).split(counts)
-        outputs = torch.cat([
-            F.linear(chunk, weights[e], None if self.bias is None else self.bias[e])
-            for e, chunk in enumerate(inputs)])                              # (T*k, out)
+        # unbind, not weights[e]: indexing would make backward build E full-size gradients
+        biases = [None] * self.num_experts if self.bias is None else self.bias.unbind(0)
+        outputs = torch.cat([F.linear(chunk, w, b) for chunk, w, b in zip(inputs, weights.unbind(0), biases)])
+        #                                                                     (T*k, out)
         outputs = outputs * routing.top_gates.reshape(-1)[order].unsqueeze(1).to(outputs.dtype)
         result = outputs.new_zeros(tokens.shape[0], self.out_features).index_add_(0, token_of, outputs)
         return result.view(*x.shape[:-1], self.out_features)

@@ -33,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import pad
 from moe import glue
 from moe.modeling import MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
-from moe.trainer import MoETrainer, model_statistics
+from moe.trainer import MoETrainer, PartitionAtStep, model_statistics
 
 logger = logging.getLogger("moe.run_glue")
 
@@ -111,6 +111,9 @@ class MoEArguments:
     partition_scope: str = field(default="global", metadata={"choices": list(pad.SCOPES),
                                                              "help": "PAD: rank positions over all layers or per layer"})
     partition_batches: int = field(default=8, metadata={"help": "PAD: training batches IMP scores on"})
+    partition_warmup_steps: int = field(default=0, metadata={
+        "help": "PAD: optimizer steps of the fully dynamic model before IMP (0: IMP before training). Upcycled "
+                "experts equal the static weight at step 0, where the taylor score is zero everywhere"})
 
     def __post_init__(self):
         check_moe_settings(self.moe or "none", self.num_experts, self.top_k, self.moe_layers, self.aux_loss_coef,
@@ -120,6 +123,8 @@ class MoEArguments:
             raise ValueError(f"--partition_iterations must be >= 1, got {self.partition_iterations}")
         if self.partition_batches < 1:
             raise ValueError(f"--partition_batches must be >= 1, got {self.partition_batches}")
+        if self.partition_warmup_steps < 0:
+            raise ValueError(f"--partition_warmup_steps must be >= 0, got {self.partition_warmup_steps}")
 
     def convert_kwargs(self) -> dict:
         return dict(moe=self.moe, num_experts=self.num_experts, top_k=self.top_k, moe_layers=self.moe_layers,
@@ -262,11 +267,11 @@ def moe_summary(model) -> dict:
     return summary
 
 
-def partition_summary(report: pad.PartitionReport, num_batches: int) -> dict:
+def partition_summary(report: pad.PartitionReport, num_batches: int, step: int) -> dict:
     return {"partition_target": report.target, "partition_achieved": report.achieved,
             "partition_criterion": report.criterion, "partition_schedule": report.schedule,
             "partition_scope": report.scope, "partition_iterations": report.iterations,
-            "partition_batches": num_batches}
+            "partition_batches": num_batches, "partition_step": step}
 
 
 # ---------------------------------------------------------------- main
@@ -345,20 +350,27 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
                          data_collator=collator, compute_metrics=compute_metrics)
     final = {}
     if training_args.do_train:
-        extra = {}
-        if (getattr(model.config, "moe", None) or {}).get("moe") == "pad":
-            if checkpoint is None and not from_saved_moe:
-                report = trainer.partition(moe_args.dynamic_ratio, moe_args.partition_iterations,
-                                           moe_args.partition_criterion, moe_args.partition_schedule,
-                                           moe_args.partition_scope, moe_args.partition_batches)
-                extra = partition_summary(report, trainer.partition_batches_used)
-                if trainer.is_world_process_zero():
-                    os.makedirs(training_args.output_dir, exist_ok=True)
-                    with open(os.path.join(training_args.output_dir, "partition.json"), "w") as f:
-                        json.dump({**report.as_dict(), "batches": trainer.partition_batches_used}, f, indent=2)
+        if (getattr(model.config, "moe", None) or {}).get("moe") == "pad" and not from_saved_moe:
+            settings = dict(dynamic_ratio=moe_args.dynamic_ratio, iterations=moe_args.partition_iterations,
+                            criterion=moe_args.partition_criterion, schedule=moe_args.partition_schedule,
+                            scope=moe_args.partition_scope, num_batches=moe_args.partition_batches)
+            if moe_args.partition_warmup_steps > 0:
+                trainer.add_callback(PartitionAtStep(trainer, moe_args.partition_warmup_steps, **settings))
+            elif checkpoint is None:
+                trainer.partition(**settings)
             else:
-                logger.info("masks come from %s; no partition", checkpoint or model_args.model_name_or_path)
+                logger.info("masks come from %s; no partition", checkpoint)
+        elif from_saved_moe:
+            logger.info("masks come from %s; no partition", model_args.model_name_or_path)
         result = trainer.train(resume_from_checkpoint=checkpoint)
+        extra = {}
+        if trainer.partition_report is not None:
+            extra = partition_summary(trainer.partition_report, trainer.partition_batches_used, trainer.partition_step)
+            if trainer.is_world_process_zero():
+                os.makedirs(training_args.output_dir, exist_ok=True)
+                with open(os.path.join(training_args.output_dir, "partition.json"), "w") as f:
+                    json.dump({**trainer.partition_report.as_dict(), "batches": trainer.partition_batches_used,
+                               "step": trainer.partition_step}, f, indent=2)
         trainer.save_model()
         metrics = {**result.metrics, "train_samples": len(train_dataset), **moe_summary(model), **extra}
         trainer.log_metrics("train", metrics)

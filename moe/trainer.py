@@ -3,8 +3,12 @@
 :class:`MoETrainer` adds the gates' auxiliary loss to the task loss while
 training, logs (to every ``report_to`` integration, TensorBoard included) the
 running means of both losses, the PAD scale factors, the dynamic ratio and the
-per-expert load, and runs Iterative Mode Partition once before training
-(:meth:`MoETrainer.partition`).
+per-expert load, and runs Iterative Mode Partition once (:meth:`MoETrainer.partition`):
+before training, or after a warm-up of the fully dynamic model
+(:class:`PartitionAtStep`).  Upcycled experts all equal the static weight, so at
+step 0 the taylor score ``|g (lambda_d W_e - lambda_s W_s)|`` is exactly zero
+everywhere and IMP can only partition at random; a few warm-up steps let the
+experts differ first.
 
 Multi-GPU (``torchrun``): every rank runs IMP on its own partition batches and
 then takes rank 0's masks (a broadcast of every mask buffer), so all ranks start
@@ -16,7 +20,7 @@ import itertools
 import logging
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 import pad
 from moe.modeling import aux_loss, expert_load
@@ -56,6 +60,8 @@ class MoETrainer(Trainer):
         # The aux loss is a per-batch mean: let Trainer scale the whole loss for
         # gradient accumulation instead of normalising by tokens in the batch.
         self.model_accepts_loss_kwargs = False
+        self.partition_report: pad.PartitionReport | None = None
+        self.partition_step: int | None = None
         self._reset_running_means()
 
     def _reset_running_means(self) -> None:
@@ -118,7 +124,23 @@ class MoETrainer(Trainer):
             with torch.no_grad():
                 for _, bank in pad.weight_banks(self.model):
                     torch.distributed.broadcast(bank.mask, src=0)
+        self.partition_report, self.partition_step = report, self.state.global_step
         logger.info(report.format())
         self.log({"partition/dynamic_ratio": report.achieved, "partition/target": report.target,
                   "partition/batches": float(len(batches))})
         return report
+
+
+class PartitionAtStep(TrainerCallback):
+    """Runs ``trainer.partition(**settings)`` once, when training reaches optimizer step ``step``
+    (``step`` steps of the fully dynamic model come first).  A run resumed past ``step``
+    keeps the masks of its checkpoint."""
+
+    def __init__(self, trainer: MoETrainer, step: int, **settings):
+        if step < 1:
+            raise ValueError(f"partition warm-up steps must be >= 1 here, got {step}")
+        self.trainer, self.step, self.settings = trainer, step, settings
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.trainer.partition(**self.settings)

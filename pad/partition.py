@@ -174,32 +174,41 @@ def score_positions(model: nn.Module, batches: Sequence, loss_fn: LossFn | None,
 
 # ---------------------------------------------------------------- selection
 
-def _keep_top(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """A new 0/1 mask keeping the ``keep`` best-scored positions among those where ``mask`` is 1."""
-    flat = torch.where(mask.flatten() > 0, scores.flatten().to(torch.float64), torch.tensor(float("-inf"), dtype=torch.float64))
+def _keep_top(scores: torch.Tensor, mask: torch.Tensor, keep: int,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """A new 0/1 mask keeping the ``keep`` best-scored positions among those where ``mask`` is 1.
+
+    Ties are broken at random (seeded by ``generator``), not by position: when a criterion
+    cannot tell positions apart (e.g. taylor on upcycled experts that all equal ``W_s``),
+    the partition is then a uniform random one instead of "the first layers stay dynamic".
+    """
+    flat = torch.where(mask.flatten() > 0, scores.flatten().to(torch.float64),
+                       torch.tensor(float("-inf"), dtype=torch.float64))
     keep = min(keep, int(mask.sum().item()))
     new = torch.zeros_like(flat, dtype=mask.dtype)
     if keep > 0:
-        new[torch.topk(flat, keep, sorted=False).indices] = 1
+        shuffle = torch.randperm(flat.numel(), generator=generator)
+        ranked = torch.sort(flat[shuffle], descending=True, stable=True).indices[:keep]
+        new[shuffle[ranked]] = 1
     return new.view_as(mask)
 
 
 def select_dynamic(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, torch.Tensor],
-                   ratio: float, scope: str = "global") -> None:
+                   ratio: float, scope: str = "global", generator: torch.Generator | None = None) -> None:
     """Sets every bank's mask to keep ``ratio`` of all positions dynamic, best scores first,
     choosing only among the positions still dynamic."""
     if scope == "global":
         masks = [b.mask for b in banks.values()]
         total = sum(m.numel() for m in masks)
         joint = _keep_top(torch.cat([scores[n].flatten() for n in banks]),
-                          torch.cat([m.flatten() for m in masks]), round(ratio * total))
+                          torch.cat([m.flatten() for m in masks]), round(ratio * total), generator)
         offset = 0
         for m in masks:
             m.copy_(joint[offset:offset + m.numel()].view_as(m))
             offset += m.numel()
     elif scope == "local":
         for name, bank in banks.items():
-            bank.mask.copy_(_keep_top(scores[name], bank.mask, round(ratio * bank.mask.numel())))
+            bank.mask.copy_(_keep_top(scores[name], bank.mask, round(ratio * bank.mask.numel()), generator))
     else:
         raise ValueError(f"unknown partition scope {scope!r}; expected one of {SCOPES}")
 
@@ -243,7 +252,7 @@ def iterative_mode_partition(model: nn.Module, batches: Sequence, loss_fn: LossF
     for ratio in ratios:
         scores = score_positions(model, batches, loss_fn, criterion, synflow_fn, generator)
         with torch.no_grad():
-            select_dynamic(banks, scores, ratio, scope)
+            select_dynamic(banks, scores, ratio, scope, generator)
         achieved.append(_overall_ratio(banks.values()))
     return PartitionReport(target=dynamic_ratio, achieved=achieved[-1], criterion=criterion, schedule=schedule,
                            scope=scope, iterations=iterations,

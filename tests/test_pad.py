@@ -332,3 +332,22 @@ def test_load_compact_rejects_other_architecture():
     del state["2.bank.mask"]
     with pytest.raises(ValueError, match="lacks '2.bank.mask'"):
         pad.load_compact(tiny_model(), state)
+
+
+def test_ties_are_broken_at_random_not_by_position():
+    """All-equal scores (e.g. taylor on upcycled experts) must not keep the first layer dynamic."""
+    model = tiny_model()
+    banks = dict(pad.weight_banks(model))
+    zeros = {n: torch.zeros_like(b.mask) for n, b in banks.items()}
+
+    def partition(seed):
+        for b in banks.values():
+            b.mask.fill_(1)
+        pad.select_dynamic(banks, zeros, 0.5, "global", torch.Generator().manual_seed(seed))
+        return [b.mask.clone() for b in banks.values()]
+
+    first, again, other = partition(0), partition(0), partition(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert any(not torch.equal(a, b) for a, b in zip(first, other))
+    assert sum(int(m.sum()) for m in first) == 25
+    assert all(0 < int(m.sum()) < 25 for m in first)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import pad
+
 from moe.run_glue import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,6 +242,36 @@ def test_partition_batches_sets_the_batches_scored(tiny_bert_dir, glue_dir, tmp_
                               "--max_steps", "1", "--partition_batches", str(requested))) == 0
         assert read_json(out / "partition.json")["batches"] == used
         assert read_json(out / "train_results.json")["partition_batches"] == used
+
+
+def test_partition_warmup_steps_partitions_trained_experts(tiny_bert_dir, glue_dir, tmp_path):
+    """At step 0 upcycled experts equal W_s and every taylor score is 0 (random partition); after
+    warm-up steps the experts differ, IMP runs at that step and the scores are data-driven."""
+    out = tmp_path / "warmup"
+    assert main(base_args(tiny_bert_dir, glue_dir, out, "sst2", "--moe", "pad", "--do_train",
+                          "--partition_warmup_steps", "2", "--partition_scope", "local")) == 0
+    report, train = read_json(out / "partition.json"), read_json(out / "train_results.json")
+    assert report["step"] == 2 and train["partition_step"] == 2
+    assert abs(train["dynamic_ratio"] - 0.5) < 0.01
+    history = read_json(out / "trainer_state.json")["log_history"]
+    assert [h["step"] for h in history if "partition/dynamic_ratio" in h] == [2]
+
+    # the scores IMP saw at step 2 are not all zero any more (they are at step 0)
+    from moe.modeling import convert_to_moe
+    from transformers import AutoModelForSequenceClassification
+    model = convert_to_moe(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir), moe="pad")
+    ids = torch.randint(5, 20, (4, 8))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])}
+    at_init = pad.score_positions(model, [batch], lambda m, b: m(**b).loss, "taylor")
+    assert all(torch.all(s == 0) for s in at_init.values())
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, pad.PartiallyDynamicWeights):
+                layer.kernels.add_(0.01 * torch.randn_like(layer.kernels))
+    moved = pad.score_positions(model, [batch], lambda m, b: m(**b).loss, "taylor")
+    assert all(s.sum() > 0 for s in moved.values())
+    assert main(base_args(tiny_bert_dir, glue_dir, tmp_path / "bad", "sst2", "--moe", "pad", "--do_train",
+                          "--partition_warmup_steps", "-1")) == 1
 
 
 def test_moe_none_and_moe(tiny_bert_dir, glue_dir, tmp_path):
