@@ -410,6 +410,8 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
         for epoch in range(epoch, args.epochs):
             if isinstance(train_loader.sampler, DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
+            else:  # the shuffle order depends on the epoch only, so a resumed run sees the same order
+                train_loader.generator.manual_seed(args.seed + epoch)
             train_loss, step = train_one_epoch(net, train_loader, optimizer, criterion, settings, step, ctx.device,
                                                scaler, writer, epoch, progress=ctx.is_main)
             metrics = evaluate(net, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
