@@ -186,6 +186,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    pad.keep_freed_memory()
     try:
         args = parse_args(argv)
     except ValueError as err:

@@ -187,26 +187,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- process set-up
 
-def keep_freed_memory() -> bool:
-    """Tells glibc malloc to serve big blocks from its heap and keep freed memory.
-
-    Dynamic convs build per-sample weights ``(B, *S)`` of hundreds of MB each step;
-    by default glibc maps every block above 32 MB fresh from the kernel and unmaps it
-    when freed, so each step pays page faults to zero gigabytes again (measured on
-    2 CPU cores: ResNet-10 PAD-DY-Conv at 28 px, batch 64, 11 s/step before, 1.6 s
-    after).  Returns False where this is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
 # ---------------------------------------------------------------- distributed
 
 @dataclass
@@ -451,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = None
     try:
         args = parse_args(sys.argv[1:] if argv is None else list(argv))
-        keep_freed_memory()
+        pad.keep_freed_memory()
         ctx = init_distributed()
         return run(args, ctx)
     except (UsageError, DataError, CheckpointError) as err:

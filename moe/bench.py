@@ -193,6 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    pad.keep_freed_memory()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         args = parse_args(argv)

@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return fail(err)
     handler = setup_logging(training_args)
+    pad.keep_freed_memory()
     try:
         run(model_args, data_args, moe_args, training_args)
     except (ValueError, OSError) as err:

@@ -351,3 +351,8 @@ def test_ties_are_broken_at_random_not_by_position():
     assert any(not torch.equal(a, b) for a, b in zip(first, other))
     assert sum(int(m.sum()) for m in first) == 25
     assert all(0 < int(m.sum()) < 25 for m in first)
+
+
+def test_keep_freed_memory_on_glibc():
+    import platform
+    assert pad.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

@@ -1,0 +1,23 @@
+"""Process-level settings shared by the training entry points."""
+from __future__ import annotations
+
+
+def keep_freed_memory() -> bool:
+    """Tells glibc malloc to serve big blocks from its heap and keep freed memory.
+
+    Dynamic layers build large temporaries every step (per-sample conv weights
+    ``(B, *S)`` of hundreds of MB; all experts' mixed weights ``(E, out, in)``);
+    by default glibc maps every block above 32 MB fresh from the kernel and unmaps it
+    when freed, so each step pays page faults to zero gigabytes again (measured on
+    2 CPU cores: ResNet-10 PAD-DY-Conv at 28 px, batch 64, 11 s/step before, 1.6 s
+    after).  Returns False where this is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
