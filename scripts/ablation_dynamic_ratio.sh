@@ -2,9 +2,9 @@
 # Ablation: the dynamic ratio kappa, PAD-DY-Conv ResNet-50 (0.1 .. 1.0; 1.0 = fully dynamic with scale factors)
 # and PAD-MoE on RTE (0.3 .. 0.9). CPU: --mini (ResNet-10 on Fashion-MNIST; MiniLM on the RTE-style task).
 source "$(dirname "$0")/lib.sh" "$@"
-if [ "$MINI" = 1 ]; then arch=resnet10; recipe=(); else arch=resnet50; recipe=(--config configs/dyconv/imagenet_resnet.yaml); fi
+arch=$([ "$MINI" = 1 ] && echo resnet10 || echo resnet50)
 for ratio in 0.1 0.3 0.5 0.7 1.0; do
-  dyconv_run "$arch-pad$ratio" "${recipe[@]}" --arch $arch --conv dyconv --pad --dynamic-ratio $ratio
+  dyconv_run "$arch-pad$ratio" resnet50_dyconv_pad --arch $arch --conv dyconv --pad --dynamic-ratio $ratio
 done
 for ratio in 0.3 0.5 0.7 0.9; do
   glue_run "rte-pad$ratio" rte --moe pad --dynamic_ratio $ratio

@@ -21,16 +21,17 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$MINI" = 1 ] && echo 1 || echo 0)}
 COMMAND="bash scripts/$SCRIPT.sh$([ "$MINI" = 1 ] && echo ' --mini')"
 ROWS=()
 
-# dyconv_run ROW [main.py flags...]
+# dyconv_run ROW CONFIG [main.py flags...]: full scale trains configs/dyconv/CONFIG.yaml (a paper row) on
+# ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml).
 dyconv_run() {
-  local row=$1; shift
+  local row=$1 config=$2; shift 2
   ROWS+=("$RUNS/$row")
   [ -f "$RUNS/$row/summary.json" ] && return 0
   if [ "$MINI" = 1 ]; then
     "$PY" dyconv/main.py --config configs/dyconv/fashion_mnist_quick.yaml "$@" --output "$RUNS/$row"
   else
     : "${IMAGENET:?set IMAGENET to an ImageNet folder with train/ and val/ (or pass --mini)}"
-    "$PY" dyconv/main.py --data "$IMAGENET" "$@" --output "$RUNS/$row"
+    "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" --output "$RUNS/$row"
   fi
 }
 

@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
 # Paper, ImageNet table: static vs fully dynamic DY-Conv vs PAD-DY-Conv (dynamic ratio 0.3)
-# on ResNet-10/18/50 and MobileNetV2 x0.5/0.75/1.0 (ImageNet recipes of DESIGN.md).
-# Full: IMAGENET=/data/imagenet bash scripts/table1_imagenet_dyconv.sh
+# on ResNet-10/18/50 and MobileNetV2 x0.5/0.75/1.0 (one config per row in configs/dyconv/).
+# Full: IMAGENET=/data/imagenet bash scripts/table1_imagenet_dyconv.sh  (single process; for 8 GPUs run the
+#       rows with torchrun as README.md shows)
 # CPU:  bash scripts/table1_imagenet_dyconv.sh --mini   (Fashion-MNIST, ResNet-10 and MobileNetV2 x0.5)
 source "$(dirname "$0")/lib.sh" "$@"
 if [ "$MINI" = 1 ]; then ARCHS="resnet10 mobilenetv2_050"; else ARCHS="resnet10 resnet18 resnet50 mobilenetv2_050 mobilenetv2_075 mobilenetv2_100"; fi
 for arch in $ARCHS; do
-  recipe=()
-  if [ "$MINI" = 0 ]; then
-    case $arch in resnet*) recipe=(--config configs/dyconv/imagenet_resnet.yaml) ;; *) recipe=(--config configs/dyconv/imagenet_mobilenetv2.yaml) ;; esac
-  fi
-  dyconv_run "$arch-static" "${recipe[@]}" --arch "$arch" --conv static
-  dyconv_run "$arch-dyconv" "${recipe[@]}" --arch "$arch" --conv dyconv
-  dyconv_run "$arch-dyconv-pad0.3" "${recipe[@]}" --arch "$arch" --conv dyconv --pad --dynamic-ratio 0.3
+  dyconv_run "$arch-static" "${arch}_static" --arch "$arch" --conv static
+  dyconv_run "$arch-dyconv" "${arch}_dyconv" --arch "$arch" --conv dyconv
+  dyconv_run "$arch-dyconv-pad0.3" "${arch}_dyconv_pad" --arch "$arch" --conv dyconv --pad --dynamic-ratio 0.3
 done
 summarize "Static vs DY-Conv vs PAD-DY-Conv ($SCALE)"

@@ -2,9 +2,11 @@
 # Paper: PAD on other dynamic convolutions, CondConv and ODConv, fully dynamic vs PAD (ratio 0.3), ResNet-50.
 # Full: IMAGENET=/data/imagenet bash scripts/table_dynamic_convs.sh ; CPU: --mini (Fashion-MNIST, ResNet-10)
 source "$(dirname "$0")/lib.sh" "$@"
-if [ "$MINI" = 1 ]; then arch=resnet10; recipe=(); else arch=resnet50; recipe=(--config configs/dyconv/imagenet_resnet.yaml); fi
+arch=$([ "$MINI" = 1 ] && echo resnet10 || echo resnet50)
 for conv in condconv dyconv odconv; do
-  dyconv_run "$arch-$conv" "${recipe[@]}" --arch $arch --conv $conv
-  dyconv_run "$arch-$conv-pad0.3" "${recipe[@]}" --arch $arch --conv $conv --pad --dynamic-ratio 0.3
+  reduction=$([ $conv = odconv ] && echo 16 || echo 4)
+  dyconv_run "$arch-$conv" "resnet50_$conv" --arch $arch --conv $conv --reduction $reduction
+  dyconv_run "$arch-$conv-pad0.3" "resnet50_${conv}_pad" --arch $arch --conv $conv --reduction $reduction \
+    --pad --dynamic-ratio 0.3
 done
 summarize "CondConv / DY-Conv / ODConv, fully dynamic vs PAD ($SCALE)"
