@@ -68,3 +68,13 @@ def make_tiny_bert_dir(tmp_path):
         return save_tiny_bert(tmp_path / f"tiny_bert_{next(counter)}", num_labels, seed, **overrides)
 
     return make
+
+
+@pytest.fixture
+def float64():
+    """Double precision as the default dtype for one test (exact comparisons), restored after."""
+    import torch
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

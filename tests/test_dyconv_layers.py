@@ -22,12 +22,7 @@ GEOMETRIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def build(kind, geometry, pad_layer=False, scale_factors="both", kernels=3, seed=0):

@@ -326,6 +326,7 @@ def test_bench_bad_input_is_one_line(capsys, argv, message):
     assert bench.main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1
+    assert message in err
     assert err.startswith("bench_dyconv: error: ") and message in err
 
 

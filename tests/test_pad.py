@@ -9,13 +9,7 @@ import pad
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Exact comparisons need double precision; restored for the other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class RoutedLinear(nn.Module):
