@@ -23,7 +23,7 @@ run_dyconv resnet10-static --conv static
 run_dyconv resnet10-dyconv --conv dyconv
 run_dyconv resnet10-dyconv-pad0.3 --conv dyconv --pad --dynamic-ratio 0.3
 "$PY" scripts/summarize.py "$RUNS"/resnet10-{static,dyconv,dyconv-pad0.3} \
-  --title "Fashion-MNIST, ResNet-10, 3 epochs on 6k images (CPU scale)" \
+  --title "Fashion-MNIST, ResNet-10, 2 epochs on 1536 training images, 1000 test images (CPU scale)" \
   --command "bash scripts/quickstart.sh" --output results/measured/quickstart-dyconv.md
 
 GLUE_ROWS=()
@@ -37,5 +37,5 @@ for task in sst2 rte; do
   done
 done
 "$PY" scripts/summarize.py "${GLUE_ROWS[@]}" \
-  --title "all-MiniLM-L6-v2 on the embedded SST-2/RTE-style tasks, 1 epoch on 1k examples (CPU scale)" \
+  --title "all-MiniLM-L6-v2 on the embedded SST-2/RTE-style tasks, 1 epoch on 768 examples, 500 dev examples (CPU scale)" \
   --command "bash scripts/quickstart.sh" --output results/measured/quickstart-glue.md
