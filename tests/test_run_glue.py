@@ -385,3 +385,19 @@ def test_cli_script_bad_input_exits_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "error: unknown task 'nope'; expected one of " \
                                     "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"
+
+
+def test_torchrun_two_processes_on_cpu(tiny_bert_dir, glue_dir, tmp_path):
+    """Trainer's own DDP (gloo on CPU): both ranks partition, take rank 0's masks, train and save once."""
+    out = tmp_path / "ddp"
+    args = base_args(tiny_bert_dir, glue_dir, out, "sst2", "--moe", "pad", "--do_train", "--do_eval",
+                     "--partition_scope", "local")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "moe" / "run_glue.py"), *args, "--ddp_backend", "gloo"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_json(out / "all_results.json")
+    assert abs(results["dynamic_ratio"] - 0.5) < 0.01
+    assert read_json(out / "partition.json")["achieved"] == pytest.approx(results["dynamic_ratio"])
+    assert all(abs(m.float().mean().item() - 0.5) < 0.02 for m in masks(out).values())
