@@ -95,7 +95,8 @@ def read_snli(archive: str, member: str) -> list[tuple[str, str, str]]:
 
 def _balanced(rows: list, label_of, size: int, rng: random.Random) -> tuple[list, list]:
     """Draws up to ``size`` rows, half of each binary label, in a seeded order;
-    returns ``(drawn, the rest)``."""
+    returns ``(drawn, the rest)``.  The drawn rows are shuffled again, so that any prefix
+    (``--max_eval_samples``) is balanced too: one label fills its quota first otherwise."""
     order = rows[:]
     rng.shuffle(order)
     quota = {0: size // 2, 1: size - size // 2}
@@ -107,6 +108,7 @@ def _balanced(rows: list, label_of, size: int, rng: random.Random) -> tuple[list
             drawn.append(row)
         else:
             rest.append(row)
+    rng.shuffle(drawn)
     return drawn, rest
 
 

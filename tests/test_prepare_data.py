@@ -132,3 +132,15 @@ def test_real_sources(tmp_path):
         assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (200, 50, 50)
         assert sorted(set(data["train"]["label"])) == [0, 1]
         assert sum(data["train"]["label"]) == 100  # balanced
+
+
+def test_balanced_draw_is_balanced_in_every_prefix():
+    """A label that is rarer in the source (entailment is a third of SNLI) must not crowd into the
+    end of a split: run_glue's --max_eval_samples takes a prefix."""
+    import random as _random
+    from moe.prepare_data import _balanced
+    rows = [(i, int(i % 4 != 0)) for i in range(1000)]          # a quarter label 0
+    drawn, rest = _balanced(rows, lambda r: r[1], 200, _random.Random(0))
+    assert len(drawn) == 200 and sum(r[1] for r in drawn) == 100 and len(rest) == 800
+    first_half = [r[1] for r in drawn[:100]]
+    assert 35 <= sum(first_half) <= 65
