@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .mixing import PartiallyDynamicWeights, weight_banks
+from .stats import dynamic_ratio as overall_dynamic_ratio
 
 CRITERIA = ("taylor", "random", "magnitude", "grasp", "synflow")
 SCHEDULES = ("exponential", "linear")
@@ -253,13 +254,9 @@ def iterative_mode_partition(model: nn.Module, batches: Sequence, loss_fn: LossF
         scores = score_positions(model, batches, loss_fn, criterion, synflow_fn, generator)
         with torch.no_grad():
             select_dynamic(banks, scores, ratio, scope, generator)
-        achieved.append(_overall_ratio(banks.values()))
+        achieved.append(overall_dynamic_ratio(model))
     return PartitionReport(target=dynamic_ratio, achieved=achieved[-1], criterion=criterion, schedule=schedule,
                            scope=scope, iterations=iterations,
                            per_layer={n: b.dynamic_ratio() for n, b in banks.items()},
                            ratio_per_iteration=achieved)
 
-
-def _overall_ratio(banks) -> float:
-    banks = list(banks)
-    return float(sum(b.mask.sum().item() for b in banks) / sum(b.mask.numel() for b in banks))
