@@ -17,11 +17,18 @@ scipy (no ``evaluate`` downloads).
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 import sys
 from dataclasses import dataclass
 
 import numpy as np
+
+from moe.files import read_text
+
+# STS-B similarity scores are annotated from 0 (unrelated) to 5 (equivalent).
+STSB_RANGE = (0.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -102,17 +109,30 @@ def get_task(task_name: str) -> TaskSpec:
 # ---------------------------------------------------------------- GLUE TSV files
 
 def _tsv_rows(path: str) -> list[list[str]]:
+    """The rows of a tab-separated UTF-8 file, trailing blank lines dropped; ``ValueError`` naming
+    the file and line of the first undecodable byte."""
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    while rows and not "".join(rows[-1]).strip():
+        rows.pop()
+    return rows
+
+
+def check_score(value, where: str) -> float:
+    """An STS-B score as a float; ``ValueError`` at ``where`` (``"FILE line N"``) unless it is a
+    finite number within GLUE's [0, 5]."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: score {value!r} is not a number") from None
+    if not math.isfinite(score) or not STSB_RANGE[0] <= score <= STSB_RANGE[1]:
+        raise ValueError(f"{where}: score {value!r} is not within [{STSB_RANGE[0]:g}, {STSB_RANGE[1]:g}]")
+    return score
 
 
 def _parse_label(spec: TaskSpec, value: str, path: str, line: int) -> float | int:
     if spec.is_regression:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{path} line {line}: score {value!r} is not a number") from None
+        return check_score(value, f"{path} line {line}")
     if value not in spec.tsv_labels:
         raise ValueError(f"{path} line {line}: label {value!r} is not one of the {spec.name} labels "
                          f"{list(spec.tsv_labels)}")
@@ -185,6 +205,20 @@ def load_glue_dir(spec: TaskSpec, glue_dir: str, splits: list[str]):
     return out
 
 
+def diagnostic_file(glue_dir: str) -> str | None:
+    """GLUE's diagnostic set (AX), ``glue_dir/diagnostic/diagnostic.tsv``, if the download has it."""
+    path = os.path.join(glue_dir, "diagnostic", "diagnostic.tsv")
+    return path if os.path.isfile(path) else None
+
+
+def load_diagnostic(spec: TaskSpec, path: str):
+    """The diagnostic set (``index, sentence1, sentence2``, no labels) as an MNLI test split."""
+    from datasets import Dataset, Features, Value
+    features = Features({**{c: Value("string") for c in spec.text_columns}, "label": Value("int64"),
+                         "idx": Value("int32")})
+    return Dataset.from_dict(read_glue_tsv(spec, path, labelled=False), features=features)
+
+
 # ---------------------------------------------------------------- Hub and CSV/JSON
 
 def load_hub(spec: TaskSpec, cache_dir: str | None = None):
@@ -202,7 +236,9 @@ def load_data_files(files: dict[str, str], spec: TaskSpec | None, cache_dir: str
     """CSV or JSON files as in transformers' run_glue: ``{split: path}`` -> ``DatasetDict``.
 
     With a task, the files must hold the task's Hub columns and labels (class names
-    or ids); without one, the columns are inferred later by :func:`infer_text_columns`.
+    or ids; STS-B scores within [0, 5]); without one, the columns are inferred later by
+    :func:`infer_text_columns`.  Each file is read on its own, so an unreadable one
+    (not UTF-8, not CSV/JSON, no rows) is named in the ``ValueError``.
     """
     import datasets
     for split, path in files.items():
@@ -213,7 +249,8 @@ def load_data_files(files: dict[str, str], spec: TaskSpec | None, cache_dir: str
         raise ValueError(f"data files must be .csv or .json, got {extension!r}")
     if any(os.path.splitext(p)[1].lstrip(".") != extension for p in files.values()):
         raise ValueError("all data files must have the same extension")
-    raw = datasets.load_dataset("csv" if extension == "csv" else "json", data_files=files, cache_dir=cache_dir)
+    raw = datasets.DatasetDict({split: _read_data_file(path, split, extension, cache_dir)
+                                for split, path in files.items()})
     if spec is not None:
         for split, ds in raw.items():
             needed = list(spec.text_columns) + ([] if split == "test" else ["label"])
@@ -221,14 +258,40 @@ def load_data_files(files: dict[str, str], spec: TaskSpec | None, cache_dir: str
             if missing:
                 raise ValueError(f"{files[split]}: missing column(s) {missing} for task {spec.name}")
             if "label" in ds.column_names and split != "test":
-                labels = [_file_label(spec, value, files[split]) for value in ds["label"]]
+                labels = [_file_label(spec, value, f"{files[split]} row {row}")
+                          for row, value in enumerate(ds["label"], start=1)]
                 raw[split] = ds.remove_columns("label").add_column("label", labels)
     return raw
 
 
-def _file_label(spec: TaskSpec, value, path: str):
+def _read_data_file(path: str, split: str, extension: str, cache_dir: str | None):
+    """One CSV/JSON file as a ``Dataset``; ``ValueError`` naming the file for anything unreadable."""
+    import datasets
+    text = read_text(path)  # names the line of a non-UTF-8 byte, which the CSV/JSON builders do not
+    if not text.strip():
+        raise ValueError(f"{path}: empty file")
+    try:
+        ds = datasets.load_dataset("csv" if extension == "csv" else "json", data_files={split: path},
+                                   cache_dir=cache_dir)[split]
+    except Exception as err:  # the builders raise pyarrow, pandas and datasets errors of many types
+        detail = _first_line(err)
+        raise ValueError(f"{path}: cannot read as {'CSV' if extension == 'csv' else 'JSON'} ({detail})") from None
+    if len(ds) == 0:
+        raise ValueError(f"{path}: no examples")
+    return ds
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost cause's first line (datasets wraps parser errors in a generic one)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _file_label(spec: TaskSpec, value, where: str):
     if spec.is_regression:
-        return float(value)
+        return check_score(value, where)
     if isinstance(value, str) and value in spec.label_names:
         return spec.label_names.index(value)
     if isinstance(value, str) and value in spec.tsv_labels:
@@ -237,7 +300,7 @@ def _file_label(spec: TaskSpec, value, path: str):
         value = int(value)
     if isinstance(value, (int, np.integer)) and 0 <= int(value) < spec.num_labels:
         return int(value)
-    raise ValueError(f"{path}: label {value!r} is not one of the {spec.name} labels {list(spec.label_names)}")
+    raise ValueError(f"{where}: label {value!r} is not one of the {spec.name} labels {list(spec.label_names)}")
 
 
 def infer_text_columns(column_names: list[str]) -> tuple[str, ...]:

@@ -10,8 +10,10 @@ A leading ``*.json`` argument holds arguments as ``{"flag": value}``; flags afte
 override it.  Data come from ``--glue_dir`` (GLUE's TSV layout), ``--train_file``/
 ``--validation_file``/``--test_file`` (CSV/JSON) or the Hub (``--task_name`` alone).
 The output directory is a model: ``--model_name_or_path OUTPUT`` rebuilds the MoE/PAD
-structure from its ``config.json``.  Bad input ends with one ``error: ...`` line on
-stderr and exit status 1 (2 for unparsable arguments).
+structure from its ``config.json``.  Bad input (flags, data files, model folders,
+checkpoints: every file is checked before use) and a non-finite training or evaluation
+loss end with one ``error: ...`` line on stderr and exit status 2; nothing is saved
+after the bad step.
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Ev
 from transformers.trainer_utils import get_last_checkpoint
 
 import pad
-from moe import glue
+from moe import files, glue
 from moe.modeling import MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
-from moe.trainer import MoETrainer, PartitionAtStep, model_statistics
+from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
 
 logger = logging.getLogger("moe.run_glue")
 
@@ -141,16 +143,12 @@ class ArgumentParser(HfArgumentParser):
 
 def json_config_to_argv(path: str) -> list[str]:
     """``{"flag": value}`` -> ``["--flag", "value", ...]`` (lists become several values)."""
-    try:
-        with open(path) as f:
-            settings = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"config {path} must hold a JSON object of flags")
+    settings = files.read_json(path)
     argv = []
     for key, value in settings.items():
         values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise ValueError(f"{path}: the value of {key!r} must be a number, a string or a list of them")
         argv += [f"--{key}", *(str(v) for v in values)]
     return argv
 
@@ -175,13 +173,20 @@ def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingA
                       "test": training_args.do_predict}[split.split("_")[0]]
             if wanted:
                 splits.append(split)
-        return glue.load_glue_dir(spec, data_args.glue_dir, splits), spec
-    files = {name: path for name, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
-                                           ("test", data_args.test_file)) if path}
-    if files:
-        raw = glue.load_data_files(files, spec, cache_dir=cache_dir)
-        if spec is not None and spec.name == "mnli" and "validation" in raw:
-            raw["validation_matched"] = raw.pop("validation")
+        raw = glue.load_glue_dir(spec, data_args.glue_dir, splits)
+        diagnostic = glue.diagnostic_file(data_args.glue_dir)
+        if spec.name == "mnli" and training_args.do_predict and diagnostic is not None:
+            raw["test_ax"] = glue.load_diagnostic(spec, diagnostic)
+        return raw, spec
+    data_files = {name: path for name, path in (("train", data_args.train_file),
+                                                ("validation", data_args.validation_file),
+                                                ("test", data_args.test_file)) if path}
+    if data_files:
+        raw = glue.load_data_files(data_files, spec, cache_dir=cache_dir)
+        if spec is not None and spec.name == "mnli":  # MNLI's files are its matched sets
+            for split in ("validation", "test"):
+                if split in raw:
+                    raw[f"{split}_matched"] = raw.pop(split)
         return raw, spec
     return glue.load_hub(spec, cache_dir=cache_dir), spec
 
@@ -231,22 +236,60 @@ def tokenize(raw, tokenizer, text_columns: tuple[str, ...], data_args, training_
 def build_model(model_args: ModelArguments, moe_args: MoEArguments, num_labels: int, task_name: str | None,
                 label_names: list[str] | None):
     """``(model, tokenizer, from_saved_moe)``: a saved MoE/PAD output directory is rebuilt as it was;
-    a dense checkpoint is converted with ``--moe``."""
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=num_labels,
-                                        finetuning_task=task_name, cache_dir=model_args.cache_dir)
-    saved = getattr(config, "moe", None) or None
+    a dense checkpoint is converted with ``--moe``.  Every file of a local model or tokenizer folder
+    is checked first (:mod:`moe.files`), and anything the loaders still raise becomes one
+    ``ValueError`` naming the folder."""
+    source = model_args.model_name_or_path
+    for folder in (source, model_args.tokenizer_name):
+        if folder is not None:
+            files.check_folder(folder)
+    config = loading("config", source, lambda: AutoConfig.from_pretrained(
+        source, num_labels=num_labels, finetuning_task=task_name, cache_dir=model_args.cache_dir))
+    saved = saved_moe_settings(config, source)
     if saved and moe_args.moe is not None and moe_args.moe != saved["moe"]:
-        raise ValueError(f"{model_args.model_name_or_path} is already a {saved['moe']!r} model; "
+        raise ValueError(f"{source} is already a {saved['moe']!r} model; "
                          f"drop --moe {moe_args.moe} or start from a dense model")
     if label_names is not None:
         config.label2id = {name: i for i, name in enumerate(label_names)}
         config.id2label = dict(enumerate(label_names))
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
-                                              cache_dir=model_args.cache_dir)
-    model = load_model(model_args.model_name_or_path, config, cache_dir=model_args.cache_dir)
+    tokenizer_source = model_args.tokenizer_name or source
+    tokenizer = loading("tokenizer", tokenizer_source, lambda: AutoTokenizer.from_pretrained(
+        tokenizer_source, cache_dir=model_args.cache_dir))
+    model = loading("weights", source, lambda: load_model(source, config, cache_dir=model_args.cache_dir))
+    check_finite_weights(model, source)
     if not saved and moe_args.moe not in (None, "none"):
         convert_to_moe(model, **moe_args.convert_kwargs())
     return model, tokenizer, bool(saved)
+
+
+def loading(what: str, source: str, load):
+    """``load()``, with whatever a loader raises turned into one ``ValueError`` naming ``source``
+    (transformers, tokenizers and torch raise OSError, RuntimeError, plain Exception, ...)."""
+    try:
+        return load()
+    except ValueError:
+        raise
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        raise ValueError(f"cannot load the {what} of {source} ({lines[0] if lines else type(err).__name__})") from None
+
+
+def saved_moe_settings(config, source: str) -> dict | None:
+    """``config.moe`` of a saved MoE/PAD folder (``None`` for a dense model); ``ValueError`` when
+    it is not a mapping naming one of the MoE types."""
+    saved = getattr(config, "moe", None) or None
+    if saved is not None and not (isinstance(saved, dict) and saved.get("moe") in MOE_TYPES):
+        raise ValueError(f"{os.path.join(source, 'config.json')}: 'moe' must be an object with "
+                         f"\"moe\": one of {list(MOE_TYPES)}, got {saved!r}"[:300])
+    return saved
+
+
+def check_finite_weights(model, source: str) -> None:
+    """``ValueError`` naming the first parameter or buffer of ``model`` that holds NaN or infinity."""
+    import torch
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: non-finite values in {name}")
 
 
 def moe_summary(model) -> dict:
@@ -267,11 +310,10 @@ def moe_summary(model) -> dict:
     return summary
 
 
-def partition_summary(report: pad.PartitionReport, num_batches: int, step: int) -> dict:
-    return {"partition_target": report.target, "partition_achieved": report.achieved,
-            "partition_criterion": report.criterion, "partition_schedule": report.schedule,
-            "partition_scope": report.scope, "partition_iterations": report.iterations,
-            "partition_batches": num_batches, "partition_step": step}
+def partition_summary(record: dict) -> dict:
+    """The results-file view of a partition record (``partition.json``): ``partition_<key>``."""
+    return {f"partition_{key}": record[key] for key in ("target", "achieved", "criterion", "schedule", "scope",
+                                                          "iterations", "batches", "step")}
 
 
 # ---------------------------------------------------------------- main
@@ -308,10 +350,26 @@ def last_checkpoint(training_args: TrainingArguments) -> str | None:
     return checkpoint
 
 
+def resume_checkpoint(training_args: TrainingArguments) -> str | None:
+    """The checkpoint a training run resumes from (``--resume_from_checkpoint`` or the newest one in
+    the output directory), with every file in it checked (:func:`moe.files.check_folder`)."""
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such folder")
+    checkpoint = checkpoint or last_checkpoint(training_args)
+    if checkpoint is not None and training_args.do_train:
+        files.check_folder(checkpoint)
+    return checkpoint
+
+
 def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: MoEArguments,
         training_args: TrainingArguments) -> dict:
-    """The whole run; returns the final metrics (eval if evaluated, else train)."""
-    checkpoint = training_args.resume_from_checkpoint or last_checkpoint(training_args)
+    """The whole run; returns the final metrics (eval if evaluated, else train).
+
+    Training and evaluation come first and the output directory is written only after both
+    succeeded, so a non-finite loss (:class:`moe.trainer.NonFiniteLossError`) or an unreadable
+    input leaves an existing model, its checkpoints and results as they were."""
+    checkpoint = resume_checkpoint(training_args)
     set_seed(training_args.seed)
     raw, spec = load_raw_datasets(data_args, training_args, model_args.cache_dir)
     check_splits(raw, training_args, spec)
@@ -348,9 +406,12 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     trainer = MoETrainer(model=model, args=training_args, train_dataset=train_dataset,
                          eval_dataset=next(iter(eval_sets.values()), None), processing_class=tokenizer,
                          data_collator=collator, compute_metrics=compute_metrics)
-    final = {}
+    pad_run = (getattr(model.config, "moe", None) or {}).get("moe") == "pad"
+    keeper = PartitionReportKeeper(trainer, resumed_from=checkpoint if training_args.do_train else None)
+    trainer.add_callback(keeper)
+    train_metrics = eval_metrics = record = None
     if training_args.do_train:
-        if (getattr(model.config, "moe", None) or {}).get("moe") == "pad" and not from_saved_moe:
+        if pad_run and not from_saved_moe:
             settings = dict(dynamic_ratio=moe_args.dynamic_ratio, iterations=moe_args.partition_iterations,
                             criterion=moe_args.partition_criterion, schedule=moe_args.partition_schedule,
                             scope=moe_args.partition_scope, num_batches=moe_args.partition_batches)
@@ -363,57 +424,89 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         elif from_saved_moe:
             logger.info("masks come from %s; no partition", model_args.model_name_or_path)
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        extra = {}
-        if trainer.partition_report is not None:
-            extra = partition_summary(trainer.partition_report, trainer.partition_batches_used, trainer.partition_step)
-            if trainer.is_world_process_zero():
-                os.makedirs(training_args.output_dir, exist_ok=True)
-                with open(os.path.join(training_args.output_dir, "partition.json"), "w") as f:
-                    json.dump({**trainer.partition_report.as_dict(), "batches": trainer.partition_batches_used,
-                               "step": trainer.partition_step}, f, indent=2)
-        trainer.save_model()
-        metrics = {**result.metrics, "train_samples": len(train_dataset), **moe_summary(model), **extra}
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        final = metrics
+        record = keeper.record()
+        if pad_run and not from_saved_moe and record is None:
+            logger.warning("%s holds no partition.json: this run's partition report is unknown", checkpoint)
+        train_metrics = {**result.metrics, "train_samples": len(train_dataset), **moe_summary(model),
+                         **(partition_summary(record) if record is not None else {})}
     if training_args.do_eval:
-        combined = {}
+        eval_metrics = {}
         for task, dataset in eval_sets.items():
             metrics = trainer.evaluate(eval_dataset=dataset)
             metrics["eval_samples"] = len(dataset)
             if task == "mnli-mm":
                 metrics = {f"{k}_mm": v for k, v in metrics.items()}
-            combined.update(metrics)
-        combined.update(moe_summary(model))
-        trainer.log_metrics("eval", combined)
-        trainer.save_metrics("eval", combined)
-        final = combined
+            eval_metrics.update(metrics)
+        eval_metrics.update(moe_summary(model))
+    if train_metrics is not None:
+        if record is not None and trainer.is_world_process_zero():
+            os.makedirs(training_args.output_dir, exist_ok=True)
+            write_json_atomically(os.path.join(training_args.output_dir, "partition.json"), record)
+        trainer.save_model()
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+    if eval_metrics is not None:
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
     if training_args.do_predict:
-        predict(trainer, data, data_args, task_name, label_names, is_regression, mnli)
-    return final
+        predict(trainer, data, data_args, task_name, is_regression)
+    return eval_metrics if eval_metrics is not None else (train_metrics or {})
 
 
-def predict(trainer, data, data_args, task_name, label_names, is_regression, mnli) -> None:
-    """Writes ``predict_results_<task>.txt`` (``index<TAB>prediction``) per test split, as run_glue does."""
-    splits = {"test_matched": task_name, "test_mismatched": "mnli-mm"} if mnli else {"test": task_name or "glue"}
-    for split, name in splits.items():
+# GLUE's submission files (https://gluebenchmark.com/submit takes a zip of them): one
+# ``<name>.tsv`` per test set, a header ``index<TAB>prediction``, the test file's index,
+# class labels written as in GLUE's own TSVs (``0``/``1`` for CoLA, SST-2, MRPC, QQP and
+# WNLI; ``entailment``/``neutral``/``contradiction`` for MNLI and AX; ``entailment``/
+# ``not_entailment`` for QNLI and RTE) and STS-B scores as floats.  Source: the NYU MLL
+# group's jiant, ``jiant/scripts/benchmarks/benchmarks.py`` (``GlueBenchmark``: the file
+# names and the ``index``/``prediction`` writer) with its task label lists; AX, GLUE's
+# diagnostic set, is predicted by the MNLI model.
+SUBMISSION_FILES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
+                    "mnli": "MNLI-m", "mnli-mm": "MNLI-mm", "ax": "AX", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+TEST_SPLITS = {"test": None, "test_matched": "mnli", "test_mismatched": "mnli-mm", "test_ax": "ax"}
+
+
+def submission_lines(spec: glue.TaskSpec | None, label_names: list[str] | None, indexes, predictions) -> list[str]:
+    """``index<TAB>prediction`` lines (header first) for ``predictions`` ``(N,)`` (class ids, or
+    scores for regression): GLUE's label strings for a task, ``label_names`` for files without one,
+    scores with 3 decimals."""
+    lines = ["index\tprediction"]
+    for index, item in zip(indexes, predictions):
+        if spec is not None and spec.is_regression or spec is None and label_names is None:
+            value = f"{float(item):.3f}"
+        else:
+            value = spec.tsv_labels[int(item)] if spec is not None else label_names[int(item)]
+        lines.append(f"{int(index)}\t{value}")
+    return lines
+
+
+def predict(trainer, data, data_args, task_name, is_regression) -> None:
+    """Writes one submission file per test split (:data:`SUBMISSION_FILES`: ``SST-2.tsv``,
+    ``MNLI-m.tsv``, ``MNLI-mm.tsv``, ``AX.tsv``, ...); files without a task give
+    ``predict_results.tsv`` with their own label values."""
+    spec = glue.get_task(task_name) if task_name else None
+    label_names = list(trainer.model.config.id2label[i] for i in range(trainer.model.config.num_labels)) \
+        if not is_regression else None
+    for split, name in TEST_SPLITS.items():
         if split not in data:
             continue
         dataset = data[split]
         if data_args.max_predict_samples is not None:
             dataset = dataset.select(range(min(data_args.max_predict_samples, len(dataset))))
         logits = trainer.predict(dataset.remove_columns("label"), metric_key_prefix="predict").predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
         predictions = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
+        indexes = dataset["idx"] if "idx" in dataset.column_names else range(len(dataset))
+        file_name = f"{SUBMISSION_FILES[name or task_name]}.tsv" if spec is not None else "predict_results.tsv"
         if trainer.is_world_process_zero():
-            with open(os.path.join(trainer.args.output_dir, f"predict_results_{name}.txt"), "w") as f:
-                f.write("index\tprediction\n")
-                for index, item in enumerate(predictions):
-                    f.write(f"{index}\t{item:.3f}\n" if is_regression else f"{index}\t{label_names[item]}\n")
+            lines = submission_lines(spec, label_names, indexes, predictions)
+            with open(os.path.join(trainer.args.output_dir, file_name), "w") as f:
+                f.write("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0, 1 for bad input, 2 for unparsable arguments)."""
+    """CLI entry point; returns the exit status (0, or 2 for bad input of any kind and non-finite losses)."""
     try:
         model_args, data_args, moe_args, training_args = parse_arguments(argv)
     except SystemExit as exit_:
@@ -432,9 +525,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(err: Exception) -> int:
+    """Prints ``err`` as one ``error: ...`` line on stderr; returns the exit status, 2."""
     lines = str(err).strip().splitlines() or [type(err).__name__]
     print(f"error: {lines[0]}", file=sys.stderr)
-    return 1
+    return 2
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ training with the same partition, the one rank 0 reports and saves.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 import pad
 from moe.modeling import aux_loss, expert_load
@@ -131,6 +134,24 @@ class MoETrainer(Trainer):
         return report
 
 
+    # ------------------------------------------------------------ non-finite losses stop the run
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step, then :func:`stop_if_non_finite` on its loss, before the optimizer
+        step and before anything is saved (the Trainer's own NaN filter syncs here already)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        stop_if_non_finite(loss, "training", self.state.global_step + 1, self.args.output_dir)
+        return loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation; a non-finite ``<prefix>_loss`` raises :class:`NonFiniteLossError`, so a
+        checkpoint save that would follow an evaluation during training never happens."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        loss = metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            stop_if_non_finite(torch.tensor(float(loss)), "evaluation", self.state.global_step, self.args.output_dir)
+        return metrics
+
 class PartitionAtStep(TrainerCallback):
     """Runs ``trainer.partition(**settings)`` once, when training reaches optimizer step ``step``
     (``step`` steps of the fully dynamic model come first).  A run resumed past ``step``
@@ -144,3 +165,80 @@ class PartitionAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             self.trainer.partition(**self.settings)
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+class NonFiniteLossError(ValueError):
+    """A NaN or infinite training or evaluation loss; raised before the Trainer saves anything."""
+
+
+def stop_if_non_finite(loss: torch.Tensor, kind: str, step: int, output_dir: str) -> None:
+    """Raises :class:`NonFiniteLossError` naming ``step`` and the last checkpoint in ``output_dir``
+    when ``loss`` (any shape) holds NaN or infinity on any process (all-reduced under torchrun,
+    so every rank stops at the same step instead of waiting for the others)."""
+    bad = (~torch.isfinite(loss.detach())).any().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if bad.item() == 0:
+        return
+    values = loss.detach().flatten()
+    value = values[~torch.isfinite(values)][0].item() if not torch.isfinite(values).all() else "on another process"
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    raise NonFiniteLossError(f"non-finite {kind} loss ({value}) at step {step}; stopped before saving, "
+                             f"last checkpoint: {last or 'none'}")
+
+
+# ---------------------------------------------------------------- the partition report across resumes
+
+PARTITION_FILE = "partition.json"
+PARTITION_KEYS = ("target", "achieved", "criterion", "schedule", "scope", "iterations", "batches", "step")
+
+
+def read_partition_record(folder: str) -> dict | None:
+    """``folder/partition.json`` (a checkpoint's), or ``None`` when it has none; ``ValueError``
+    naming the file when it is unreadable or lacks one of :data:`PARTITION_KEYS`."""
+    from moe.files import read_json
+    path = os.path.join(folder, PARTITION_FILE)
+    if not os.path.lexists(path):
+        return None
+    record = read_json(path)
+    missing = [key for key in PARTITION_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{path}: not a partition report (missing {', '.join(missing)})")
+    return record
+
+
+def write_json_atomically(path: str, value: dict) -> None:
+    """Writes ``value`` to ``path`` through a temporary file, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class PartitionReportKeeper(TrainerCallback):
+    """Keeps the partition report with the run: every checkpoint gets a ``partition.json``, and a
+    run resumed from a checkpoint starts from that checkpoint's report (its masks come from the
+    checkpoint, so IMP does not run again and its report would otherwise be lost)."""
+
+    def __init__(self, trainer: MoETrainer, resumed_from: str | None = None):
+        self.trainer = trainer
+        self.restored = read_partition_record(resumed_from) if resumed_from else None
+
+    def record(self) -> dict | None:
+        """The report of this run's IMP, else the resumed checkpoint's, else ``None``:
+        :class:`pad.PartitionReport` fields plus ``batches`` and ``step``."""
+        trainer = self.trainer
+        if trainer.partition_report is not None:
+            return {**trainer.partition_report.as_dict(), "batches": trainer.partition_batches_used,
+                    "step": trainer.partition_step}
+        return self.restored
+
+    def on_save(self, args, state, control, **kwargs):
+        record = self.record()
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if record is not None and state.is_world_process_zero and os.path.isdir(folder):
+            write_json_atomically(os.path.join(folder, PARTITION_FILE), record)

@@ -138,9 +138,11 @@ def test_sst2_pad_end_to_end(sst2_pad_run, glue_dir, tmp_path):
     train = read_json(out / "train_results.json")
     assert train["partition_achieved"] == results["dynamic_ratio"] and train["partition_target"] == 0.5
     assert read_json(out / "all_results.json")["eval_accuracy"] == results["eval_accuracy"]
-    predictions = (out / "predict_results_sst2.txt").read_text().splitlines()
+    # GLUE's submission file: SST-2.tsv, the test file's index, labels 0/1
+    predictions = (out / "SST-2.tsv").read_text().splitlines()
     assert predictions[0] == "index\tprediction" and len(predictions) == 1 + 4
-    assert {line.split("\t")[1] for line in predictions[1:]} <= {"negative", "positive"}
+    assert [line.split("\t")[0] for line in predictions[1:]] == ["0", "1", "2", "3"]
+    assert {line.split("\t")[1] for line in predictions[1:]} <= {"0", "1"}
     check_reload(out, glue_dir, "sst2", tmp_path)
 
 
@@ -271,7 +273,7 @@ def test_partition_warmup_steps_partitions_trained_experts(tiny_bert_dir, glue_d
     moved = pad.score_positions(model, [batch], lambda m, b: m(**b).loss, "taylor")
     assert all(s.sum() > 0 for s in moved.values())
     assert main(base_args(tiny_bert_dir, glue_dir, tmp_path / "bad", "sst2", "--moe", "pad", "--do_train",
-                          "--partition_warmup_steps", "-1")) == 1
+                          "--partition_warmup_steps", "-1")) == 2
 
 
 def test_moe_none_and_moe(tiny_bert_dir, glue_dir, tmp_path):
@@ -328,18 +330,18 @@ def bad_glue_dir(root: Path, train_rows, header=("sentence", "label")) -> Path:
 
 
 @pytest.mark.parametrize("case, message, code", [
-    ("unknown_task", "error: unknown task 'sst3'; expected one of cola, sst2", 1),
-    ("missing_column", "train.tsv: missing column(s) ['sentence'] for task sst2", 1),
-    ("bad_label", "train.tsv line 3: label '7' is not one of the sst2 labels ['0', '1']", 1),
-    ("top_k", "error: top_k must be between 1 and num_experts (4), got 5", 1),
-    ("ratio_zero", "error: dynamic ratio must be in (0, 1], got 0.0", 1),
-    ("ratio_big", "error: dynamic ratio must be in (0, 1], got 1.5", 1),
-    ("no_ffn", "error: DistilBertForSequenceClassification has no BERT-style feed-forward layers", 1),
-    ("missing_dir", "SST-2/train.tsv: no such file", 1),
-    ("hub_offline", "error: could not load GLUE task sst2 from the Hub", 1),
+    ("unknown_task", "error: unknown task 'sst3'; expected one of cola, sst2", 2),
+    ("missing_column", "train.tsv: missing column(s) ['sentence'] for task sst2", 2),
+    ("bad_label", "train.tsv line 3: label '7' is not one of the sst2 labels ['0', '1']", 2),
+    ("top_k", "error: top_k must be between 1 and num_experts (4), got 5", 2),
+    ("ratio_zero", "error: dynamic ratio must be in (0, 1], got 0.0", 2),
+    ("ratio_big", "error: dynamic ratio must be in (0, 1], got 1.5", 2),
+    ("no_ffn", "error: DistilBertForSequenceClassification has no BERT-style feed-forward layers", 2),
+    ("missing_dir", "SST-2/train.tsv: no such file", 2),
+    ("hub_offline", "error: could not load GLUE task sst2 from the Hub", 2),
     ("bad_choice", "error: argument --moe: invalid choice: 'dense'", 2),
-    ("conflicting_moe", "is already a 'pad' model; drop --moe moe", 1),
-    ("output_exists", "exists and is not empty; use --overwrite_output_dir", 1),
+    ("conflicting_moe", "is already a 'pad' model; drop --moe moe", 2),
+    ("output_exists", "exists and is not empty; use --overwrite_output_dir", 2),
 ])
 def test_bad_input_one_line_and_exit_code(case, message, code, tiny_bert_dir, glue_dir, sst2_pad_run, tmp_path,
                                           capfd, monkeypatch):
@@ -382,7 +384,7 @@ def test_cli_script_bad_input_exits_without_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "moe/run_glue.py", "--task_name", "nope", "--output_dir",
                              str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown task 'nope'; expected one of " \
                                     "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"
 

@@ -1,0 +1,109 @@
+"""Checks that turn any unreadable file of a model folder or a Trainer checkpoint into one
+``ValueError`` naming the file, before transformers, safetensors or torch read it.
+
+A file is checked by its kind, never trusted by its name:
+
+* JSON (``config.json``, tokenizer files, ``partition.json``, ``trainer_state.json``, the
+  ``*.safetensors.index.json`` of sharded weights): UTF-8 text holding one JSON value;
+* text (``vocab.txt``, ``merges.txt``): UTF-8;
+* safetensors: a complete header whose tensors cover the file exactly (the library
+  reports truncation, random bytes and empty files as ``SafetensorError``);
+* torch files (``pytorch_model.bin``, ``optimizer.pt``, ``scheduler.pt``,
+  ``rng_state*.pth``, ``scaler.pt``, ``training_args.bin``): a zip archive whose members
+  pass their CRC check, which rejects truncated, overwritten and random-byte files
+  without unpickling anything.
+
+Files that are absent are not checked here; whoever needs them reports their absence.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import zipfile
+
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "generation_config.json", "partition.json", "trainer_state.json",
+              "model.safetensors.index.json", "pytorch_model.bin.index.json")
+TEXT_FILES = ("vocab.txt", "merges.txt")
+TORCH_PATTERNS = ("pytorch_model*.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
+                  "training_args.bin")
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text of ``path``; ``ValueError`` naming the file (and the line of the first
+    undecodable byte) for a folder, an unreadable or a non-UTF-8 file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, expected a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+
+
+def read_json(path: str, expect: type | None = dict):
+    """The JSON value in ``path`` (a ``dict`` unless ``expect`` says otherwise);
+    ``ValueError`` naming the file and the line for anything else."""
+    text = read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file, expected JSON")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise ValueError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def check_safetensors(path: str) -> None:
+    """``ValueError`` unless ``path`` is a complete safetensors file (header read, data length checked)."""
+    from safetensors import SafetensorError, safe_open
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, expected a file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a complete safetensors file ({detail})") from None
+
+
+def check_torch_file(path: str) -> None:
+    """``ValueError`` unless ``path`` is an intact ``torch.save`` zip archive (every member's CRC checked)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, expected a file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a complete torch.save file ({err})") from None
+    if bad is not None:
+        raise ValueError(f"{path}: damaged torch.save file (member {bad} fails its CRC check)")
+
+
+def check_folder(folder: str) -> None:
+    """Checks every file of a model folder or Trainer checkpoint that transformers may read
+    (see the module docstring); ``ValueError`` for the first bad one."""
+    if not os.path.isdir(folder):
+        return
+    for name in JSON_FILES:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path):
+            read_json(path)
+    for name in TEXT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path):
+            read_text(path)
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        check_safetensors(path)
+    for pattern in TORCH_PATTERNS:
+        for path in sorted(glob.glob(os.path.join(folder, pattern))):
+            check_torch_file(path)
