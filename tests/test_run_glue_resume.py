@@ -1,0 +1,149 @@
+"""moe/run_glue.py across interruptions: a resumed run ends where the uninterrupted one ends
+(weights, metrics, partition report), and a non-finite loss stops a run before anything is saved."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe.run_glue import main
+from test_run_glue import base_args, make_glue_dir, metric_values, read_json
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(args, capfd) -> tuple[int, list[str]]:
+    capfd.readouterr()
+    code = main(args)
+    return code, [line for line in capfd.readouterr().err.splitlines() if line.startswith("error")]
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    return make_glue_dir(tmp_path_factory.mktemp("glue"))
+
+
+def pad_args(model, glue_dir, out, *extra):
+    """A PAD run of 4 optimizer steps with a checkpoint every 2 (dropout, gate noise and the
+    shuffled sampler all draw random numbers, so resuming must restore them)."""
+    args = base_args(model, glue_dir, out, "sst2", "--moe", "pad", "--do_train", "--do_eval", "--max_steps", "4",
+                     "--save_steps", "2", *extra)
+    args[args.index("--save_strategy") + 1] = "steps"
+    return args
+
+
+@pytest.mark.parametrize("warmup", ["0", "1"])
+def test_resumed_pad_run_ends_where_the_uninterrupted_one_ends(warmup, tiny_bert_dir, glue_dir, tmp_path):
+    """IMP before training (warm-up 0) or at step 1 (warm-up 1): either way the checkpoint at step 2
+    comes after the partition, so the resumed run does not partition and must keep the report."""
+    torch.set_num_threads(1)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(pad_args(tiny_bert_dir, glue_dir, whole, "--partition_warmup_steps", warmup)) == 0
+    # the interrupted run: all it left is its checkpoint at step 2
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    assert (resumed / "checkpoint-2" / "partition.json").is_file()
+    assert main(pad_args(tiny_bert_dir, glue_dir, resumed, "--partition_warmup_steps", warmup,
+                         "--resume_from_checkpoint", str(resumed / "checkpoint-2"))) == 0
+
+    assert read_json(resumed / "partition.json") == read_json(whole / "partition.json")
+    assert read_json(whole / "partition.json")["step"] == int(warmup)
+    final_whole, final_resumed = read_json(whole / "all_results.json"), read_json(resumed / "all_results.json")
+    partition_keys = [k for k in final_whole if k.startswith("partition_")]
+    assert len(partition_keys) == 8
+    assert {k: final_resumed.get(k) for k in partition_keys} == {k: final_whole[k] for k in partition_keys}
+    assert metric_values(final_resumed) == metric_values(final_whole)
+    weights_whole, weights_resumed = load_file(str(whole / "model.safetensors")), load_file(
+        str(resumed / "model.safetensors"))
+    assert weights_whole.keys() == weights_resumed.keys()
+    for name, tensor in weights_whole.items():
+        assert torch.equal(tensor, weights_resumed[name]), name
+    # the checkpoint written after the resume carries the report too
+    assert read_json(resumed / "checkpoint-4" / "partition.json") == read_json(whole / "partition.json")
+
+
+def test_resume_without_partition_report_is_logged(tiny_bert_dir, glue_dir, tmp_path, capfd):
+    """A checkpoint without partition.json (an older run): the run resumes, says so, and writes no report."""
+    torch.set_num_threads(1)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(pad_args(tiny_bert_dir, glue_dir, whole, "--max_steps", "2", "--do_eval", "false")) == 0
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "checkpoint-2" / "partition.json").unlink()
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, resumed, "--do_eval", "false",
+                         "--resume_from_checkpoint", str(resumed / "checkpoint-2"))) == 0
+    assert "holds no partition.json: this run's partition report is unknown" in capfd.readouterr().out
+    assert not (resumed / "partition.json").exists()
+    assert not any(k.startswith("partition_") for k in read_json(resumed / "all_results.json"))
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+def regression_csv(path: Path, label: float) -> Path:
+    rows = "".join(f"{'good great' if i % 2 else 'bad'} movie,{label if i % 2 else 0.0}\n" for i in range(16))
+    path.write_text("text,label\n" + rows)
+    return path
+
+
+def test_non_finite_training_loss_keeps_checkpoints_and_model(make_tiny_bert_dir, tmp_path, capfd):
+    """A good run (2 steps, a checkpoint each), then the same run continued on data whose squared
+    error overflows: it stops at step 3 with one error line; nothing in the folder changes."""
+    torch.set_num_threads(1)
+    model, out = make_tiny_bert_dir(num_labels=1), tmp_path / "out"
+
+    def args(train_file, steps):
+        return ["--model_name_or_path", str(model), "--train_file", str(train_file), "--output_dir", str(out),
+                "--do_train", "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "1",
+                "--per_device_train_batch_size", "4", "--use_cpu", "true", "--report_to", "none",
+                "--disable_tqdm", "true", "--max_seq_length", "16", "--cache_dir", str(tmp_path / "cache")]
+
+    assert main(args(regression_csv(tmp_path / "good.csv", 1.0), 2)) == 0
+    before = tree_digest(out)
+    assert {"checkpoint-1/model.safetensors", "checkpoint-2/optimizer.pt", "model.safetensors",
+            "all_results.json"} <= set(before)
+    code, errors = run_cli(args(regression_csv(tmp_path / "huge.csv", 1e38), 4), capfd)
+    assert code == 2
+    assert errors == [f"error: non-finite training loss (inf) at step 3; stopped before saving, "
+                      f"last checkpoint: {out / 'checkpoint-2'}"]
+    assert tree_digest(out) == before
+
+
+def test_non_finite_evaluation_loss_writes_no_results(tiny_bert_dir, glue_dir, tmp_path, capfd):
+    """Finite but huge classifier weights: the logits overflow and the evaluation loss is infinite."""
+    torch.set_num_threads(1)
+    model = tmp_path / "huge"
+    shutil.copytree(tiny_bert_dir, model)
+    state = load_file(str(model / "model.safetensors"))
+    state["classifier.weight"] = torch.full_like(state["classifier.weight"], 3e38) * torch.tensor([[1.0], [-1.0]])
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, errors = run_cli(base_args(model, glue_dir, out, "sst2", "--do_eval"), capfd)
+    assert code == 2 and errors == ["error: non-finite evaluation loss (inf) at step 0; stopped before saving, "
+                                    "last checkpoint: none"]
+    assert not (out / "eval_results.json").exists() and not (out / "all_results.json").exists()
+
+
+def test_non_finite_evaluation_during_training_saves_no_checkpoint(make_tiny_bert_dir, tmp_path, capfd):
+    """Evaluation and a save every step; gold scores whose squared error overflows make the
+    evaluation loss at step 1 infinite (training stays finite): the run stops before step 1's checkpoint."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", str(make_tiny_bert_dir(num_labels=1)),
+            "--train_file", str(regression_csv(tmp_path / "train.csv", 1.0)),
+            "--validation_file", str(regression_csv(tmp_path / "dev.csv", 1e38)), "--output_dir", str(out),
+            "--do_train", "--do_eval", "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "4", "--use_cpu",
+            "true", "--report_to", "none", "--disable_tqdm", "true", "--max_seq_length", "16",
+            "--cache_dir", str(tmp_path / "cache")]
+    code, errors = run_cli(args, capfd)
+    assert code == 2
+    assert errors == ["error: non-finite evaluation loss (inf) at step 1; stopped before saving, last checkpoint: none"]
+    assert not out.exists() or not any(p.name.startswith("checkpoint-") or p.suffix in (".json", ".safetensors")
+                                       for p in out.iterdir())
