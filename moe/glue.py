@@ -121,6 +121,8 @@ def _tsv_rows(path: str) -> list[list[str]]:
 def check_score(value, where: str) -> float:
     """An STS-B score as a float; ``ValueError`` at ``where`` (``"FILE line N"``) unless it is a
     finite number within GLUE's [0, 5]."""
+    if value is None:  # an empty CSV cell (pandas also reads "nan" and "NA" as one)
+        raise ValueError(f"{where}: score is missing")
     try:
         score = float(value)
     except (TypeError, ValueError):
@@ -270,6 +272,8 @@ def _read_data_file(path: str, split: str, extension: str, cache_dir: str | None
     text = read_text(path)  # names the line of a non-UTF-8 byte, which the CSV/JSON builders do not
     if not text.strip():
         raise ValueError(f"{path}: empty file")
+    if extension == "csv" and sum(1 for line in text.splitlines() if line.strip()) < 2:
+        raise ValueError(f"{path}: no examples")  # a header alone, which the CSV builder reports obscurely
     try:
         ds = datasets.load_dataset("csv" if extension == "csv" else "json", data_files={split: path},
                                    cache_dir=cache_dir)[split]

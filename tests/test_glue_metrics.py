@@ -198,3 +198,71 @@ def test_infer_text_columns_follows_run_glue():
     assert glue.infer_text_columns(["label", "sentence2", "x", "sentence1"]) == ("sentence1", "sentence2")
     assert glue.infer_text_columns(["text", "label"]) == ("text",)
     assert glue.infer_text_columns(["a", "b", "c", "label"]) == ("a", "b")
+
+
+# ---------------------------------------------------------------- STS-B scores, encodings, blank lines
+
+STSB_ROW = [0, "main", "f", "2012", 1, "none", "none", "a man", "a person"]
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf", "-1", "5.5", "5.0001"])
+def test_stsb_scores_must_be_finite_and_within_0_5(tmp_path, score):
+    lines = LAYOUTS["stsb"][0][:2] + [STSB_ROW + [score]]
+    path = write(tmp_path / "dev.tsv", lines)
+    with pytest.raises(ValueError) as err:
+        glue.read_glue_tsv(glue.get_task("stsb"), str(path), labelled=True)
+    assert str(err.value) == f"{path} line 3: score {score!r} is not within [0, 5]"
+
+
+def test_stsb_scores_at_the_bounds_are_kept(tmp_path):
+    path = write(tmp_path / "dev.tsv", LAYOUTS["stsb"][0][:1] + [STSB_ROW + ["0"], STSB_ROW + ["5.000"]])
+    assert glue.read_glue_tsv(glue.get_task("stsb"), str(path), labelled=True)["label"] == [0.0, 5.0]
+
+
+@pytest.mark.parametrize("score, problem", [("nan", "score is missing"), ("", "score is missing"),
+                                            ("inf", "score inf is not within [0, 5]"),
+                                            ("-1", "score -1.0 is not within [0, 5]"),
+                                            ("5.5", "score 5.5 is not within [0, 5]")])
+def test_stsb_scores_in_csv_files(tmp_path, score, problem):
+    path = tmp_path / "dev.csv"
+    path.write_text(f"sentence1,sentence2,label\na,b,2.5\nc,d,{score}\n")
+    with pytest.raises(ValueError) as err:
+        glue.load_data_files({"validation": str(path)}, glue.get_task("stsb"), cache_dir=str(tmp_path / "cache"))
+    assert str(err.value) == f"{path} row 2: {problem}"
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9\t0\n")
+    with pytest.raises(ValueError) as err:
+        glue.read_glue_tsv(glue.get_task("sst2"), str(path), labelled=True)
+    assert str(err.value) == f"{path} line 3: not UTF-8 text (byte 0xe9)"
+    csv_path = tmp_path / "dev.csv"
+    csv_path.write_bytes(b"sentence,label\ngood,1\nbad,0\ncaf\xe9,0\n")
+    with pytest.raises(ValueError) as err:
+        glue.load_data_files({"validation": str(csv_path)}, glue.get_task("sst2"), cache_dir=str(tmp_path / "c"))
+    assert str(err.value) == f"{csv_path} line 4: not UTF-8 text (byte 0xe9)"
+
+
+def test_trailing_blank_lines_are_skipped_inner_ones_rejected(tmp_path):
+    spec = glue.get_task("sst2")
+    path = tmp_path / "dev.tsv"
+    path.write_text("sentence\tlabel\ngood\t1\nbad\t0\n\n\n  \n")
+    columns = glue.read_glue_tsv(spec, str(path), labelled=True)
+    assert columns["sentence"] == ["good", "bad"] and columns["label"] == [1, 0]
+    path.write_text("sentence\tlabel\ngood\t1\n\nbad\t0\n")
+    with pytest.raises(ValueError, match=r"dev.tsv line 3: expected at least 2 tab-separated fields, got 0"):
+        glue.read_glue_tsv(spec, str(path), labelled=True)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file"),
+    (b"sentence,label\n", "no examples"),
+    (b'{"sentence": "good", "label": 1}\n{"sentence": "ba', "cannot read as JSON"),
+])
+def test_unreadable_csv_json_files_are_named(tmp_path, content, message):
+    path = tmp_path / ("dev.json" if content.startswith(b"{") else "dev.csv")
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        glue.load_data_files({"validation": str(path)}, glue.get_task("sst2"), cache_dir=str(tmp_path / "cache"))
+    assert str(err.value).startswith(f"{path}: {message}")
