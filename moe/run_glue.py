@@ -494,7 +494,9 @@ def predict(trainer, data, data_args, task_name, is_regression) -> None:
         dataset = data[split]
         if data_args.max_predict_samples is not None:
             dataset = dataset.select(range(min(data_args.max_predict_samples, len(dataset))))
-        logits = trainer.predict(dataset.remove_columns("label"), metric_key_prefix="predict").predictions
+        if "label" in dataset.column_names:  # test files have no labels, or -1
+            dataset = dataset.remove_columns("label")
+        logits = trainer.predict(dataset, metric_key_prefix="predict").predictions
         logits = logits[0] if isinstance(logits, tuple) else logits
         predictions = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
         indexes = dataset["idx"] if "idx" in dataset.column_names else range(len(dataset))

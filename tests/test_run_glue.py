@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -403,3 +404,89 @@ def test_torchrun_two_processes_on_cpu(tiny_bert_dir, glue_dir, tmp_path):
     assert abs(results["dynamic_ratio"] - 0.5) < 0.01
     assert read_json(out / "partition.json")["achieved"] == pytest.approx(results["dynamic_ratio"])
     assert all(abs(m.float().mean().item() - 0.5) < 0.02 for m in masks(out).values())
+
+
+# ---------------------------------------------------------------- test-set predictions: GLUE's submission files
+
+def read_submission(path: Path) -> list[list[str]]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    return [line.split("\t") for line in lines[1:]]
+
+
+def test_mnli_predict_writes_matched_mismatched_and_ax(make_tiny_bert_dir, glue_dir, tmp_path):
+    """MNLI from --glue_dir: test_matched, test_mismatched and the diagnostic set (AX) predicted into
+    MNLI-m.tsv, MNLI-mm.tsv and AX.tsv with the files' own index and MNLI's label strings."""
+    torch.set_num_threads(1)
+    data = tmp_path / "glue"
+    shutil.copytree(glue_dir / "MNLI", data / "MNLI")
+    rng = random.Random(1)
+    test_header = MNLI_HEADER[:10]
+    for name, n, first in (("test_matched", 5, 100), ("test_mismatched", 4, 200)):
+        write_tsv(data / "MNLI" / f"{name}.tsv", test_header,
+                  [[first + i, i, f"{i}t", "fiction", "", "", "", "", sentence(rng, "a"), sentence(rng, "b")]
+                   for i in range(n)])
+    write_tsv(data / "diagnostic" / "diagnostic.tsv", ["index", "sentence1", "sentence2"],
+              [[i, sentence(rng, "a"), sentence(rng, "c")] for i in range(3)])
+    out = tmp_path / "out"
+    assert main(base_args(make_tiny_bert_dir(num_labels=3), data, out, "mnli", "--moe", "moe",
+                          "--do_predict")) == 0
+    expected = {"MNLI-m.tsv": [str(100 + i) for i in range(5)], "MNLI-mm.tsv": [str(200 + i) for i in range(4)],
+                "AX.tsv": ["0", "1", "2"]}
+    for name, indexes in expected.items():
+        rows = read_submission(out / name)
+        assert [r[0] for r in rows] == indexes
+        assert {r[1] for r in rows} <= set(PAIR_LABELS)
+    assert sorted(p.name for p in out.glob("*.tsv")) == sorted(expected)
+
+
+def test_mnli_predict_from_csv_files(make_tiny_bert_dir, tmp_path):
+    """MNLI from --test_file: the file is the matched test set, written as MNLI-m.tsv."""
+    torch.set_num_threads(1)
+    test = tmp_path / "test.csv"
+    test.write_text("premise,hypothesis\n" + "".join(f"the movie {i},it was good\n" for i in range(3)))
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", str(make_tiny_bert_dir(num_labels=3)), "--task_name", "mnli", "--test_file",
+            str(test), "--do_predict", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+            "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--max_seq_length", "16"]
+    assert main(args) == 0
+    rows = read_submission(out / "MNLI-m.tsv")
+    assert [r[0] for r in rows] == ["0", "1", "2"] and {r[1] for r in rows} <= set(PAIR_LABELS)
+
+
+def test_stsb_predict_writes_scores(make_tiny_bert_dir, glue_dir, tmp_path):
+    torch.set_num_threads(1)
+    data = tmp_path / "glue"
+    shutil.copytree(glue_dir / "STS-B", data / "STS-B")
+    header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"]
+    write_tsv(data / "STS-B" / "test.tsv", header,
+              [[i, "main", "f", "2012", i, "none", "none", "a movie", "the film"] for i in range(3)])
+    out = tmp_path / "out"
+    assert main(base_args(make_tiny_bert_dir(num_labels=1), data, out, "stsb", "--do_predict")) == 0
+    rows = read_submission(out / "STS-B.tsv")
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    assert all(len(r[1].split(".")[1]) == 3 and float(r[1]) == float(r[1]) for r in rows)
+
+
+@pytest.mark.parametrize("task, file_name, labels", [
+    ("cola", "CoLA", ["0", "1"]), ("sst2", "SST-2", ["0", "1"]), ("mrpc", "MRPC", ["0", "1"]),
+    ("qqp", "QQP", ["0", "1"]), ("wnli", "WNLI", ["0", "1"]), ("qnli", "QNLI", ["entailment", "not_entailment"]),
+    ("rte", "RTE", ["entailment", "not_entailment"]), ("mnli", "MNLI-m", ["entailment", "neutral", "contradiction"]),
+])
+def test_submission_labels_follow_glue(task, file_name, labels):
+    from moe import glue
+    from moe.run_glue import SUBMISSION_FILES, submission_lines
+    spec = glue.get_task(task)
+    assert SUBMISSION_FILES[task] == file_name
+    ids = list(range(spec.num_labels))
+    assert submission_lines(spec, list(spec.label_names), [7 + i for i in ids], ids) == \
+        ["index\tprediction"] + [f"{7 + i}\t{label}" for i, label in zip(ids, labels)]
+
+
+def test_submission_lines_for_scores_and_files_without_a_task():
+    from moe import glue
+    from moe.run_glue import submission_lines
+    assert submission_lines(glue.get_task("stsb"), None, [0, 1], np.array([2.71828, 0.5])) == \
+        ["index\tprediction", "0\t2.718", "1\t0.500"]
+    assert submission_lines(None, ["neg", "pos"], [0, 1], np.array([1, 0])) == \
+        ["index\tprediction", "0\tpos", "1\tneg"]
