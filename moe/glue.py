@@ -253,6 +253,13 @@ def load_data_files(files: dict[str, str], spec: TaskSpec | None, cache_dir: str
         raise ValueError("all data files must have the same extension")
     raw = datasets.DatasetDict({split: _read_data_file(path, split, extension, cache_dir)
                                 for split, path in files.items()})
+    if spec is None:  # files without a task: regression targets must be finite
+        for split, ds in raw.items():
+            if "label" in ds.column_names and ds.features["label"].dtype in ("float32", "float64"):
+                bad = next((row for row, value in enumerate(ds["label"], start=1)
+                            if value is None or not math.isfinite(value)), None)
+                if bad is not None:
+                    raise ValueError(f"{files[split]} row {bad}: label {ds['label'][bad - 1]!r} is not a finite number")
     if spec is not None:
         for split, ds in raw.items():
             needed = list(spec.text_columns) + ([] if split == "test" else ["label"])

@@ -266,3 +266,13 @@ def test_unreadable_csv_json_files_are_named(tmp_path, content, message):
     with pytest.raises(ValueError) as err:
         glue.load_data_files({"validation": str(path)}, glue.get_task("sst2"), cache_dir=str(tmp_path / "cache"))
     assert str(err.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", ""])
+def test_regression_labels_without_a_task_must_be_finite(tmp_path, value):
+    path = tmp_path / "train.csv"
+    path.write_text(f"text,label\ngood,1.5\nbad,{value}\n")
+    with pytest.raises(ValueError) as err:
+        glue.load_data_files({"train": str(path)}, None, cache_dir=str(tmp_path / "cache"))
+    assert str(err.value) == f"{path} row 2: label {None if value in ('nan', '') else float(value)!r} " \
+                             "is not a finite number"
