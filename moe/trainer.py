@@ -133,7 +133,6 @@ class MoETrainer(Trainer):
                   "partition/batches": float(len(batches))})
         return report
 
-
     # ------------------------------------------------------------ non-finite losses stop the run
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -149,8 +148,11 @@ class MoETrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         loss = metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
-            stop_if_non_finite(torch.tensor(float(loss)), "evaluation", self.state.global_step, self.args.output_dir)
+            # on the run's device: NCCL all-reduces only CUDA tensors
+            loss = torch.tensor(float(loss), device=self.args.device)
+            stop_if_non_finite(loss, "evaluation", self.state.global_step, self.args.output_dir)
         return metrics
+
 
 class PartitionAtStep(TrainerCallback):
     """Runs ``trainer.partition(**settings)`` once, when training reaches optimizer step ``step``
