@@ -248,3 +248,15 @@ def test_stsb_bad_scores_in_glue_dir(make_tiny_bert_dir, glue_dir, tmp_path, cap
         code, errors = run_cli(args, capfd)
         assert code == 2 and errors == [
             f"error: {data / 'STS-B' / 'dev.tsv'} line 3: score {score!r} is not within [0, 5]"]
+
+
+def test_checkpoint_partition_report_of_another_shape(pad_dir, glue_dir, tiny_bert_dir, tmp_path, capfd):
+    out = tmp_path / "run"
+    shutil.copytree(pad_dir, out)
+    report = out / "checkpoint-1" / "partition.json"
+    report.write_text(json.dumps({"target": 0.5, "achieved": 0.5}))
+    args = base_args(tiny_bert_dir, glue_dir, out, "sst2", "--moe", "pad", "--do_train", "--max_steps", "2",
+                     "--resume_from_checkpoint", str(out / "checkpoint-1"))
+    code, errors = run_cli(args, capfd)
+    assert code == 2 and errors == [f"error: {report}: not a partition report "
+                                    "(missing criterion, schedule, scope, iterations, batches, step)"]
