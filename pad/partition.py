@@ -335,7 +335,7 @@ def _check_finite(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, t
                          f"(first in {first!r}); the partition would be arbitrary")
 
 
-def _select_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.Tensor, keep: int,
+def _select_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.Tensor, keep: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, Selection]:
     """Keeps the best candidate units, ``keep`` positions in all, to within half the boundary unit.
 
@@ -343,7 +343,7 @@ def _select_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.T
         density: ``(U,)`` float64 score per position of each unit.
         sizes: ``(U,)`` int64 positions per unit.
         candidate: ``(U,)`` bool, the still-dynamic units.
-        keep: positions to keep.
+        keep: positions to keep (not rounded: the prefix closest to it is kept, the shorter on a tie).
     Returns:
         ``(kept (U,) bool, Selection)``; every tensor on ``density``'s device.
     """
@@ -374,6 +374,7 @@ def _units(bank: PartiallyDynamicWeights, score: torch.Tensor, granularity: str,
 def _set_mask(bank: PartiallyDynamicWeights, kept_units: torch.Tensor, granularity: str) -> None:
     units = unit_view(bank.mask, granularity)
     bank.mask.copy_(kept_units.to(bank.mask.device)[:, None].expand_as(units).reshape(bank.mask.shape))
+    bank.granularity = granularity
 
 
 def select_dynamic(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, torch.Tensor],
@@ -394,7 +395,7 @@ def select_dynamic(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, 
         parts = [_units(b, scores[n], granularity, device) for n, b in banks.items()]
         density, sizes, candidate = (torch.cat(p) for p in zip(*parts))
         total = sum(b.mask.numel() for b in banks.values())
-        kept, selection = _select_units(density, sizes, candidate, round(ratio * total), generator)
+        kept, selection = _select_units(density, sizes, candidate, ratio * total, generator)
         offset = 0
         for bank, (_, _, c) in zip(banks.values(), parts):
             _set_mask(bank, kept[offset:offset + c.numel()], granularity)
@@ -404,7 +405,7 @@ def select_dynamic(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, 
         selection = Selection()
         for name, bank in banks.items():
             units = _units(bank, scores[name], granularity, bank.mask.device)
-            kept, one = _select_units(*units, round(ratio * bank.mask.numel()), generator)
+            kept, one = _select_units(*units, ratio * bank.mask.numel(), generator)
             _set_mask(bank, kept, granularity)
             selection = selection + one
         return selection
