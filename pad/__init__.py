@@ -1,5 +1,9 @@
 """PAD: partially dynamic weights, Iterative Mode Partition, statistics, compact export.
 
+Masks are per position (``element``, the paper's) or structured by whole units (``kernel``,
+``unit``); either way a mask is a full float buffer of the static shape, so statistics and
+compact export count positions whatever the granularity.
+
 Knows nothing of convolutions, BERT, datasets or command lines.
 """
 from .compact import export_compact, load_compact, load_compact_file, save_compact

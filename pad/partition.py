@@ -35,7 +35,9 @@ positions score exactly 0.  Their running statistics and ``num_batches_tracked``
 are restored byte for byte afterwards.  ``batchnorm="running"`` scores in plain
 eval mode (the authors' release).  SynFlow always uses running statistics (its
 input is one constant sample).  Every module gets its own mode back afterwards;
-the parameters' ``.grad`` are never touched.
+the parameters' ``.grad`` are never touched.  (A ``SyncBatchNorm`` in train mode
+synchronises across processes: score such a model on every rank, or with
+``batchnorm="running"``.)
 
 Granularity (``element``, ``kernel``, ``unit``; see :mod:`pad.mixing`).  A unit's
 score is the sum of its positions' scores.  Units of one layer have one size and
@@ -309,9 +311,15 @@ def score_positions(model: nn.Module, batches: Sequence, loss_fn: LossFn | None,
     banks = [b for _, b in named]
     for b in banks:
         b.mask.requires_grad_(True)
+    mode = batchnorm if criterion in DATA_CRITERIA else "running"
     try:
-        with scoring_state(model, batchnorm if criterion in DATA_CRITERIA else "running"):
+        with scoring_state(model, mode):
             scores = _CRITERIA[criterion](model, banks, batches, loss_fn, synflow_fn, generator)
+    except ValueError as err:
+        if mode == "batch" and "more than 1 value per channel" in str(err):
+            raise ValueError(f"scoring with BatchNorm batch statistics needs more than one value per channel "
+                             f"({err}); use larger partition batches or batchnorm='running'") from None
+        raise
     finally:
         for b in banks:
             b.mask.requires_grad_(False)

@@ -420,3 +420,12 @@ def test_unit_mask_and_set_granularity_check_the_structure():
     pad.set_granularity(model, "unit")
     rows = bank.dynamic_units()
     assert torch.equal(bank.mask[rows], torch.ones(len(rows), 5)) and int(bank.mask.sum()) == 5 * len(rows)
+
+
+def test_batch_statistics_of_single_values_are_a_clear_error():
+    model = batchnorm_model()
+    one = [(torch.randn(1, 3), torch.randn(1, 2))]
+    with pytest.raises(ValueError, match=r"^scoring with BatchNorm batch statistics needs more than one value per "
+                                         r"channel \(.*\); use larger partition batches or batchnorm='running'$"):
+        pad.score_positions(model, one, mse, "taylor")
+    assert pad.score_positions(model, one, mse, "taylor", batchnorm="running")["0.bank"].shape == (4, 3)
