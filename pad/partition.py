@@ -361,7 +361,7 @@ def _select_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.T
     ranked = shuffle[order.indices]
     n_candidates = int(candidate.sum())
     kept_positions = torch.cat([sizes.new_zeros(1), sizes[ranked[:n_candidates]].cumsum(0)])
-    count = int((kept_positions - keep).abs().argmin())
+    count = int((kept_positions.to(torch.float64) - keep).abs().argmin())  # float64: exact to 2**53 positions
     kept = torch.zeros(density.numel(), dtype=torch.bool, device=device)
     kept[ranked[:count]] = True
     selection = Selection(made_static=int(kept_positions[-1] - kept_positions[count]))

@@ -441,3 +441,14 @@ def test_batch_statistics_of_single_values_are_a_clear_error():
                                          r"channel \(.*\); use larger partition batches or batchnorm='running'$"):
         pad.score_positions(model, one, mse, "taylor")
     assert pad.score_positions(model, one, mse, "taylor", batchnorm="running")["0.bank"].shape == (4, 3)
+
+
+
+def test_selection_counts_positions_exactly_beyond_float32_integers():
+    """Units of 2**25 + 1, 1 and 1 positions (float32 cannot tell 2**25 + 1 from 2**25 + 2): keeping
+    2**25 + 2 positions must keep exactly the first two units."""
+    density = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    sizes = torch.tensor([2 ** 25 + 1, 1, 1])
+    torch.set_default_dtype(torch.float32)  # as in real runs (the fixture restores it)
+    kept, selection = pad.partition._select_units(density, sizes, torch.ones(3, dtype=torch.bool), 2.0 ** 25 + 2, None)
+    assert kept.tolist() == [True, True, False] and selection == pad.Selection(made_static=1, tie_broken=0)
