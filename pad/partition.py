@@ -118,7 +118,7 @@ class PartitionReport:
         lines = [f"IMP {self.criterion}/{self.schedule}/{self.scope}/{self.granularity}, T={self.iterations}"
                  f"{batchnorm}: dynamic ratio {self.achieved:.4f} (target {self.target:.4f}), "
                  f"decided by {self.decided_by}"]
-        lines += [f"  round {t}: {share:.1%} of the positions made static were tie-broken at random"
+        lines += [f"  round {t}: {100 * share:.3g}% of the positions made static were tie-broken at random"
                   for t, share in enumerate(self.tie_broken_per_iteration, 1) if share > 0]
         lines += [f"  {name or '<root>'}: {ratio:.4f}" for name, ratio in self.per_layer.items()]
         return "\n".join(lines)
