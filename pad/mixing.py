@@ -20,13 +20,51 @@ PAD (partially dynamic) mixing, with a binary mask ``M`` of shape ``S``
 Because ``W~(x)`` is linear in the kernels, ``M * W~(x)`` is the same sum over
 the masked kernels ``M * W_k``, which is what :class:`PartiallyDynamicWeights`
 returns.
+
+Granularity.  The mask is always a full float buffer of shape ``S``; its
+*granularity* says which blocks of it move together (see :func:`unit_view`):
+``element`` (every position on its own, the paper's), ``kernel`` (one
+``kh x kw`` slice per output-input pair of a bank of shape ``(O, I, kh, kw)``)
+or ``unit`` (one output unit: a slice along dim 0, i.e. a conv's output filter
+or a linear layer's output row).  :meth:`PartiallyDynamicWeights.unit_mask`
+and :meth:`PartiallyDynamicWeights.dynamic_units` tell a layer which units are
+dynamic, so that it can compute the static units with one ordinary op.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 SCALE_FACTOR_VARIANTS = ("both", "s", "d", "none")
+GRANULARITIES = ("element", "kernel", "unit")
+
+
+def check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown partition granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+def unit_grid(shape: tuple[int, ...], granularity: str) -> tuple[int, ...]:
+    """The shape of the grid of units of a static shape ``S``: ``S`` (``element``),
+    ``S[:2]`` (``kernel``, needs ``len(S) >= 3``) or ``S[:1]`` (``unit``)."""
+    check_granularity(granularity)
+    shape = tuple(shape)
+    if granularity == "element":
+        return shape
+    if granularity == "kernel":
+        if len(shape) < 3:
+            raise ValueError(f"kernel granularity needs a static shape (out, in, *kernel), got {shape}")
+        return shape[:2]
+    return shape[:1]
+
+
+def unit_view(tensor: torch.Tensor, granularity: str) -> torch.Tensor:
+    """``tensor`` of a static shape ``S`` viewed as ``(units, positions per unit)``, units in
+    row-major order of :func:`unit_grid`."""
+    units = math.prod(unit_grid(tensor.shape, granularity))
+    return tensor.reshape(units, -1)
 
 
 class ScaleFactors(nn.Module):
@@ -100,6 +138,9 @@ class PartiallyDynamicWeights(DynamicWeights):
         static_weight: parameter ``(*S)``, ``W_s``.
         mask: float buffer ``(*S)`` of 0/1, 1 = dynamic position (starts all ones).
         scale: :class:`ScaleFactors`.
+        granularity: which blocks of the mask move together (``element``, ``kernel``,
+            ``unit``; see the module docstring); IMP sets it.  Not part of the state dict:
+            whoever saves a partition records it and sets it back (:func:`set_granularity`).
 
     Like ``torch.nn.utils.prune``, the mask is a buffer beside the weights;
     :func:`pad.compact.export_compact` makes it permanent by storing only the
@@ -107,8 +148,10 @@ class PartiallyDynamicWeights(DynamicWeights):
     """
 
     def __init__(self, num_kernels: int, shape: tuple[int, ...], scale_factors: str = "both",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, granularity: str = "element"):
         super().__init__(num_kernels, shape, dtype=dtype)
+        unit_grid(shape, granularity)  # validates
+        self.granularity = granularity
         self.static_weight = nn.Parameter(torch.empty(*shape, dtype=dtype))
         self.register_buffer("mask", torch.ones(*shape, dtype=dtype if dtype is not None else torch.get_default_dtype()))
         self.scale = ScaleFactors(scale_factors)
@@ -129,9 +172,38 @@ class PartiallyDynamicWeights(DynamicWeights):
     def dynamic_ratio(self) -> float:
         return float(self.mask.sum() / self.mask.numel())
 
+    def unit_mask(self, granularity: str | None = None) -> torch.Tensor:
+        """Boolean ``unit_grid(S, granularity)``: True where the unit is dynamic (``granularity``
+        defaults to the bank's).  Raises ``ValueError`` if some unit is only partly dynamic."""
+        granularity = self.granularity if granularity is None else granularity
+        units = unit_view(self.mask.detach() > 0, granularity)
+        dynamic = units.all(1)
+        if not torch.equal(dynamic, units.any(1)):
+            raise ValueError(f"the mask is not structured at {granularity} granularity: "
+                             f"{int((dynamic != units.any(1)).sum())} units are partly dynamic")
+        return dynamic.view(unit_grid(self.mask.shape, granularity))
+
+    def dynamic_units(self, granularity: str | None = None) -> torch.Tensor:
+        """Indices ``(n_dynamic_units,)`` (int64, on the mask's device) of the dynamic units in the
+        flattened unit grid: for ``unit`` the dynamic output units, for ``kernel`` ``o * I + i``."""
+        return self.unit_mask(granularity).flatten().nonzero().squeeze(1)
+
 
 def weight_banks(model: nn.Module):
     """Yields ``(name, bank)`` for every :class:`PartiallyDynamicWeights` inside ``model``."""
     for name, module in model.named_modules():
         if isinstance(module, PartiallyDynamicWeights):
             yield name, module
+
+
+def set_granularity(model: nn.Module, granularity: str) -> None:
+    """Declares the granularity of every PAD layer's mask (e.g. after loading a checkpoint whose
+    partition was made at ``granularity``); raises ``ValueError`` if a mask is not structured so."""
+    banks = list(weight_banks(model))
+    for name, bank in banks:
+        try:
+            bank.unit_mask(granularity)
+        except ValueError as err:
+            raise ValueError(f"PAD layer {name!r}: {err}") from None
+    for _, bank in banks:
+        bank.granularity = granularity

@@ -21,49 +21,129 @@ Criteria (higher score = more worth keeping dynamic):
 * ``synflow``: the SynFlow criterion (Tanaka et al. 2020) on the mask: with every
   parameter replaced by its absolute value and the model in eval mode,
   ``|M * dR/dM|`` where ``R = synflow_fn(model, batch)`` (typically the sum of the
-  outputs for an all-ones input); data-free apart from the input's shape.
+  outputs for an all-ones input); data-free apart from the input's shape.  It is
+  computed in float64 (parameters, buffers and floating inputs), since its
+  products of absolute weights overflow float32 on deep networks; the model's own
+  tensors are put back untouched afterwards.
 
-The model runs in eval mode while it is scored (as in the authors' release) and
-gets its mode back afterwards; the parameters' ``.grad`` are never touched.
+Model state while scoring.  Every module is in eval mode (no dropout, no gate
+noise) except, with ``batchnorm="batch"`` (the default), BatchNorm layers
+(``torch.nn.modules.batchnorm._BatchNorm``): they normalise with the statistics
+of the partition batch, because a model trained from scratch still has its
+initial running statistics, under which whole channels are dead and their
+positions score exactly 0.  Their running statistics and ``num_batches_tracked``
+are restored byte for byte afterwards.  ``batchnorm="running"`` scores in plain
+eval mode (the authors' release).  SynFlow always uses running statistics (its
+input is one constant sample).  Every module gets its own mode back afterwards;
+the parameters' ``.grad`` are never touched.  (A ``SyncBatchNorm`` in train mode
+synchronises across processes: score such a model on every rank, or with
+``batchnorm="running"``.)
+
+Granularity (``element``, ``kernel``, ``unit``; see :mod:`pad.mixing`).  A unit's
+score is the sum of its positions' scores.  Units of one layer have one size and
+are ranked by that sum; the global scope ranks units of different layers by
+score per position (sum / size), the greedy order of the knapsack "keep the most
+score within a budget of positions", which is the element ranking when units are
+single positions.  The kept set is the prefix of that ranking whose size in
+positions is closest to the target, so the ratio is met to within one unit per
+layer (half the size of the boundary unit).
+
+Ties and what decided.  Ties are broken at random (seeded by ``generator``,
+drawn on the generator's device so a seed gives the same order on every device),
+never by position.  Each round records the share of the positions it made static
+that were chosen at random among exactly tied scores at the selection boundary;
+a round where that share exceeds one half (:data:`CANNOT_RANK_SHARE`: the
+criterion decided less than half of what the round did) is logged as a round
+the criterion could not rank, and :attr:`PartitionReport.decided_by` names the
+share of all positions made static that random tie-breaking chose.  Non-finite
+scores at still-dynamic positions are a ``ValueError``.
+
+Devices.  Every tensor IMP creates lives on the device of the masks it selects
+(random draws are made on the generator's device and moved there explicitly);
+nothing relies on the default device.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .mixing import PartiallyDynamicWeights, weight_banks
+from .mixing import GRANULARITIES, PartiallyDynamicWeights, check_granularity, unit_grid, unit_view, weight_banks
 from .stats import dynamic_ratio as overall_dynamic_ratio
 
 CRITERIA = ("taylor", "random", "magnitude", "grasp", "synflow")
 SCHEDULES = ("exponential", "linear")
 SCOPES = ("global", "local")
+BATCHNORM_MODES = ("batch", "running")
+DATA_CRITERIA = ("taylor", "grasp")
+CANNOT_RANK_SHARE = 0.5
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PartitionReport:
-    """What IMP did: target and achieved ratios, per layer and per iteration."""
+    """What IMP did: target and achieved ratios, per layer and per iteration.
+
+    ``criterion`` is the criterion asked for; ``decided_by`` says what really decided:
+    the criterion, or the criterion plus the share of the positions made static that
+    random tie-breaking chose.  ``tie_broken_per_iteration``: that share per round.
+    ``batchnorm``: the BatchNorm statistics the model was scored with (``None`` for
+    criteria that do not run the model).
+    """
     target: float
     achieved: float
     criterion: str
     schedule: str
     scope: str
     iterations: int
+    granularity: str = "element"
+    batchnorm: str | None = "batch"
+    decided_by: str = ""
     per_layer: dict[str, float] = field(default_factory=dict)
     ratio_per_iteration: list[float] = field(default_factory=list)
+    tie_broken_per_iteration: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
     def format(self) -> str:
-        lines = [f"IMP {self.criterion}/{self.schedule}/{self.scope}, T={self.iterations}: "
-                 f"dynamic ratio {self.achieved:.4f} (target {self.target:.4f})"]
+        batchnorm = f", BatchNorm {self.batchnorm} statistics" if self.batchnorm else ""
+        lines = [f"IMP {self.criterion}/{self.schedule}/{self.scope}/{self.granularity}, T={self.iterations}"
+                 f"{batchnorm}: dynamic ratio {self.achieved:.4f} (target {self.target:.4f}), "
+                 f"decided by {self.decided_by}"]
+        lines += [f"  round {t}: {100 * share:.3g}% of the positions made static were tie-broken at random"
+                  for t, share in enumerate(self.tie_broken_per_iteration, 1) if share > 0]
         lines += [f"  {name or '<root>'}: {ratio:.4f}" for name, ratio in self.per_layer.items()]
         return "\n".join(lines)
+
+
+@dataclass
+class Selection:
+    """What one selection did, in positions: how many it made static, and how many of those
+    were chosen at random among exactly tied scores at the selection boundary."""
+    made_static: int = 0
+    tie_broken: int = 0
+
+    def __add__(self, other: "Selection") -> "Selection":
+        return Selection(self.made_static + other.made_static, self.tie_broken + other.tie_broken)
+
+    @property
+    def tie_share(self) -> float:
+        return self.tie_broken / self.made_static if self.made_static else 0.0
+
+
+def decided_by(criterion: str, selection: Selection) -> str:
+    """``criterion``, or ``criterion (x% tie-broken at random)`` when ties decided some of ``selection``."""
+    if selection.tie_broken == 0:
+        return criterion
+    return f"{criterion} ({100 * selection.tie_share:.3g}% tie-broken at random)"
 
 
 def ratio_schedule(dynamic_ratio: float, iterations: int, schedule: str = "exponential") -> list[float]:
@@ -81,11 +161,88 @@ def check_dynamic_ratio(dynamic_ratio: float) -> None:
         raise ValueError(f"dynamic ratio must be in (0, 1], got {dynamic_ratio}")
 
 
+def _check_batchnorm(batchnorm: str) -> None:
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"unknown batchnorm mode {batchnorm!r}; expected one of {BATCHNORM_MODES}")
+
+
+def _permutation(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A random permutation of ``range(n)`` on ``device``, drawn on the generator's device."""
+    draw_device = generator.device if generator is not None else device
+    return torch.randperm(n, generator=generator, device=draw_device).to(device)
+
+
+# ---------------------------------------------------------------- model state while scoring
+
+@contextlib.contextmanager
+def scoring_state(model: nn.Module, batchnorm: str = "batch"):
+    """Every module in eval mode, except BatchNorm layers in train mode with ``batchnorm="batch"``;
+    afterwards every module's mode and every BatchNorm buffer (running statistics,
+    ``num_batches_tracked``) are back exactly as they were."""
+    _check_batchnorm(batchnorm)
+    modes = [(m, m.training) for m in model.modules()]
+    saved = []
+    model.eval()
+    if batchnorm == "batch":
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                saved.append((module, {k: b.detach().clone() for k, b in module._buffers.items() if b is not None}))
+                module.train()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in saved:
+                for key, value in buffers.items():
+                    module._buffers[key].copy_(value)
+        for module, mode in modes:
+            module.training = mode
+
+
+def _to_float64(value):
+    return value.to(torch.float64) if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+@contextlib.contextmanager
+def _absolute_float64(model: nn.Module, masks: list[torch.Tensor]):
+    """SynFlow's model: every floating parameter and buffer replaced by a float64 copy of its absolute
+    value (masks by a float64 copy that requires grad), floating inputs of ``model`` cast to float64.
+    Yields the float64 masks; afterwards the original tensors are back in place, untouched."""
+    mask_ids = {id(m) for m in masks}
+    replacements: dict[int, torch.Tensor] = {}
+
+    def replacement(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in replacements:
+            copy = t.detach().to(torch.float64, copy=True)
+            replacements[id(t)] = copy.requires_grad_(True) if id(t) in mask_ids else copy.abs_()
+        return replacements[id(t)]
+
+    params = [p for p in {id(p): p for p in model.parameters()}.values() if p.is_floating_point()]
+    param_data = [(p, p.data) for p in params]
+    buffers = [(module, key, b) for module in model.modules() for key, b in module._buffers.items()
+               if b is not None and b.is_floating_point()]
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: (tuple(_to_float64(a) for a in args), {k: _to_float64(v) for k, v in kwargs.items()}),
+        with_kwargs=True)
+    try:
+        for p, data in param_data:
+            p.data = replacement(data)
+        for module, key, b in buffers:
+            module._buffers[key] = replacement(b)
+        yield [replacement(m) for m in masks]
+    finally:
+        hook.remove()
+        for p, data in param_data:
+            p.data = data
+        for module, key, b in buffers:
+            module._buffers[key] = b
+
+
 # ---------------------------------------------------------------- criteria
-# Each returns one score tensor per bank, of the bank's static shape.
+# Each returns one score tensor per bank, of the bank's static shape, on the bank's device.
 
 def _mask_gradients(model: nn.Module, masks: list[torch.Tensor], batches: Iterable, loss_fn: LossFn,
-                    create_graph: bool = False, weights: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                    weights: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """``sum over batches of dL/dM`` for every mask; with ``weights``, the gradient of
     ``sum_b <dL_b/dM, weights>`` instead (a Hessian-vector product)."""
     total = [torch.zeros_like(m) for m in masks]
@@ -108,7 +265,9 @@ def _taylor(model, banks, batches, loss_fn, synflow_fn, generator):
 
 
 def _random(model, banks, batches, loss_fn, synflow_fn, generator):
-    return [torch.rand(b.mask.shape, generator=generator).to(b.mask) for b in banks]
+    draw_device = (lambda b: generator.device) if generator is not None else (lambda b: b.mask.device)
+    return [torch.rand(b.mask.shape, generator=generator, dtype=b.mask.dtype, device=draw_device(b)).to(b.mask.device)
+            for b in banks]
 
 
 def _magnitude(model, banks, batches, loss_fn, synflow_fn, generator):
@@ -126,137 +285,213 @@ def _grasp(model, banks, batches, loss_fn, synflow_fn, generator):
 def _synflow(model, banks, batches, loss_fn, synflow_fn, generator):
     if synflow_fn is None:
         raise ValueError("the synflow criterion needs synflow_fn(model, batch) -> scalar")
-    masks = [b.mask for b in banks]
-    mask_ids = {id(m) for m in masks}
-    # every floating tensor of the state once (tied weights appear under several names)
-    tensors = list({id(t): t for t in model.state_dict(keep_vars=True).values()
-                    if t.is_floating_point() and id(t) not in mask_ids}.values())
-    with torch.no_grad():
-        signs = [t.sign() for t in tensors]
-        for t in tensors:
-            t.abs_()
-    try:
-        first = next(iter(batches))
+    first = next(iter(batches))
+    device_type = banks[0].mask.device.type
+    with _absolute_float64(model, [b.mask for b in banks]) as masks, torch.autocast(device_type, enabled=False):
         grads = torch.autograd.grad(synflow_fn(model, first), masks, allow_unused=True)
-    finally:
-        with torch.no_grad():
-            for t, sign in zip(tensors, signs):
-                t.mul_(sign)
-    return [torch.zeros_like(m) if g is None else (m.detach() * g).abs() for g, m in zip(grads, masks)]
+        return [torch.zeros_like(m) if g is None else (m.detach() * g).abs() for g, m in zip(grads, masks)]
 
 
 _CRITERIA = {"taylor": _taylor, "random": _random, "magnitude": _magnitude, "grasp": _grasp, "synflow": _synflow}
 
 
 def score_positions(model: nn.Module, batches: Sequence, loss_fn: LossFn | None, criterion: str = "taylor",
-                    synflow_fn: LossFn | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                    synflow_fn: LossFn | None = None, generator: torch.Generator | None = None,
+                    batchnorm: str = "batch") -> dict[str, torch.Tensor]:
     """Scores every position of every PAD layer of ``model`` (no selection).
 
-    Returns ``{bank name: scores of the bank's static shape}``.
+    ``batchnorm``: ``batch`` (BatchNorm normalises with the batch's statistics) or
+    ``running`` (plain eval mode); see the module docstring.  Returns ``{bank name:
+    scores of the bank's static shape, on the bank's device}`` (float64 for synflow).
     """
     if criterion not in _CRITERIA:
         raise ValueError(f"unknown partition criterion {criterion!r}; expected one of {CRITERIA}")
+    _check_batchnorm(batchnorm)
     named = list(weight_banks(model))
     if not named:
         raise ValueError("the model has no partially dynamic layers to partition")
     banks = [b for _, b in named]
-    was_training = model.training
-    model.eval()
     for b in banks:
         b.mask.requires_grad_(True)
+    mode = batchnorm if criterion in DATA_CRITERIA else "running"
     try:
-        scores = _CRITERIA[criterion](model, banks, batches, loss_fn, synflow_fn, generator)
+        with scoring_state(model, mode):
+            scores = _CRITERIA[criterion](model, banks, batches, loss_fn, synflow_fn, generator)
+    except ValueError as err:
+        if mode == "batch" and "more than 1 value per channel" in str(err):
+            raise ValueError(f"scoring with BatchNorm batch statistics needs more than one value per channel "
+                             f"({err}); use larger partition batches or batchnorm='running'") from None
+        raise
     finally:
         for b in banks:
             b.mask.requires_grad_(False)
-        model.train(was_training)
     return {name: s.detach() for (name, _), s in zip(named, scores)}
 
 
 # ---------------------------------------------------------------- selection
 
-def _keep_top(scores: torch.Tensor, mask: torch.Tensor, keep: int,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """A new 0/1 mask keeping the ``keep`` best-scored positions among those where ``mask`` is 1.
+def _check_finite(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, torch.Tensor], what: str) -> None:
+    """Raises ``ValueError`` if a score at a still-dynamic position is NaN or infinite."""
+    bad, first = 0, None
+    for name, bank in banks.items():
+        score = scores[name]
+        count = int((~torch.isfinite(score) & (bank.mask.to(score.device) > 0)).sum())
+        if count and first is None:
+            first = name
+        bad += count
+    if bad:
+        candidates = sum(int(b.mask.sum()) for b in banks.values())
+        raise ValueError(f"{what} are not finite at {bad} of {candidates} still-dynamic positions "
+                         f"(first in {first!r}); the partition would be arbitrary")
 
-    Ties are broken at random (seeded by ``generator``), not by position: when a criterion
-    cannot tell positions apart (e.g. taylor on upcycled experts that all equal ``W_s``),
-    the partition is then a uniform random one instead of "the first layers stay dynamic".
+
+def _select_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.Tensor, keep: float,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, Selection]:
+    """Keeps the best candidate units, ``keep`` positions in all, to within half the boundary unit.
+
+    Args:
+        density: ``(U,)`` float64 score per position of each unit.
+        sizes: ``(U,)`` int64 positions per unit.
+        candidate: ``(U,)`` bool, the still-dynamic units.
+        keep: positions to keep (not rounded: the prefix closest to it is kept, the shorter on a tie).
+    Returns:
+        ``(kept (U,) bool, Selection)``; every tensor on ``density``'s device.
     """
-    flat = torch.where(mask.flatten() > 0, scores.flatten().to(torch.float64),
-                       torch.tensor(float("-inf"), dtype=torch.float64))
-    keep = min(keep, int(mask.sum().item()))
-    new = torch.zeros_like(flat, dtype=mask.dtype)
-    if keep > 0:
-        shuffle = torch.randperm(flat.numel(), generator=generator)
-        ranked = torch.sort(flat[shuffle], descending=True, stable=True).indices[:keep]
-        new[shuffle[ranked]] = 1
-    return new.view_as(mask)
+    device = density.device
+    shuffle = _permutation(density.numel(), generator, device)
+    order = torch.sort(torch.where(candidate, density, float("-inf"))[shuffle], descending=True, stable=True)
+    ranked = shuffle[order.indices]
+    n_candidates = int(candidate.sum())
+    kept_positions = torch.cat([sizes.new_zeros(1), sizes[ranked[:n_candidates]].cumsum(0)])
+    count = int((kept_positions.to(torch.float64) - keep).abs().argmin())  # float64: exact to 2**53 positions
+    kept = torch.zeros(density.numel(), dtype=torch.bool, device=device)
+    kept[ranked[:count]] = True
+    selection = Selection(made_static=int(kept_positions[-1] - kept_positions[count]))
+    if 0 < count < n_candidates and order.values[count - 1] == order.values[count]:
+        tied_and_dropped = candidate & ~kept & (density == order.values[count - 1])
+        selection.tie_broken = int(sizes[tied_and_dropped].sum())
+    return kept, selection
+
+
+def _units(bank: PartiallyDynamicWeights, score: torch.Tensor, granularity: str, device: torch.device):
+    """``(density (U,) float64, sizes (U,) int64, candidate (U,) bool)`` of one bank, on ``device``."""
+    candidate = bank.unit_mask(granularity).flatten().to(device)
+    sums = unit_view(score.to(device=device, dtype=torch.float64), granularity).sum(1)
+    size = bank.mask.numel() // candidate.numel()
+    return sums / size, torch.full_like(candidate, size, dtype=torch.int64), candidate
+
+
+def _set_mask(bank: PartiallyDynamicWeights, kept_units: torch.Tensor, granularity: str) -> None:
+    units = unit_view(bank.mask, granularity)
+    bank.mask.copy_(kept_units.to(bank.mask.device)[:, None].expand_as(units).reshape(bank.mask.shape))
+    bank.granularity = granularity
 
 
 def select_dynamic(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, torch.Tensor],
-                   ratio: float, scope: str = "global", generator: torch.Generator | None = None) -> None:
-    """Sets every bank's mask to keep ``ratio`` of all positions dynamic, best scores first,
-    choosing only among the positions still dynamic."""
+                   ratio: float, scope: str = "global", generator: torch.Generator | None = None,
+                   granularity: str = "element") -> Selection:
+    """Sets every bank's mask to keep ``ratio`` of all positions dynamic, best units first,
+    choosing only among the units still dynamic (see the module docstring for units and ties).
+
+    ``scores``: ``{bank name: scores of the bank's static shape}``.  Returns what the selection
+    did (:class:`Selection`).  Raises ``ValueError`` on non-finite scores at still-dynamic
+    positions, on a granularity the banks' shapes do not have, and on masks that are not
+    structured at ``granularity``.
+    """
+    check_granularity(granularity)
+    _check_finite(banks, scores, "partition scores")
     if scope == "global":
-        masks = [b.mask for b in banks.values()]
-        total = sum(m.numel() for m in masks)
-        joint = _keep_top(torch.cat([scores[n].flatten() for n in banks]),
-                          torch.cat([m.flatten() for m in masks]), round(ratio * total), generator)
+        device = next(iter(banks.values())).mask.device
+        parts = [_units(b, scores[n], granularity, device) for n, b in banks.items()]
+        density, sizes, candidate = (torch.cat(p) for p in zip(*parts))
+        total = sum(b.mask.numel() for b in banks.values())
+        kept, selection = _select_units(density, sizes, candidate, ratio * total, generator)
         offset = 0
-        for m in masks:
-            m.copy_(joint[offset:offset + m.numel()].view_as(m))
-            offset += m.numel()
-    elif scope == "local":
+        for bank, (_, _, c) in zip(banks.values(), parts):
+            _set_mask(bank, kept[offset:offset + c.numel()], granularity)
+            offset += c.numel()
+        return selection
+    if scope == "local":
+        selection = Selection()
         for name, bank in banks.items():
-            bank.mask.copy_(_keep_top(scores[name], bank.mask, round(ratio * bank.mask.numel()), generator))
-    else:
-        raise ValueError(f"unknown partition scope {scope!r}; expected one of {SCOPES}")
+            units = _units(bank, scores[name], granularity, bank.mask.device)
+            kept, one = _select_units(*units, ratio * bank.mask.numel(), generator)
+            _set_mask(bank, kept, granularity)
+            selection = selection + one
+        return selection
+    raise ValueError(f"unknown partition scope {scope!r}; expected one of {SCOPES}")
 
 
 @torch.no_grad()
-def _reset_masks(banks) -> None:
+def _reset_masks(banks, granularity: str) -> None:
     for b in banks:
         b.mask.fill_(1)
+        b.granularity = granularity
+
+
+def _check_granularity_fits(banks: dict[str, PartiallyDynamicWeights], granularity: str) -> None:
+    check_granularity(granularity)
+    for name, bank in banks.items():
+        try:
+            unit_grid(bank.shape, granularity)
+        except ValueError as err:
+            raise ValueError(f"PAD layer {name!r}: {err}") from None
 
 
 def iterative_mode_partition(model: nn.Module, batches: Sequence, loss_fn: LossFn | None, dynamic_ratio: float,
                              iterations: int = 10, criterion: str = "taylor", schedule: str = "exponential",
                              scope: str = "global", synflow_fn: LossFn | None = None,
-                             generator: torch.Generator | None = None) -> PartitionReport:
+                             generator: torch.Generator | None = None, granularity: str = "element",
+                             batchnorm: str = "batch") -> PartitionReport:
     """Runs IMP on every :class:`~pad.PartiallyDynamicWeights` in ``model``, in place.
 
     Args:
         batches: the partition batches, reused in every iteration (a list, not a one-shot iterator).
         loss_fn: ``loss_fn(model, batch) -> scalar`` (``taylor``, ``grasp``).
-        dynamic_ratio: target ``kappa`` in (0, 1].
+        dynamic_ratio: target ``kappa`` in (0, 1], counted in positions.
         iterations: ``T`` >= 1.
         synflow_fn: ``synflow_fn(model, batch) -> scalar`` (``synflow`` only).
+        granularity: ``element`` (default, the paper's), ``kernel`` or ``unit``; set on every bank.
+        batchnorm: ``batch`` (default) or ``running``: the BatchNorm statistics taylor and grasp score with.
     Returns:
-        a :class:`PartitionReport`; achieved ratio equals the target to within one
-        position per layer.
+        a :class:`PartitionReport`; the achieved ratio equals the target to within one unit
+        (one position for ``element``) per layer.
+    Raises:
+        ValueError: bad arguments, a granularity the layers' shapes lack, non-finite scores.
     """
     check_dynamic_ratio(dynamic_ratio)
     if iterations < 1:
         raise ValueError(f"partition iterations must be >= 1, got {iterations}")
     if scope not in SCOPES:
         raise ValueError(f"unknown partition scope {scope!r}; expected one of {SCOPES}")
-    if criterion in ("taylor", "grasp") and loss_fn is None:
+    if criterion not in _CRITERIA:
+        raise ValueError(f"unknown partition criterion {criterion!r}; expected one of {CRITERIA}")
+    if criterion in DATA_CRITERIA and loss_fn is None:
         raise ValueError(f"the {criterion} criterion needs loss_fn(model, batch) -> scalar")
+    _check_batchnorm(batchnorm)
     ratios = ratio_schedule(dynamic_ratio, iterations, schedule)
     banks = dict(weight_banks(model))
     if not banks:
         raise ValueError("the model has no partially dynamic layers to partition")
+    _check_granularity_fits(banks, granularity)
     batches = list(batches)
-    _reset_masks(banks.values())
-    achieved = []
-    for ratio in ratios:
-        scores = score_positions(model, batches, loss_fn, criterion, synflow_fn, generator)
+    _reset_masks(banks.values(), granularity)
+    achieved, rounds = [], []
+    for t, ratio in enumerate(ratios, 1):
+        scores = score_positions(model, batches, loss_fn, criterion, synflow_fn, generator, batchnorm)
+        _check_finite(banks, scores, f"IMP round {t}: the {criterion} scores")
         with torch.no_grad():
-            select_dynamic(banks, scores, ratio, scope, generator)
+            rounds.append(select_dynamic(banks, scores, ratio, scope, generator, granularity))
         achieved.append(overall_dynamic_ratio(model))
-    return PartitionReport(target=dynamic_ratio, achieved=achieved[-1], criterion=criterion, schedule=schedule,
-                           scope=scope, iterations=iterations,
-                           per_layer={n: b.dynamic_ratio() for n, b in banks.items()},
-                           ratio_per_iteration=achieved)
-
+        if rounds[-1].tie_share > CANNOT_RANK_SHARE:
+            logger.warning("IMP round %d/%d: the %s scores cannot rank the positions: %.1f%% of the positions "
+                           "made static were chosen at random among exactly tied scores",
+                           t, iterations, criterion, 100 * rounds[-1].tie_share)
+    total = sum(rounds, Selection())
+    return PartitionReport(
+        target=dynamic_ratio, achieved=achieved[-1], criterion=criterion, schedule=schedule, scope=scope,
+        iterations=iterations, granularity=granularity,
+        batchnorm=batchnorm if criterion in DATA_CRITERIA else ("running" if criterion == "synflow" else None),
+        decided_by=decided_by(criterion, total),
+        per_layer={n: b.dynamic_ratio() for n, b in banks.items()}, ratio_per_iteration=achieved,
+        tie_broken_per_iteration=[r.tie_share for r in rounds])

@@ -1,4 +1,8 @@
-"""Statistics of partially dynamic models: dynamic ratio and stored parameters."""
+"""Statistics of partially dynamic models: dynamic ratio and stored parameters.
+
+Both count mask positions, whatever the partition granularity (a ``unit`` or ``kernel``
+mask is a full-shape mask whose units are all 0 or all 1).
+"""
 from __future__ import annotations
 
 import torch
