@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,7 +301,9 @@ def _deserialize(data, path: Path, map_location):
     checkpoint"; the broad ``except`` covers this one call only.
     """
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 115": noise about bytes about to be rejected
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to decode these bytes is the file's fault
         lines = str(err).strip().splitlines()
         # PyTorch's weights_only message advises weights_only=False, which is wrong advice for a damaged file
