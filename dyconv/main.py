@@ -441,6 +441,17 @@ def check_finite(model: nn.Module, metrics: dict, epoch: int, step: int) -> None
                                             f"(first: {bad[0]})")
 
 
+def save_epoch(state: dict, output: Path, is_best: bool) -> None:
+    """``checkpoint.pt`` (and ``best.pt`` when ``is_best``).  ``best.pt`` is written first: a run killed
+    between the two resumes from the previous ``checkpoint.pt`` and redoes the epoch, whereas the other
+    order could leave a newest-best epoch in ``checkpoint.pt`` only, never to be copied to ``best.pt``."""
+    if is_best:
+        save_checkpoint(state, output / "best.pt")
+        copy_checkpoint(output / "best.pt", output / "checkpoint.pt")
+    else:
+        save_checkpoint(state, output / "checkpoint.pt")
+
+
 def log_epoch(writer: SummaryWriter, model: nn.Module, metrics: dict, train_loss: float, epoch: int) -> None:
     """Per-epoch TensorBoard scalars: validation metrics, dynamic ratio, scale factors."""
     writer.add_scalar("train/epoch_loss", train_loss, epoch)
@@ -574,16 +585,14 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                   f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}", flush=True)
             is_best = metrics["top1"] >= best_top1
             best_top1 = max(best_top1, metrics["top1"])
-            save_checkpoint({
+            save_epoch({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch + 1, "step": step, "temperature": get_temperature(model), "best_top1": best_top1,
                 "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta, "args": vars(args),
                 "rng": rng,
-            }, output / "checkpoint.pt")
+            }, output, is_best)
             last_good = LastGood(str(output / "checkpoint.pt"), epoch + 1)
-            if is_best:
-                copy_checkpoint(output / "checkpoint.pt", output / "best.pt")
         if metrics is None:  # resumed a finished run: nothing to train
             metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
     except TrainingDiverged as err:
