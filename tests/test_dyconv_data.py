@@ -161,3 +161,23 @@ def test_image_folder_skips_and_counts_hidden_entries(tmp_path):
     train_set, val_set, info = data.build_datasets("imagenet", str(tmp_path), 16)
     assert (len(train_set), len(val_set), info.num_classes, info.hidden_entries_skipped) == (4, 4, 2, 4)
     assert all(image.shape == (3, 16, 16) for image, _ in train_set)
+
+
+def test_damaged_idx_files_raise_data_error(tmp_path):
+    """Random bytes, truncations and flipped bytes of a .gz IDX file: read exactly, or DataError, never another error."""
+    write_idx(tmp_path / "good.gz", np.arange(24, dtype=np.uint8).reshape(2, 3, 4), 0x08, ">u1")
+    good = (tmp_path / "good.gz").read_bytes()
+    rng = np.random.default_rng(0)
+    contents = [good[:n] for n in range(len(good))]
+    contents += [bytes(good[:o]) + bytes([good[o] ^ 0xFF]) + good[o + 1:] for o in range(len(good))]
+    contents += [b"\x1f\x8b" + rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in range(0, 300, 7)]
+    path, outcomes = tmp_path / "x.gz", {"read": 0, "error": 0}
+    for content in contents:
+        path.write_bytes(content)
+        try:
+            array = data.read_idx(path)
+            assert array.ndim >= 0
+            outcomes["read"] += 1
+        except DataError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > len(good)  # every truncation at least

@@ -356,6 +356,21 @@ def test_cli_reports_garbage_resume_and_config_files_in_one_line(static_run, fol
     assert hashes(out) == before
 
 
+def test_checkpoint_whose_contents_do_not_fit_the_model(static_run, folder, tmp_path, capsys):
+    """Right metadata, wrong contents (checksum intact): one error line, the run folder untouched."""
+    state = engine.load_checkpoint(static_run / "checkpoint.pt")
+    weights = dict(state["model"])
+    weights.pop("fc.weight")
+    cases = [({**state, "model": weights}, "does not fit the model: Error(s) in loading state_dict"),
+             ({**state, "optimizer": {"state": {}, "param_groups": []}}, "holds an optimizer state that does not fit")]
+    for bad, message in cases:
+        engine.save_checkpoint(bad, tmp_path / "bad.pt")
+        err = run_failing(static_args(folder, tmp_path / "out", "--epochs", "2", "--resume", str(tmp_path / "bad.pt")),
+                          capsys)
+        assert message in err
+        assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
 # ---------------------------------------------------------------- configs: fuzz
 
 def test_config_files_of_any_content_parse_or_fail_in_one_line(tmp_path):
