@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -249,6 +250,20 @@ def check_output_folder(args: argparse.Namespace) -> Path:
         raise UsageError(f"--output {output} already holds a run ({', '.join(held)}); pass --overwrite-output-dir "
                          f"to replace it, or --resume {output / 'checkpoint.pt'} to continue it")
     return output
+
+
+def discard_replaced_run(output: Path) -> None:
+    """With ``--overwrite-output-dir``, once the fresh run is about to train: the replaced run's summary,
+    compact export and TensorBoard events go, so the folder never mixes two runs' results (its checkpoints
+    are replaced as the fresh run writes its own)."""
+    replaced = [output / name for name in ("summary.json", "model_compact.safetensors") if (output / name).is_file()]
+    for path in replaced:
+        path.unlink()
+    if (output / "tb").is_dir():
+        shutil.rmtree(output / "tb")
+        replaced.append(output / "tb")
+    if replaced:
+        print(f"--overwrite-output-dir: removed {', '.join(p.name for p in replaced)} of the replaced run", flush=True)
 
 
 def remove_stale_temporaries(output: Path) -> None:
@@ -565,6 +580,8 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
         best_top1, metrics = checkpoint.get("best_top1", best_top1), checkpoint.get("metrics")
         last_good = LastGood(args.resume, epoch)
         restore_rank_random_states(checkpoint, ctx)  # last: nothing random may run between this and training
+    if ctx.is_main and checkpoint is None and args.overwrite_output_dir:
+        discard_replaced_run(output)
     net = wrap_ddp(model, ctx)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     writer = SummaryWriter(str(output / "tb")) if ctx.is_main else None

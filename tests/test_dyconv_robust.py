@@ -174,9 +174,14 @@ def test_overwrite_output_dir_flag_and_yaml_key(static_run, folder, tmp_path, ca
     config.write_text(yaml.safe_dump({"overwrite_output_dir": True, "seed": 1}))
     assert parse_args(["--config", str(config)]).overwrite_output_dir is True
     assert parse_args(["--config", str(config), "--no-overwrite-output-dir"]).overwrite_output_dir is False
+    old_events = {p.name for p in (out / "tb").iterdir()}
+    capsys.readouterr()
     assert main(["--config", str(config), *static_args(folder, out)]) == 0
+    assert "--overwrite-output-dir: removed summary.json, tb of the replaced run" in capsys.readouterr().out
     new = engine.load_checkpoint(out / "checkpoint.pt")
     assert new["args"]["seed"] == 1 and not same(old["model"], new["model"])
+    assert json.loads((out / "summary.json").read_text())["seed"] == 1
+    assert not old_events & {p.name for p in (out / "tb").iterdir()}  # the replaced run's events are gone
 
 
 def test_evaluate_never_overwrites_a_training_folder(static_run, folder, tmp_path, capsys):
@@ -249,6 +254,18 @@ def test_checkpoint_round_trip_and_checksum_record(saved):
     assert wrapper["format"] == engine.CHECKPOINT_FORMAT
     assert wrapper["sha256"] == hashlib.sha256(wrapper["payload"].numpy().tobytes()).hexdigest()
     assert not path.with_name("checkpoint.pt.tmp").exists()
+
+
+def test_checkpoint_is_flushed_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(engine.os, "fsync", lambda fd: (events.append(("fsync", fd)), real_fsync(fd)))
+    monkeypatch.setattr(engine.os, "replace", lambda a, b: (events.append(("replace", Path(a).name, Path(b).name)),
+                                                            real_replace(a, b)))
+    engine.save_checkpoint(tiny_state(), tmp_path / "checkpoint.pt")
+    kinds = [e[0] for e in events]
+    assert kinds == ["fsync", "replace", "fsync"]  # the file, the rename, then the folder holding the rename
+    assert events[1][1:] == ("checkpoint.pt.tmp", "checkpoint.pt") and not list(tmp_path.glob("*.tmp"))
 
 
 def test_random_bytes_of_many_lengths_are_rejected(tmp_path):
