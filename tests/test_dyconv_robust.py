@@ -357,19 +357,23 @@ def test_checkpoint_without_checksum_is_accepted_with_a_warning(tmp_path, capsys
     assert len(err) == 1 and err[0].startswith(f"warning: checkpoint {path} has no checksum")
 
 
-def test_cli_reports_garbage_resume_and_config_files_in_one_line(static_run, folder, tmp_path):
-    """The whole CLI path in a subprocess: garbage --resume and --config, exit 2, one line, nothing touched."""
+def test_cli_reports_garbage_resume_and_config_files_in_one_line(static_run, folder, tmp_path, capsys):
+    """The whole CLI path once in a subprocess (garbage --resume), then in-process: garbage --config, a directory."""
     out = tmp_path / "run"
     shutil.copytree(static_run, out)
     before = hashes(out)
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"PK\x03\x04" + os.urandom(3000))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for extra in (["--resume", str(garbage)], ["--config", str(garbage)], ["--resume", str(tmp_path)]):
-        result = subprocess.run([sys.executable, "dyconv/main.py", *static_args(folder, out, "--overwrite-output-dir"),
-                                 *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        err = result.stderr.strip()
-        assert result.returncode == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    result = subprocess.run([sys.executable, "dyconv/main.py", *static_args(folder, out, "--overwrite-output-dir"),
+                             "--resume", str(garbage)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    err = result.stderr.strip()
+    assert result.returncode == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert f"checkpoint {garbage} is truncated, damaged or not a dyconv checkpoint" in err
+    assert f"cannot read config {tmp_path}: Is a directory" in run_failing(["--config", str(tmp_path)], capsys)
+    assert f"config {garbage} is not UTF-8 text" in run_failing(["--config", str(garbage)], capsys)
+    assert f"checkpoint {tmp_path} is a directory" in run_failing(
+        static_args(folder, out, "--overwrite-output-dir", "--resume", str(tmp_path)), capsys)
     assert hashes(out) == before
 
 
