@@ -259,6 +259,8 @@ def restore_random_states(states: dict, device: torch.device) -> None:
 CHECKPOINT_FORMAT = "dyconv-checkpoint-v2"
 CHECKPOINT_KEYS = ("model", "meta", "epoch", "step")
 CHECKPOINT_TEMPORARY_SUFFIX = ".tmp"
+OPTIONAL_KEY_TYPES = {"optimizer": dict, "scaler": dict, "rng": list, "metrics": dict, "partition": dict,
+                      "best_top1": (int, float), "train_loss": (int, float), "temperature": (int, float)}
 
 
 def _write_durably(data, path: Path) -> None:
@@ -324,8 +326,9 @@ def _check_state(state, path: Path) -> dict:
     for key in ("epoch", "step"):
         if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
             raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: {key!r} is not a count")
-    for key in ("optimizer", "rng"):
-        if state.get(key) is not None and not isinstance(state[key], (dict, list)):
+    for key, kinds in OPTIONAL_KEY_TYPES.items():
+        value = state.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
             raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: {key!r} is malformed")
     bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

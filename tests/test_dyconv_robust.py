@@ -327,6 +327,9 @@ def test_foreign_and_malformed_structures(tmp_path):
         ({**good, "epoch": "1"}, "'epoch' is not a count"),
         ({**good, "step": -1}, "'step' is not a count"),
         ({**good, "rng": "x"}, "'rng' is malformed"),
+        ({**good, "rng": {"torch": 1}}, "'rng' is malformed"),
+        ({**good, "metrics": [1.0]}, "'metrics' is malformed"),
+        ({**good, "temperature": "hot"}, "'temperature' is malformed"),
         ({**good, "model": {**good["model"], "1.running_var": torch.full((3,), float("inf"))}},
          "holds non-finite values in 1 tensors (first: 1.running_var)"),
     ]
