@@ -12,6 +12,11 @@ Weight decay applies to conv/linear weights and the PAD kernels and static weigh
 BatchNorm parameters, biases and the PAD scale-factor logits ``phi`` (all tensors of
 at most one dimension) get none, as decaying ``phi`` would pull both scale factors
 towards 1 for no reason but the regulariser.
+
+Checkpoints carry the SHA-256 of their serialized state and are fsync'ed before they
+replace the old file; :func:`load_checkpoint` turns any unreadable, damaged or foreign
+file into one :class:`CheckpointError`.  A non-finite loss raises :class:`TrainingDiverged`
+before the optimizer step.
 """
 from __future__ import annotations
 
