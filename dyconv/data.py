@@ -5,7 +5,9 @@
   or from ``--data DIR`` holding the same files, else downloaded by torchvision.
 * ImageNet layout: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` read with
   ``torchvision.datasets.ImageFolder``, 3 channels, RandomResizedCrop + flip for
-  training, Resize(size * 256 / 224) + CenterCrop for validation.
+  training, Resize(size * 256 / 224) + CenterCrop for validation.  Hidden entries
+  (names starting with ``.``: ``.ipynb_checkpoints``, ``.DS_Store``, AppleDouble
+  ``._*`` files) are skipped, at any depth, and counted.
 
 Unreadable images are detected lazily, when the loader first opens them (a full
 upfront scan would read all of ImageNet before the first step): :func:`load_rgb_image`
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,7 @@ class DatasetInfo:
     in_channels: int
     image_size: int
     small_input: bool
+    hidden_entries_skipped: int = 0
 
 
 # ---------------------------------------------------------------- IDX / Fashion-MNIST
@@ -70,7 +74,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged deflate stream inside the .gz
         raise DataError(f"cannot read IDX file {path}: {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
@@ -161,13 +165,45 @@ def imagenet_transform(train: bool, image_size: int = 224):
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def image_folder(root: str | os.PathLike, split: str, image_size: int, train: bool) -> datasets.ImageFolder:
-    """``root/split/<class>/*`` as an ImageFolder; DataError when missing or empty."""
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+class VisibleImageFolder(datasets.ImageFolder):
+    """An ImageFolder that skips hidden class folders and hidden files or folders inside classes.
+
+    ``hidden_entries_skipped`` counts the hidden class folders and the image-named files skipped for
+    being hidden or inside a hidden folder (e.g. ``c0/._0.png``, ``c0/.ipynb_checkpoints/0.png``).
+    """
+
+    def __init__(self, root: str, **kwargs):
+        self.hidden_entries_skipped = 0
+        super().__init__(root, is_valid_file=self._counting_visible_image, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        entries = [e for e in os.scandir(directory) if e.is_dir()]
+        self.hidden_entries_skipped += sum(_is_hidden(e.name) for e in entries)
+        classes = sorted(e.name for e in entries if not _is_hidden(e.name))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def _counting_visible_image(self, path: str) -> bool:
+        if not datasets.folder.has_file_allowed_extension(path, datasets.folder.IMG_EXTENSIONS):
+            return False
+        if any(_is_hidden(part) for part in Path(path).relative_to(self.root).parts):
+            self.hidden_entries_skipped += 1
+            return False
+        return True
+
+
+def image_folder(root: str | os.PathLike, split: str, image_size: int, train: bool) -> VisibleImageFolder:
+    """``root/split/<class>/*`` as an ImageFolder without hidden entries; DataError when missing or empty."""
     directory = Path(root) / split
     if not directory.is_dir():
         raise DataError(f"data folder {directory} does not exist (expected {Path(root)}/{{train,val}}/<class>/<images>)")
     try:
-        return datasets.ImageFolder(str(directory), transform=imagenet_transform(train, image_size), loader=load_rgb_image)
+        return VisibleImageFolder(str(directory), transform=imagenet_transform(train, image_size), loader=load_rgb_image)
     except FileNotFoundError as err:
         raise DataError(f"data folder {directory} is empty: {err}") from None
 
@@ -206,7 +242,8 @@ def build_datasets(dataset: str, data_dir: str | None, image_size: int, train_su
         val_set = image_folder(data_dir, "val", image_size, train=False)
         if train_set.classes != val_set.classes:
             raise DataError(f"{data_dir}/train and {data_dir}/val have different class folders")
-        info = DatasetInfo("imagenet", len(train_set.classes), 3, image_size, small_input=False)
+        info = DatasetInfo("imagenet", len(train_set.classes), 3, image_size, small_input=False,
+                           hidden_entries_skipped=train_set.hidden_entries_skipped + val_set.hidden_entries_skipped)
     else:
         raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     return random_subset(train_set, train_subset, seed), random_subset(val_set, val_subset, seed + 1), info

@@ -12,17 +12,26 @@ Weight decay applies to conv/linear weights and the PAD kernels and static weigh
 BatchNorm parameters, biases and the PAD scale-factor logits ``phi`` (all tensors of
 at most one dimension) get none, as decaying ``phi`` would pull both scale factors
 towards 1 for no reason but the regulariser.
+
+Checkpoints carry the SHA-256 of their serialized state and are fsync'ed before they
+replace the old file; :func:`load_checkpoint` turns any unreadable, damaged or foreign
+file into one :class:`CheckpointError`.  A non-finite loss raises :class:`TrainingDiverged`
+before the optimizer step.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
-import pickle
-import zipfile
+import random
+import sys
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,7 +44,15 @@ STEP_MILESTONES = (0.3, 0.6, 0.9)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or of another model."""
+    """A checkpoint that is missing, unreadable, damaged, or of another model."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss, weight or BatchNorm statistic; raised before anything of that epoch is saved."""
+
+    def __init__(self, epoch: int, step: int, what: str):
+        super().__init__(f"training diverged in epoch {epoch} (iteration {step}): {what}")
+        self.epoch, self.step, self.what = epoch, step, what
 
 
 # ---------------------------------------------------------------- schedules and optimiser
@@ -117,11 +134,13 @@ def autocast(device: torch.device, enabled: bool):
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     settings: TrainSettings, step: int, device: torch.device, scaler=None, writer=None,
-                    epoch: int = 0, progress: bool = True) -> tuple[float, int]:
+                    epoch: int = 0, progress: bool = True, distributed: bool = False) -> tuple[float, int]:
     """One pass over ``loader`` (batches ``(images (B, C, H, W), labels (B,))``).
 
-    Sets lr and temperature before every iteration from the global ``step``.
-    Returns ``(mean training loss, global step after the epoch)``.
+    Sets lr and temperature before every iteration from the global ``step``.  The loss
+    (averaged over ranks with ``distributed``, so every rank decides alike) is checked
+    before the backward pass: a non-finite one raises :class:`TrainingDiverged` before
+    the weights take the step.  Returns ``(mean training loss, global step after the epoch)``.
     """
     model.train()
     total_loss, batches = 0.0, 0
@@ -139,6 +158,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 loss = lam * criterion(logits, targets_a) + (1.0 - lam) * criterion(logits, targets_b)
             else:
                 loss = criterion(model(images), targets)
+        value = loss.detach().float()
+        if distributed:
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        value = float(value)
+        if not math.isfinite(value):
+            raise TrainingDiverged(epoch + 1, step, f"the training loss is {value}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -147,9 +173,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         else:
             loss.backward()
             optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at iteration {step}")
         total_loss, batches = total_loss + value, batches + 1
         if writer is not None:
             writer.add_scalar("train/loss", value, step)
@@ -184,31 +207,174 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, 
             "samples": int(sums[3])}
 
 
+# ---------------------------------------------------------------- divergence
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers (BatchNorm statistics included) holding NaN or inf."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    if not state:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).cpu()  # one device sync
+    return [name for name, ok in zip(state, finite.tolist()) if not ok]
+
+
+# ---------------------------------------------------------------- random states
+
+def random_states(device: torch.device) -> dict:
+    """Every random state a training process uses: torch CPU (augmentation, mixup's Beta draw, dropout on CPU),
+    CUDA on ``device`` (dropout, mixup's permutation), Python ``random`` and NumPy's global generator.
+
+    Plain tensors, tuples and numbers only, so ``torch.load(weights_only=True)`` reads them back.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+        "numpy": {"bit_generator": numpy_state["bit_generator"],
+                  "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                  "gauss": float(numpy_state["gauss"])},
+    }
+
+
+def restore_random_states(states: dict, device: torch.device) -> None:
+    """Inverse of :func:`random_states`; CheckpointError when ``states`` is not such a record."""
+    try:
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(states["cuda"], device)
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+        numpy_state = states["numpy"]
+        np.random.set_state({"bit_generator": numpy_state["bit_generator"],
+                             "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+                             "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f"the checkpoint's random states are malformed ({type(err).__name__})") from None
+
+
 # ---------------------------------------------------------------- checkpoints
+#
+# On disk a checkpoint is ``torch.save({"format": CHECKPOINT_FORMAT, "sha256": hex, "payload": uint8 tensor})``,
+# where the payload is the ``torch.save`` serialisation of the state and ``sha256`` its digest: any changed
+# byte of the state is reported on load instead of trained on.  ``torch.load(path, weights_only=True)`` still
+# reads the wrapper; :func:`load_checkpoint` verifies it and returns the state.
+
+CHECKPOINT_FORMAT = "dyconv-checkpoint-v2"
+CHECKPOINT_KEYS = ("model", "meta", "epoch", "step")
+CHECKPOINT_TEMPORARY_SUFFIX = ".tmp"
+OPTIONAL_KEY_TYPES = {"optimizer": dict, "scaler": dict, "rng": list, "metrics": dict, "partition": dict,
+                      "best_top1": (int, float), "train_loss": (int, float), "temperature": (int, float)}
+
+
+def _write_durably(data, path: Path) -> None:
+    """Writes ``data`` (bytes, or a callable writing to a binary file) to ``path.tmp``, flushes it to disk
+    (fsync), then renames it over ``path`` and syncs the folder: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + CHECKPOINT_TEMPORARY_SUFFIX)
+    with open(tmp, "wb") as f:
+        data(f) if callable(data) else f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Writes ``state`` (tensors and plain Python values only) to a temporary file, then renames it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Writes ``state`` (tensors and plain Python values only) with its SHA-256, atomically and durably."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    _write_durably(lambda f: torch.save(wrapper, f), Path(path))
 
 
-CHECKPOINT_KEYS = ("model", "meta", "epoch", "step")
+def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies a checkpoint file atomically and durably (``best.pt`` from ``checkpoint.pt``)."""
+    _write_durably(Path(source).read_bytes(), Path(target))
+
+
+def _deserialize(data, path: Path, map_location):
+    """``torch.load(weights_only=True)`` of untrusted bytes.
+
+    Whatever the unpickler or the zip reader raises on damaged bytes (``RuntimeError``, ``UnpicklingError``,
+    ``IndexError``, ``KeyError``, ``struct.error``, ``UnicodeDecodeError``, ...) means "not a readable
+    checkpoint"; the broad ``except`` covers this one call only.
+    """
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 115": noise about bytes about to be rejected
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to decode these bytes is the file's fault
+        lines = str(err).strip().splitlines()
+        # PyTorch's weights_only message advises weights_only=False, which is wrong advice for a damaged file
+        reason = type(err).__name__ if not lines or "weights_only" in str(err) or "Weights only" in lines[0] \
+            else f"{type(err).__name__}: {lines[0][:160]}"
+        raise CheckpointError(f"checkpoint {path} is truncated, damaged or not a dyconv checkpoint ({reason})") from None
+
+
+def _check_state(state, path: Path) -> dict:
+    """The checkpoint state's structure: a mapping with the required keys of the right types, finite weights."""
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint (expected keys {CHECKPOINT_KEYS})")
+    if not isinstance(state["model"], dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in state["model"].items()):
+        raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: 'model' is not a state dict")
+    if not isinstance(state["meta"], dict):
+        raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: 'meta' is not a mapping")
+    for key in ("epoch", "step"):
+        if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+            raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: {key!r} is not a count")
+    for key, kinds in OPTIONAL_KEY_TYPES.items():
+        value = state.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: {key!r} is malformed")
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values in {len(bad)} tensors (first: {bad[0]})")
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Loads a checkpoint with ``weights_only=True``; CheckpointError when missing, truncated or foreign."""
+    """The state saved by :func:`save_checkpoint`, verified against its SHA-256.
+
+    CheckpointError when ``path`` is missing, a directory, empty, truncated, damaged (checksum mismatch),
+    foreign, or holds non-finite weights.  Checkpoints written before checksums existed (a bare state
+    dict) are accepted with a warning on stderr: their bytes cannot be verified and they hold no random states.
+    """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint: {reason}") from None
-    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
-        raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint (expected keys {CHECKPOINT_KEYS})")
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if not data:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    outer = _deserialize(data, path, "cpu")
+    if isinstance(outer, dict) and outer.get("format") == CHECKPOINT_FORMAT:
+        payload, digest = outer.get("payload"), outer.get("sha256")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1 \
+                or not isinstance(digest, str):
+            raise CheckpointError(f"checkpoint {path} is damaged: its checksum record is malformed")
+        payload = payload.numpy()
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match their SHA-256 checksum")
+        return _check_state(_deserialize(payload.tobytes(), path, map_location), path)
+    state = _check_state(outer, path)
+    print(f"warning: checkpoint {path} has no checksum (written before checksummed checkpoints): its contents "
+          f"are not verified and it holds no random states, so the resumed run is not bit-identical",
+          file=sys.stderr, flush=True)
+    if map_location != "cpu":
+        state = _deserialize(data, path, map_location)
     return state
 
 

@@ -9,22 +9,35 @@ turns on).  With ``--pad``, Iterative Mode Partition runs once before training o
 ``--partition-batches`` training batches (rank 0; the masks are then broadcast),
 never when resuming.  Outputs in ``--output``: ``checkpoint.pt`` (latest),
 ``best.pt``, ``summary.json``, ``tb/`` (TensorBoard) and, for PAD,
-``model_compact.safetensors``.
+``model_compact.safetensors``.  A fresh run refuses an ``--output`` that already
+holds a run (``checkpoint.pt``, ``best.pt`` or ``summary.json``) unless given
+``--overwrite-output-dir``; ``--resume`` of a checkpoint inside ``--output``
+continues that run there.  ``--evaluate`` writes ``summary.json`` into a folder
+that holds no training run (never into one with ``checkpoint.pt``/``best.pt``).
 
-Exit codes: 0 success; 2 bad input (unknown arch/conv, a value out of range, a
-missing/empty/unreadable data folder or image, a missing, truncated or foreign
-checkpoint), reported as one ``error: ...`` line on stderr.  Checkpoints are
-written to a temporary file and renamed, so a failing run never leaves a broken
-checkpoint behind; bad input is detected before anything is written.
+Exact resume: a checkpoint holds the model, optimizer, scaler, schedules' step and
+every random state of every rank (torch CPU and CUDA, Python, NumPy); the training
+loader is reseeded per epoch, so a run resumed with the same flags ends bit for bit
+where the uninterrupted run ends (on CPU, with or without workers).
+
+Exit codes: 0 success; 2 bad input (unknown arch/conv, a value out of range or not
+finite, a bad ``--output``, a missing/empty/unreadable data folder or image, a
+missing, truncated, damaged or foreign checkpoint or config) or a diverging run (a
+non-finite loss, weight or BatchNorm statistic: stopped before anything of that
+epoch is saved), reported as one ``error: ...`` line on stderr.  Checkpoints carry
+a SHA-256 of their contents, are flushed to disk in a temporary file and renamed,
+so a failing run never leaves a broken checkpoint behind.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +55,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import pad
 from dyconv.data import DATASETS, DataError, build_datasets
-from dyconv.engine import (LR_SCHEDULES, CheckpointError, TrainSettings, check_compatible, evaluate, load_checkpoint,
-                           parameter_groups, save_checkpoint, train_one_epoch, unwrap)
+from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, TrainingDiverged, TrainSettings,
+                           check_compatible, copy_checkpoint, evaluate, load_checkpoint, nonfinite_tensors,
+                           parameter_groups, random_states, restore_random_states, save_checkpoint, train_one_epoch)
 from dyconv.layers import CONVS, get_temperature, set_temperature
 from dyconv.models import ARCHS, build_model, count_flops
 
@@ -62,11 +76,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _bounded(kind, low=None, high=None, low_open=False):
+    """argparse type: ``kind(text)`` within the bounds; floats must be finite (NaN would pass any comparison)."""
     def convert(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if low is not None and (value <= low if low_open else value < low):
             raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {value}")
         if high is not None and value > high:
@@ -129,22 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast: bfloat16 on CPU, float16 + GradScaler on CUDA")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output", default="runs/dyconv", help="output folder")
-    g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate)")
+    g.add_argument("--output", default="runs/dyconv", help="output folder (checked before any data is read)")
+    g.add_argument("--overwrite-output-dir", action=argparse.BooleanOptionalAction, default=False,
+                   help="let a fresh run replace the run already in --output (its checkpoint.pt, best.pt, "
+                        "summary.json); without it such a folder is refused")
+    g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate); a checkpoint "
+                                    "inside --output continues that run in place")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
-                   help="only evaluate the --resume checkpoint and write summary.json")
+                   help="only evaluate the --resume checkpoint and write summary.json into --output, which must "
+                        "not hold a training run (checkpoint.pt or best.pt): a training folder is never overwritten")
     return p
 
 
 def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
     """The YAML file ``path`` as command-line tokens (placed before the real ones, which then win)."""
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
     except OSError as err:
-        raise UsageError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise UsageError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"cannot read config {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"config {path} is not UTF-8 text (byte {err.start})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: e.g. an impossible !!timestamp
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"config {path} is not valid YAML: {reason}") from None
+    values = {} if values is None else values
     if not isinstance(values, dict):
         raise UsageError(f"config {path} must be a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.option_strings}
@@ -160,7 +186,7 @@ def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
             if not isinstance(value, bool):
                 raise UsageError(f"config {path}: {key} must be true or false, got {value!r}")
             tokens.append(option if value else "--no-" + option[2:])
-        elif isinstance(value, (dict, list, bool)):
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise UsageError(f"config {path}: {key} must be a single value, got {value!r}")
         else:
             tokens += [option, str(value)]
@@ -185,7 +211,71 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------- process set-up
+# ---------------------------------------------------------------- the output folder
+
+RUN_FILES = ("checkpoint.pt", "best.pt", "summary.json")  # a folder holding any of these holds a run
+TRAINING_FILES = ("checkpoint.pt", "best.pt")
+WRITTEN_FILES = RUN_FILES + ("model_compact.safetensors",)
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().parent == folder.resolve()
+
+
+def check_output_folder(args: argparse.Namespace) -> Path:
+    """``--output`` as a folder this run may write into; UsageError otherwise (before any data is read).
+
+    It must be a folder or creatable as one (not a file, not under a file) and writable.  A fresh run
+    refuses a folder holding a run unless ``--overwrite-output-dir``; a ``--resume`` of a checkpoint in
+    the folder continues that run; ``--evaluate`` refuses a training folder whatever the flags.
+    """
+    output = Path(args.output)
+    for parent in (output, *output.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == output else f"is under {parent}, which is a file"
+            raise UsageError(f"--output {output} {where}, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=output, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"--output {output} is not a writable folder: {err.strerror or err}") from None
+    held = [name for name in RUN_FILES if (output / name).exists()]
+    if args.evaluate and any(name in TRAINING_FILES for name in held):
+        raise UsageError(f"--output {output} holds a training run ({', '.join(held)}); --evaluate never overwrites "
+                         f"it: give --evaluate its own --output folder")
+    continuing = args.resume is not None and not args.evaluate and _inside(args.resume, output)
+    if held and not args.overwrite_output_dir and not continuing:
+        raise UsageError(f"--output {output} already holds a run ({', '.join(held)}); pass --overwrite-output-dir "
+                         f"to replace it, or --resume {output / 'checkpoint.pt'} to continue it")
+    return output
+
+
+def discard_replaced_run(output: Path) -> None:
+    """With ``--overwrite-output-dir``, once the fresh run is about to train: the replaced run's summary,
+    compact export and TensorBoard events go, so the folder never mixes two runs' results (its checkpoints
+    are replaced as the fresh run writes its own)."""
+    replaced = [output / name for name in ("summary.json", "model_compact.safetensors") if (output / name).is_file()]
+    for path in replaced:
+        path.unlink()
+    if (output / "tb").is_dir():
+        shutil.rmtree(output / "tb")
+        replaced.append(output / "tb")
+    if replaced:
+        print(f"--overwrite-output-dir: removed {', '.join(p.name for p in replaced)} of the replaced run", flush=True)
+
+
+def remove_stale_temporaries(output: Path) -> None:
+    """Deletes the ``*.tmp`` files a killed run may have left beside the files this CLI writes."""
+    stale = [output / (name + CHECKPOINT_TEMPORARY_SUFFIX) for name in WRITTEN_FILES]
+    stale = [path for path in stale if path.is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"removed {len(stale)} stale temporary file(s) of an interrupted run: "
+              f"{', '.join(p.name for p in stale)}", flush=True)
+
 
 # ---------------------------------------------------------------- distributed
 
@@ -229,18 +319,31 @@ def model_metadata(args: argparse.Namespace, num_classes: int, in_channels: int,
 
 
 def make_loaders(train_set, val_set, args, ctx: Distributed) -> tuple[DataLoader, DataLoader]:
-    """Training loader (DistributedSampler under torchrun) and this rank's shard of the validation set."""
+    """Training loader (DistributedSampler under torchrun) and this rank's shard of the validation set.
+
+    Both draw their worker seeds from their own generator, never from the global RNG.  The training
+    loader's workers are not persistent: each epoch starts workers seeded from the generator, which
+    :func:`seed_epoch` reseeds, so an epoch's augmentation depends on (seed, epoch) only and a resumed
+    run repeats it.  Validation (no randomness) keeps its workers.
+    """
     per_rank = -(-len(train_set) // ctx.world_size)
-    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
-                  persistent_workers=args.workers > 0)
+    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda")
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed) if ctx.enabled else None
     # drop the last partial batch (a 1-sample batch breaks BatchNorm) unless it is the only one
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=per_rank >= args.batch_size,
+                              drop_last=per_rank >= args.batch_size, persistent_workers=False,
                               generator=torch.Generator().manual_seed(args.seed), **common)
     val_shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size)) if ctx.enabled else val_set
-    val_loader = DataLoader(val_shard, args.batch_size, shuffle=False, **common)
+    val_loader = DataLoader(val_shard, args.batch_size, shuffle=False, persistent_workers=args.workers > 0,
+                            generator=torch.Generator().manual_seed(args.seed), **common)
     return train_loader, val_loader
+
+
+def seed_epoch(train_loader: DataLoader, args, epoch: int) -> None:
+    """Shuffle order and worker seeds of ``epoch`` from (seed, epoch) only, so a resumed run sees the same."""
+    if isinstance(train_loader.sampler, DistributedSampler):
+        train_loader.sampler.set_epoch(epoch)
+    train_loader.generator.manual_seed(args.seed + epoch)
 
 
 def partition_batches(train_set, args) -> list:
@@ -279,6 +382,91 @@ def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict |
     return report
 
 
+def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
+    """Weights, masks and temperature of ``checkpoint`` into ``model``; CheckpointError when they do not fit."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).strip().splitlines()[0]}") from None
+    if checkpoint.get("temperature") is not None:
+        set_temperature(model, checkpoint["temperature"])
+
+
+def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
+    """Optimizer (and GradScaler) state of ``checkpoint``; CheckpointError when it does not fit."""
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} holds an optimizer state that does not fit: "
+                              f"{type(err).__name__}") from None
+
+
+def restore_rank_random_states(checkpoint: dict, ctx: Distributed) -> None:
+    """This rank's random states from ``checkpoint`` (one record per rank); a note when there are none."""
+    states = checkpoint.get("rng")
+    if isinstance(states, list) and len(states) == ctx.world_size:
+        restore_random_states(states[ctx.rank], ctx.device)
+    elif ctx.is_main:
+        have = "none" if states is None else f"{len(states)} rank(s)"
+        print(f"note: the checkpoint holds random states of {have}, this run has {ctx.world_size}: "
+              f"the resumed run is not bit-identical to an uninterrupted one", flush=True)
+
+
+def gather_random_states(ctx: Distributed) -> list[dict]:
+    """Every rank's :func:`random_states`, in rank order (a collective under torchrun)."""
+    local = random_states(ctx.device)
+    if not ctx.enabled:
+        return [local]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def wrap_ddp(model: nn.Module, ctx: Distributed) -> nn.Module:
+    """DistributedDataParallel around ``model`` (or the model itself in one process).
+
+    PAD masks (``*.mask`` buffers) are excluded from DDP's per-forward buffer broadcast: they are
+    broadcast once after IMP (or loaded alike on every rank) and never change, while BatchNorm
+    statistics keep being broadcast from rank 0.
+    """
+    if not ctx.enabled:
+        return model
+    masks = [name for name, _ in model.named_buffers() if name.endswith(".mask")]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, masks)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def sync_buffers(model: nn.Module, ctx: Distributed) -> None:
+    """Rank 0's BatchNorm statistics to every rank (masks are equal already), so every rank evaluates alike."""
+    if ctx.enabled:
+        for name, buffer in model.named_buffers():
+            if not name.endswith(".mask"):
+                dist.broadcast(buffer, src=0)
+
+
+def check_finite(model: nn.Module, metrics: dict, epoch: int, step: int) -> None:
+    """TrainingDiverged when the validation loss or a weight or BatchNorm statistic is not finite."""
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingDiverged(epoch, step, f"the validation loss is {metrics['loss']}")
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise TrainingDiverged(epoch, step, f"{len(bad)} weights or BatchNorm statistics are not finite "
+                                            f"(first: {bad[0]})")
+
+
+def save_epoch(state: dict, output: Path, is_best: bool) -> None:
+    """``checkpoint.pt`` (and ``best.pt`` when ``is_best``).  ``best.pt`` is written first: a run killed
+    between the two resumes from the previous ``checkpoint.pt`` and redoes the epoch, whereas the other
+    order could leave a newest-best epoch in ``checkpoint.pt`` only, never to be copied to ``best.pt``."""
+    if is_best:
+        save_checkpoint(state, output / "best.pt")
+        copy_checkpoint(output / "best.pt", output / "checkpoint.pt")
+    else:
+        save_checkpoint(state, output / "checkpoint.pt")
+
+
 def log_epoch(writer: SummaryWriter, model: nn.Module, metrics: dict, train_loss: float, epoch: int) -> None:
     """Per-epoch TensorBoard scalars: validation metrics, dynamic ratio, scale factors."""
     writer.add_scalar("train/epoch_loss", train_loss, epoch)
@@ -299,7 +487,7 @@ def log_epoch(writer: SummaryWriter, model: nn.Module, metrics: dict, train_loss
 
 
 def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + CHECKPOINT_TEMPORARY_SUFFIX)
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
@@ -323,12 +511,29 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
 
 # ---------------------------------------------------------------- the run
 
+@dataclass
+class LastGood:
+    """The newest checkpoint known good: named when a run diverges."""
+    path: str | None = None
+    epoch: int | None = None
+
+    def describe(self) -> str:
+        if self.path is None:
+            return "no checkpoint was written before it"
+        return f"the last good checkpoint is {self.path} (epoch {self.epoch}), left as it was"
+
+
 def run(args: argparse.Namespace, ctx: Distributed) -> int:
     start = time.time()
+    output = check_output_folder(args)  # before any data is read, any model built, any IMP run
+    if ctx.is_main:
+        remove_stale_temporaries(output)
     torch.manual_seed(args.seed)
-    output = Path(args.output)
     train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
                                               args.val_subset, args.seed)
+    if info.hidden_entries_skipped and ctx.is_main:
+        print(f"data: skipped {info.hidden_entries_skipped} hidden entries (names starting with '.', e.g. "
+              f".ipynb_checkpoints, AppleDouble ._* files) in {args.data}", flush=True)
     meta = model_metadata(args, info.num_classes, info.in_channels, info.small_input)
     checkpoint = None
     if args.resume:  # checked before anything is built or written
@@ -341,9 +546,7 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        if checkpoint.get("temperature") is not None:
-            set_temperature(model, checkpoint["temperature"])
+        restore_model(model, checkpoint, args.resume)
     model.to(ctx.device)
     train_loader, val_loader = make_loaders(train_set, val_set, args, ctx)
     sizes = {"train_samples": len(train_set), "val_samples": len(val_set), "world_size": ctx.world_size}
@@ -351,7 +554,6 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
     if args.evaluate:
         metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled)
         if ctx.is_main:
-            output.mkdir(parents=True, exist_ok=True)
             summary = summarise(model, args, info, metrics, {
                 "epochs": checkpoint["epoch"], "evaluate_only": True, "partition": checkpoint.get("partition"),
                 "wall_seconds": time.time() - start, **sizes})
@@ -371,48 +573,46 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                              mixup_alpha=args.mixup, amp=args.amp)
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler("cuda") if args.amp and ctx.device.type == "cuda" else None
-    epoch, step, best_top1, metrics = 0, 0, float("-inf"), None
+    epoch, step, best_top1, metrics, last_good = 0, 0, float("-inf"), None, LastGood()
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        restore_optimizer(optimizer, scaler, checkpoint, args.resume)
         epoch, step = checkpoint["epoch"], checkpoint["step"]
         best_top1, metrics = checkpoint.get("best_top1", best_top1), checkpoint.get("metrics")
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
-        if ctx.enabled else model
+        last_good = LastGood(args.resume, epoch)
+        restore_rank_random_states(checkpoint, ctx)  # last: nothing random may run between this and training
+    if ctx.is_main and checkpoint is None and args.overwrite_output_dir:
+        discard_replaced_run(output)
+    net = wrap_ddp(model, ctx)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    writer = None
-    if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(output / "tb"))
+    writer = SummaryWriter(str(output / "tb")) if ctx.is_main else None
     train_loss = checkpoint.get("train_loss") if checkpoint else None
     try:
         for epoch in range(epoch, args.epochs):
-            if isinstance(train_loader.sampler, DistributedSampler):
-                train_loader.sampler.set_epoch(epoch)
-            else:  # the shuffle order depends on the epoch only, so a resumed run sees the same order
-                train_loader.generator.manual_seed(args.seed + epoch)
+            seed_epoch(train_loader, args, epoch)
             train_loss, step = train_one_epoch(net, train_loader, optimizer, criterion, settings, step, ctx.device,
-                                               scaler, writer, epoch, progress=ctx.is_main)
-            metrics = evaluate(net, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
-            if not ctx.is_main:
-                continue
-            log_epoch(writer, model, metrics, train_loss, epoch + 1)
-            print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top1 {metrics['top1']:.2f} "
-                  f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}", flush=True)
-            is_best = metrics["top1"] >= best_top1
+                                               scaler, writer, epoch, progress=ctx.is_main, distributed=ctx.enabled)
+            sync_buffers(model, ctx)
+            metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
+            check_finite(model, metrics, epoch + 1, step)  # before anything of this epoch is saved
+            rng = gather_random_states(ctx)
+            is_best = metrics["top1"] >= best_top1  # metrics are all-reduced: every rank agrees
             best_top1 = max(best_top1, metrics["top1"])
-            save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1, "step": step, "temperature": get_temperature(model), "best_top1": best_top1,
-                "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta, "args": vars(args),
-            }, output / "checkpoint.pt")
-            if is_best:
-                shutil.copyfile(output / "checkpoint.pt", output / "best.pt.tmp")
-                os.replace(output / "best.pt.tmp", output / "best.pt")
+            if ctx.is_main:
+                log_epoch(writer, model, metrics, train_loss, epoch + 1)
+                print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top1 {metrics['top1']:.2f} "
+                      f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}", flush=True)
+                save_epoch({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "epoch": epoch + 1, "step": step, "temperature": get_temperature(model), "best_top1": best_top1,
+                    "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta,
+                    "args": vars(args), "rng": rng,
+                }, output, is_best)
+            last_good = LastGood(str(output / "checkpoint.pt"), epoch + 1)
         if metrics is None:  # resumed a finished run: nothing to train
-            metrics = evaluate(net, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
+            metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
+    except TrainingDiverged as err:
+        raise UsageError(f"{err}; stopped before saving anything of that epoch: {last_good.describe()}") from None
     finally:
         if writer is not None:
             writer.close()

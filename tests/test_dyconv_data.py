@@ -143,3 +143,41 @@ def test_random_subset_is_seeded_and_distinct():
     assert len(a) == 10 and list(a) == list(b) and list(a) != list(c)
     assert len(set(a)) == 10
     assert data.random_subset(dataset, None, 0) is dataset and data.random_subset(dataset, 80, 0) is dataset
+
+
+def test_image_folder_skips_and_counts_hidden_entries(tmp_path):
+    """Hidden class folders, AppleDouble ``._*`` files and files inside hidden folders are skipped and counted."""
+    make_folder(tmp_path)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # a hidden class folder (with an image in it)
+    (tmp_path / "train" / ".ipynb_checkpoints" / "0.png").write_bytes(b"x")
+    (tmp_path / "train" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (tmp_path / "train" / "b" / ".cache").mkdir()
+    (tmp_path / "train" / "b" / ".cache" / "1.png").write_bytes(b"x")
+    (tmp_path / "train" / "b" / ".DS_Store").write_bytes(b"x")  # not an image name: never a sample, not counted
+    (tmp_path / "val" / "a" / "._1.jpg").write_bytes(b"x")
+    folder = data.image_folder(tmp_path, "train", 16, train=True)
+    assert folder.classes == ["a", "b"] and folder.hidden_entries_skipped == 3
+    assert sorted(Path(p).name for p, _ in folder.samples) == ["0.png", "0.png", "1.png", "1.png"]
+    train_set, val_set, info = data.build_datasets("imagenet", str(tmp_path), 16)
+    assert (len(train_set), len(val_set), info.num_classes, info.hidden_entries_skipped) == (4, 4, 2, 4)
+    assert all(image.shape == (3, 16, 16) for image, _ in train_set)
+
+
+def test_damaged_idx_files_raise_data_error(tmp_path):
+    """Random bytes, truncations and flipped bytes of a .gz IDX file: read exactly, or DataError, never another error."""
+    write_idx(tmp_path / "good.gz", np.arange(24, dtype=np.uint8).reshape(2, 3, 4), 0x08, ">u1")
+    good = (tmp_path / "good.gz").read_bytes()
+    rng = np.random.default_rng(0)
+    contents = [good[:n] for n in range(len(good))]
+    contents += [bytes(good[:o]) + bytes([good[o] ^ 0xFF]) + good[o + 1:] for o in range(len(good))]
+    contents += [b"\x1f\x8b" + rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in range(0, 300, 7)]
+    path, outcomes = tmp_path / "x.gz", {"read": 0, "error": 0}
+    for content in contents:
+        path.write_bytes(content)
+        try:
+            array = data.read_idx(path)
+            assert array.ndim >= 0
+            outcomes["read"] += 1
+        except DataError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > len(good)  # every truncation at least

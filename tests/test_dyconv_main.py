@@ -84,8 +84,8 @@ def scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def test_pad_run_writes_outputs_with_target_ratio(pad_run):
     summary = read_json(pad_run / "summary.json")
-    checkpoint = torch.load(pad_run / "checkpoint.pt", weights_only=True)
-    assert torch.load(pad_run / "best.pt", weights_only=True)["epoch"] == 1
+    checkpoint = engine.load_checkpoint(pad_run / "checkpoint.pt")
+    assert engine.load_checkpoint(pad_run / "best.pt")["epoch"] == 1
     layer_masks = masks(checkpoint["model"])
     entries = sum(m.numel() for m in layer_masks.values())
     dynamic = sum(float(m.sum()) for m in layer_masks.values())
@@ -124,13 +124,13 @@ def test_tensorboard_events(pad_run):
 
 
 def test_resume_continues_without_repartition(pad_run, folder, tmp_path, capsys):
-    first = torch.load(pad_run / "checkpoint.pt", weights_only=True)
+    first = engine.load_checkpoint(pad_run / "checkpoint.pt")
     capsys.readouterr()
     rc = main(pad_args(folder, tmp_path, "--temp-init", "10", "--temp-epochs", "2", "--epochs", "2",
                        "--resume", str(pad_run / "checkpoint.pt")))
     assert rc == 0
     assert "IMP" not in capsys.readouterr().out
-    second = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    second = engine.load_checkpoint(tmp_path / "checkpoint.pt")
     assert second["epoch"] == 2 and second["step"] == 2 * STEPS_PER_EPOCH
     for key, mask in masks(first["model"]).items():
         assert torch.equal(mask, second["model"][key])
@@ -176,7 +176,7 @@ def test_partition_flags_reach_imp(folder, tmp_path):
     assert (report["criterion"], report["schedule"], report["scope"], report["iterations"], report["batches"]) == \
         ("random", "linear", "local", 3, 1)
     assert report["ratio_per_iteration"] == pytest.approx([1 - 0.5 * t / 3 for t in (1, 2, 3)], abs=1e-3)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    state = engine.load_checkpoint(tmp_path / "checkpoint.pt")["model"]
     for key, mask in masks(state).items():  # local scope: every layer on its own hits the ratio
         assert abs(float(mask.sum()) - 0.5 * mask.numel()) <= 1, key
         assert state[key.replace(".mask", ".kernels")].shape[0] == 2
@@ -205,7 +205,7 @@ def test_lr_schedule_warmup_and_momentum_reach_the_optimizer(folder, tmp_path):
         else:
             expected.append(0.2 * 0.1 ** sum(s / total >= m for m in (0.3, 0.6, 0.9)))
     assert lrs == pytest.approx(expected, rel=1e-6)
-    groups = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    groups = engine.load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"]
     assert [g["momentum"] for g in groups] == [0.5, 0.5] and [g["weight_decay"] for g in groups] == [0.01, 0.0]
 
 
@@ -275,7 +275,7 @@ def test_fashion_mnist_from_idx_folder(tmp_path):
     assert main(["--data", str(idx), "--dataset", "fashion-mnist", "--arch", "resnet10", "--conv", "static",
                  "--epochs", "1", "--batch-size", "4", "--workers", "0", "--image-size", "16", "--output", str(out)]) == 0
     summary = read_json(out / "summary.json")
-    meta = torch.load(out / "checkpoint.pt", weights_only=True)["meta"]
+    meta = engine.load_checkpoint(out / "checkpoint.pt")["meta"]
     assert (summary["dataset"], summary["num_classes"], summary["image_size"]) == ("fashion-mnist", 10, 16)
     assert (meta["in_channels"], meta["small_input"]) == (1, True)
     model = build_model("resnet10", num_classes=10, small_input=True, in_channels=1)
@@ -362,8 +362,10 @@ def test_bad_resume_files_never_touch_a_good_checkpoint(pad_run, folder, tmp_pat
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     cases = [
-        (pad_args(folder, out, "--resume", str(tmp_path / "nope.pt")), "does not exist"),
-        (pad_args(folder, out, "--resume", str(truncated)), "truncated or not a checkpoint"),
+        (pad_args(folder, out, "--resume", str(tmp_path / "nope.pt"), "--overwrite-output-dir"), "does not exist"),
+        (pad_args(folder, out, "--resume", str(tmp_path), "--overwrite-output-dir"), "is a directory"),
+        (pad_args(folder, out, "--resume", str(truncated), "--overwrite-output-dir"),
+         "truncated, damaged or not a dyconv checkpoint"),
         (pad_args(folder, out, "--resume", str(good), "--arch", "resnet18"), "arch='resnet10'"),
         (pad_args(folder, out, "--resume", str(good), "--conv", "condconv"), "conv='dyconv'"),
         (pad_args(folder, out, "--resume", str(good), "--no-pad"), "pad=True"),
