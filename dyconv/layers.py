@@ -222,9 +222,13 @@ class _RoutedConv2d(nn.Module):
         """``(kernels (K, *S), static (*S) or None)``, with PAD's static part folded into
         the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``)."""
         dynamic, static = self.bank()
-        if static is not None and self.routing_sums_to_one:
-            return dynamic + static, None
-        return dynamic, static
+        if static is None or not self.routing_sums_to_one:
+            return dynamic, static
+        if isinstance(self.bank, PartiallyDynamicWeights):
+            # the bank's lambda_d M W_k is a fresh product that its backward does not need:
+            # fold in place, one K |W| temporary instead of two
+            return dynamic.add_(static), None
+        return dynamic + static, None
 
     def conv_terms(self, routing: torch.Tensor) -> ConvTerms:
         """The :class:`ConvTerms` of a batch from the attention's output (routing ``(B, K)``)."""
