@@ -44,8 +44,10 @@ import pad
 from dyconv.data import DATASETS, DataError, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CheckpointError, TrainSettings, check_compatible, evaluate, load_checkpoint,
                            parameter_groups, save_checkpoint, train_one_epoch, unwrap)
-from dyconv.layers import CONVS, get_temperature, set_temperature
+from dyconv.inference import to_inference
+from dyconv.layers import CONVS, conv_schemes, get_temperature, restore_conv_schemes, set_temperature
 from dyconv.models import ARCHS, build_model, count_flops
+from dyconv.schemes import POLICIES
 
 EXIT_BAD_INPUT = 2
 
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", type=_bounded(int, 1), default=4, help="K kernels per dynamic conv")
     g.add_argument("--reduction", type=_bounded(int, 1), default=4, help="attention reduction r")
     g.add_argument("--scale-factors", choices=pad.SCALE_FACTOR_VARIANTS, default="both")
+    g.add_argument("--conv-scheme", choices=POLICIES, default="auto",
+                   help="execution scheme of every dynamic conv: auto (per layer, by a cost model) or one forced "
+                        "where exact; a resumed run keeps the schemes its checkpoint recorded")
     g = p.add_argument_group("mode partition (IMP)")
     g.add_argument("--dynamic-ratio", type=_dynamic_ratio, default=0.3, help="kappa in (0, 1]")
     g.add_argument("--partition-criterion", choices=pad.CRITERIA, default="taylor")
@@ -130,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output", default="runs/dyconv", help="output folder")
-    g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate)")
+    g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate; "
+                                    "--evaluate also takes a PAD run's model_compact.safetensors)")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
                    help="only evaluate the --resume checkpoint and write summary.json")
     return p
@@ -182,6 +188,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate needs --resume CHECKPOINT")
+    if args.resume and args.resume.endswith(".safetensors") and not (args.evaluate and args.pad):
+        raise UsageError("a compact .safetensors file can only be evaluated (--evaluate --pad); "
+                         "resume training from checkpoint.pt")
     return args
 
 
@@ -323,8 +332,42 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
 
 # ---------------------------------------------------------------- the run
 
+from safetensors import SafetensorError  # noqa: E402  (kept beside its only use: the compact evaluation)
+
+
+def evaluate_compact(args: argparse.Namespace, ctx: Distributed, start: float) -> int:
+    """``--evaluate --resume model_compact.safetensors``: the PAD model built from the flags, loaded
+    from the compact file and evaluated in inference form (folded kernels, attention temperature 1,
+    where the schedule ends; the file holds no temperature)."""
+    _, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset, args.val_subset,
+                                      args.seed)
+    try:
+        model = build_model(args.arch, conv=args.conv, pad=True, num_classes=info.num_classes,
+                            small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
+                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=1.0,
+                            conv_scheme=args.conv_scheme)
+        pad.load_compact_file(model, args.resume)
+    except FileNotFoundError:
+        raise UsageError(f"compact file {args.resume} does not exist") from None
+    except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # unreadable, or another architecture
+        raise UsageError(f"compact file {args.resume} cannot be loaded into {args.arch}/{args.conv}: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    _, val_loader = make_loaders(val_set, val_set, args, ctx)
+    metrics = evaluate(to_inference(model).to(ctx.device), val_loader, ctx.device, args.amp, ctx.enabled)
+    if ctx.is_main:
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        summary = summarise(model, args, info, metrics, {"evaluate_only": True, "compact_file": args.resume,
+                                                         "wall_seconds": time.time() - start})
+        write_json(summary, output / "summary.json")
+        print(f"evaluate {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", flush=True)
+    return 0
+
+
 def run(args: argparse.Namespace, ctx: Distributed) -> int:
     start = time.time()
+    if args.evaluate and args.resume.endswith(".safetensors"):
+        return evaluate_compact(args, ctx, start)
     torch.manual_seed(args.seed)
     output = Path(args.output)
     train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
@@ -337,11 +380,16 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
     try:
         model = build_model(args.arch, conv=args.conv, pad=args.pad, num_classes=info.num_classes,
                             small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
-                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init)
+                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init,
+                            conv_scheme=args.conv_scheme)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        try:  # checkpoints written before schemes were recorded have none: choices are made afresh
+            restore_conv_schemes(model, checkpoint.get("conv_schemes"))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {args.resume}: {err}") from None
         if checkpoint.get("temperature") is not None:
             set_temperature(model, checkpoint["temperature"])
     model.to(ctx.device)
@@ -407,6 +455,7 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch + 1, "step": step, "temperature": get_temperature(model), "best_top1": best_top1,
                 "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta, "args": vars(args),
+                "conv_schemes": conv_schemes(model),
             }, output / "checkpoint.pt")
             if is_best:
                 shutil.copyfile(output / "checkpoint.pt", output / "best.pt.tmp")
