@@ -219,4 +219,9 @@ def choose_scheme(policy: str, applicable: tuple[str, ...], batch: int, kernels:
         return "grouped"
     if "bmm" in applicable:
         return "bmm"
-    return min(applicable, key=lambda s: modelled_cost(s, kernels, in_per_group, kernel_size, out_pixels))
+    costs = [(modelled_cost(s, kernels, in_per_group, kernel_size, out_pixels), s) for s in applicable]
+    best_cost, best = costs[0]
+    for cost, scheme in costs[1:]:  # a plain loop: torch.compile traces it without a graph break
+        if cost < best_cost:
+            best_cost, best = cost, scheme
+    return best
