@@ -239,12 +239,12 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _OneLineParser(prog="bench_dyconv", description=__doc__.split("\n")[0])
-    parser.add_argument("--mini", action="store_true", help="quick CPU run: 112 px only and 2 repeats")
+    parser.add_argument("--mini", action="store_true", help="quick CPU run: 112 px only, batch 8, 2 repeats")
     parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenetv2_100"], choices=ARCHS,
                         help="archs timed (default resnet18 mobilenetv2_100)")
     parser.add_argument("--sizes", type=int, nargs="+", help="image sizes (default 112 224; --mini: 112)")
     parser.add_argument("--repeats", type=int, help="interleaved timing rounds (default 10; --mini: 2)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="default 32; --mini: 8")
     parser.add_argument("--kernels", type=int, default=4, help="DY-Conv kernels K")
     parser.add_argument("--dynamic-ratio", type=float, default=0.3)
     parser.add_argument("--scheme", choices=POLICIES, default="auto",
@@ -260,6 +260,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([112] if args.mini else [112, 224])
     args.repeats = args.repeats or (2 if args.mini else 10)
+    args.batch_size = args.batch_size if args.batch_size is not None else (8 if args.mini else 32)
     if min(args.sizes) < 32:
         raise ValueError(f"image sizes must be >= 32, got {args.sizes}")
     if args.batch_size < 1 or args.repeats < 1:

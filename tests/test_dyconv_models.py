@@ -327,11 +327,13 @@ def test_bench_forced_scheme_and_allocator_flags(capsys):
     assert [r[2] for r in table_rows(out, "mobilenetv2_050")[:4]] == ["static", "dyconv", "pad-dyconv", "pad-folded"]
 
 
-def test_bench_mini_measures_112_px_with_two_repeats():
+def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     args = bench.parse_args(["--mini"])
-    assert (args.sizes, args.repeats, args.batch_size, args.archs) == ([112], 2, 32, ["resnet18", "mobilenetv2_100"])
+    assert (args.sizes, args.repeats, args.batch_size, args.archs) == ([112], 2, 8, ["resnet18", "mobilenetv2_100"])
+    assert bench.parse_args(["--mini", "--batch-size", "4"]).batch_size == 4
     full = bench.parse_args([])
-    assert (full.sizes, full.repeats, full.scheme, full.keep_freed_memory) == ([112, 224], 10, "auto", False)
+    assert (full.sizes, full.repeats, full.batch_size, full.scheme, full.keep_freed_memory) == (
+        [112, 224], 10, 32, "auto", False)
 
 
 @pytest.mark.parametrize("argv, message", [
