@@ -194,6 +194,7 @@ class _RoutedConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.scheme = _check_policy(scheme)
         self.chosen_schemes: dict[str, str] = {}
+        self._fold_cache: tuple | None = None
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         self.bank = PartiallyDynamicWeights(kernels, shape, scale_factors) if pad else DynamicWeights(kernels, shape)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -220,7 +221,31 @@ class _RoutedConv2d(nn.Module):
 
     def kernel_terms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(kernels (K, *S), static (*S) or None)``, with PAD's static part folded into
-        the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``)."""
+        the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``).
+
+        In eval mode without autograd the result is cached until a bank tensor changes (its
+        version counter or storage), so evaluating a PAD model folds once, not once per batch;
+        ``train()`` drops the cache.
+        """
+        key = self._fold_cache_key()
+        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1]
+        terms = self._fold()
+        self._fold_cache = None if key is None else (key, terms)
+        return terms
+
+    def _fold_cache_key(self) -> tuple | None:
+        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not isinstance(self.bank, PartiallyDynamicWeights)):
+            return None
+        tensors = [*self.bank.parameters(), self.bank.mask]
+        return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+    def train(self, mode: bool = True):
+        self._fold_cache = None
+        return super().train(mode)
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         dynamic, static = self.bank()
         if static is None or not self.routing_sums_to_one:
             return dynamic, static

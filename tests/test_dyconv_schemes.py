@@ -285,3 +285,34 @@ def test_compile_without_graph_breaks_or_a_graph_per_batch_size(scheme):
     x = torch.randn(4, 8, 6, 6)
     with torch.no_grad():  # the compiled model computes what the eager one does
         torch.testing.assert_close(torch.compile(layers, backend="eager", dynamic=True)(x), layers(x))
+
+
+def test_eval_fold_is_cached_until_a_bank_tensor_changes():
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 6, 3, padding=1, kernels=3, pad=True).eval()
+    calls = []
+    layer.bank.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    x = torch.randn(2, 4, 5, 5)
+
+    def uncached_output():  # with autograd on, nothing is cached
+        with torch.enable_grad():
+            return layer(x).detach()
+
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(layer(x), first)
+        assert len(calls) == 1  # folded once for two batches
+        for change in (lambda: layer.bank.kernels.mul_(1.5), lambda: layer.bank.mask[0].zero_(),
+                       lambda: layer.bank.scale.phi.fill_(0.3), lambda: layer.bank.static_weight.add_(1.0)):
+            change()
+            out = layer(x)  # a new fold ...
+            assert not torch.equal(out, first)
+            torch.testing.assert_close(out, uncached_output(), rtol=0, atol=0)  # ... equal to an uncached one
+            first = out
+    assert len(calls) == 1 + 4 * 2
+    layer.train()
+    assert layer._fold_cache is None
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    assert len(calls) == 1 + 4 * 2 + 2  # training mode folds every pass
