@@ -231,7 +231,8 @@ class _RoutedConv2d(nn.Module):
         if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1]
         terms = self._fold()
-        self._fold_cache = None if key is None else (key, terms)
+        if key is not None:  # (a stale cache is never hit: its key holds the tensors' versions)
+            self._fold_cache = (key, terms)
         return terms
 
     def _fold_cache_key(self) -> tuple | None:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
@@ -331,9 +332,6 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the run
-
-from safetensors import SafetensorError  # noqa: E402  (kept beside its only use: the compact evaluation)
-
 
 def evaluate_compact(args: argparse.Namespace, ctx: Distributed, start: float) -> int:
     """``--evaluate --resume model_compact.safetensors``: the PAD model built from the flags, loaded
