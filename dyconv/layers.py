@@ -180,6 +180,15 @@ class _RoutedConv2d(nn.Module):
         attention: the routing submodule (set by subclasses).
         scheme: ``auto`` or the name of a scheme to force (see :mod:`dyconv.schemes`).
         chosen_schemes: ``{scheme_key: scheme}``, the scheme used per batch class and input size.
+
+    Scheme choice (``scheme="auto"``, :func:`dyconv.schemes.choose_scheme`): ``grouped`` at
+    batch 1 (one plain conv), ``bmm`` for 1x1 kernels, otherwise the cheaper, in static-conv
+    units of forward + backward, of ``grouped`` ``1 + 0.1 (C/g) k^2 / (H' W')`` (per-sample
+    weights ``B |W|``, a poorly parallel grouped conv) and ``stacked`` ``K + 1`` (K x the MACs,
+    ``K B O H' W'`` outputs); ``stacked`` needs no spatial attention.  Memory break-even:
+    ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 10 K H' W'``) lies above it,
+    so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (issue 7's
+    single-layer timings); ``scheme=<name>`` forces one where it is exact.
     """
 
     routing_sums_to_one = False  # True where PAD's static part folds into the kernels
