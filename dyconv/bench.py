@@ -1,38 +1,50 @@
-"""Benchmark: cost of DY-Conv and PAD-DY-Conv ResNet-18 relative to static ResNet-18, and stored parameters.
+"""Benchmark: cost of DY-Conv and PAD-DY-Conv relative to the static model, per-layer schemes, stored parameters.
 
-Everything is measured in one run, against the static model measured in the same run:
+Everything is measured in one run, against the static model of the same arch measured
+in the same run, with the models built by ``dyconv.models.build_model`` as a user would
+(default allocator unless ``--keep-freed-memory``):
 
-* time: ``torch.utils.benchmark.Timer`` (mean over ``--repeats`` calls after one warm-up
-  call; it synchronises CUDA itself), forward in eval mode under ``no_grad``, and
-  forward + backward of ``logits.sum()`` in training mode;
+* time, median over ``--repeats`` interleaved rounds (each round times every model once,
+  after one warm-up call each): the training step (forward + backward of ``logits.sum()``
+  in training mode) and inference (eval mode, ``no_grad``) at ``--batch-size``, and
+  inference at batch 1;
 * peak memory above what was allocated before the pass: on CUDA
   ``torch.cuda.max_memory_allocated``; on CPU the peak of the bytes held by torch's
   allocator, summed at operator boundaries from ``torch.profiler`` (``profile_memory=True``),
   so a temporary allocated and freed inside one operator is not seen;
-* stored parameters of ResNet DY-Conv dense vs PAD compact (``pad.parameter_counts``)
+* the execution scheme every dynamic conv chose (``--scheme`` forces one);
+* stored parameters of DY-Conv dense vs PAD compact (``pad.parameter_counts``)
   with a random mask at ``--dynamic-ratio`` (``pad.select_dynamic`` on random scores).
 
-The PAD model here is the dense training form (all kernels stored, mask applied in the
-forward pass), so its time and memory are those of training, not of a compact deployment.
+``pad-dyconv`` is the dense training form (all kernels stored, mask applied and the static
+part folded into the kernels in every forward pass); ``pad-folded`` is its inference form
+(:func:`dyconv.inference.to_inference`: folded kernels, no mask), timed in inference only.
 
-Usage: ``python -m dyconv.bench [--mini] [--sizes 112 224] [--batch-size 32] ...``
+Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224] ...``
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
 import pad
+from .inference import to_inference
+from .layers import conv_schemes, dynamic_convs
 from .models import ARCHS, build_model
+from .schemes import POLICIES
 
 VARIANTS = (("static", "static", False), ("dyconv", "dyconv", False), ("pad-dyconv", "dyconv", True))
+INFERENCE_VARIANT = "pad-folded"
+PASSES = ("train", "infer", "infer1")
 
 
 def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0) -> None:
@@ -44,28 +56,41 @@ def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0) -> No
         pad.select_dynamic(banks, scores, dynamic_ratio, "global")
 
 
-def forward_pass(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def forward_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable[[], None]:
     """Inference: eval mode, no autograd graph."""
     def run():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(x.device, amp):
             model(x)
     return run
 
 
-def training_pass(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def training_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable[[], None]:
     """Forward and backward of ``logits.sum()`` in training mode."""
     def run():
         model.train()
         model.zero_grad(set_to_none=True)
-        model(x).sum().backward()
+        with _autocast(x.device, amp):
+            loss = model(x).float().sum()
+        loss.backward()
     return run
 
 
-def mean_seconds(run: Callable[[], None], repeats: int) -> float:
-    run()  # warm-up: first-call allocations, kernel selection
-    timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
-    return timer.timeit(repeats).mean
+def seconds(run: Callable[[], None], device: torch.device) -> float:
+    """Wall time of one call (CUDA synchronised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
@@ -87,28 +112,54 @@ def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
-def measure(sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float, kernels: int,
-            device: torch.device) -> list[dict]:
-    """One row per (size, variant): seconds and peak bytes of a forward and a training pass."""
-    rows = []
-    progress = tqdm(total=len(sizes) * len(VARIANTS), desc="bench", file=sys.stderr, leave=False)
+def build_variants(arch: str, kernels: int, dynamic_ratio: float, scheme: str, device: torch.device) -> dict:
+    """``{variant name: model}``: static, DY-Conv, PAD-DY-Conv (random mask) of ``arch``, and the
+    PAD model's inference form (:func:`dyconv.inference.to_inference`, timed in inference only)."""
+    models = {}
     for name, conv, use_pad in VARIANTS:
         torch.manual_seed(0)
-        model = build_model("resnet18", conv, use_pad, kernels=kernels).to(device)
+        model = build_model(arch, conv, use_pad, kernels=kernels, conv_scheme=scheme).to(device)
         if use_pad:
             set_random_mask(model, dynamic_ratio)
+        models[name] = model
+    models[INFERENCE_VARIANT] = to_inference(models["pad-dyconv"])
+    return models
+
+
+def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float,
+            kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False) -> tuple[list[dict], dict]:
+    """One row per (arch, size, variant): median seconds and peak bytes of each pass.
+
+    Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD model's :func:`scheme_rows`.
+    """
+    rows, schemes = [], {}
+    progress = tqdm(total=len(archs) * len(sizes), desc="bench", file=sys.stderr, leave=False)
+    for arch in archs:
+        models = build_variants(arch, kernels, dynamic_ratio, scheme, device)
         for size in sizes:
             x = torch.randn(batch_size, 3, size, size, device=device)
-            row = {"size": size, "model": name}
-            for label, make in (("forward", forward_pass), ("train", training_pass)):
-                run = make(model, x)
-                row[f"{label}_s"] = mean_seconds(run, repeats)
-                row[f"{label}_bytes"] = peak_bytes(run, device)
-            rows.append(row)
+            runs = {(name, label): make(model, inputs, amp) for name, model in models.items()
+                    for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
+                                                ("infer1", forward_pass, x[:1]))
+                    if not (label == "train" and name == INFERENCE_VARIANT)}
+            for run in runs.values():
+                run()  # warm-up: first-call allocations, kernel selection, scheme choice
+            times = {key: [] for key in runs}
+            for _ in range(repeats):  # interleaved: load changes hit every model alike
+                for key, run in runs.items():
+                    times[key].append(seconds(run, device))
+            for name in models:
+                row = {"arch": arch, "size": size, "model": name}
+                for label in PASSES:
+                    row[f"{label}_s"] = statistics.median(times[(name, label)]) if (name, label) in runs else None
+                for label in ("train", "infer"):
+                    row[f"{label}_bytes"] = peak_bytes(runs[(name, label)], device) if (name, label) in runs else None
+                rows.append(row)
+            schemes[(arch, size)] = scheme_rows(models["pad-dyconv"])
             progress.update()
-        del model
+        del models
     progress.close()
-    return sorted(rows, key=lambda r: r["size"])  # stable: variants keep their order within a size
+    return rows, schemes
 
 
 def parameter_rows(archs: Sequence[str], dynamic_ratio: float, kernels: int) -> list[dict]:
@@ -127,17 +178,47 @@ def parameter_rows(archs: Sequence[str], dynamic_ratio: float, kernels: int) -> 
 
 
 def format_timing(rows: list[dict]) -> str:
-    header = (f"{'size':>5} {'model':<11} {'fwd ms':>9} {'x static':>8} {'fwd+bwd ms':>11} {'x static':>8} "
-              f"{'fwd MiB':>9} {'x static':>8} {'fwd+bwd MiB':>12} {'x static':>8}")
+    header = (f"{'arch':<16} {'size':>5} {'model':<11} {'train ms':>9} {'x':>6} {'infer ms':>9} {'x':>6} "
+              f"{'infer1 ms':>9} {'x':>6} {'train MiB':>10} {'x':>6} {'infer MiB':>10} {'x':>6}")
     lines = [header, "-" * len(header)]
-    baseline = {r["size"]: r for r in rows if r["model"] == "static"}
+    baseline = {(r["arch"], r["size"]): r for r in rows if r["model"] == "static"}
     for r in rows:
-        base = baseline[r["size"]]
-        ratio = lambda key: r[key] / base[key] if base[key] else float("nan")  # noqa: E731
-        lines.append(f"{r['size']:>5} {r['model']:<11} {1e3 * r['forward_s']:>9.1f} {ratio('forward_s'):>8.2f} "
-                     f"{1e3 * r['train_s']:>11.1f} {ratio('train_s'):>8.2f} "
-                     f"{r['forward_bytes'] / 2**20:>9.1f} {ratio('forward_bytes'):>8.2f} "
-                     f"{r['train_bytes'] / 2**20:>12.1f} {ratio('train_bytes'):>8.2f}")
+        base = baseline[(r["arch"], r["size"])]
+        def cell(key: str, scale: float, width: int) -> str:
+            if r[key] is None:
+                return f"{'-':>{width}} {'-':>6}"
+            ratio = r[key] / base[key] if base[key] else float("nan")
+            return f"{scale * r[key]:>{width}.1f} {ratio:>6.2f}"
+
+        cells = [cell(f"{p}_s", 1e3, 9) for p in PASSES] + [cell(f"{p}_bytes", 2**-20, 10) for p in ("train", "infer")]
+        lines.append(f"{r['arch']:<16} {r['size']:>5} {r['model']:<11} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def scheme_rows(model: nn.Module) -> list[dict]:
+    """Every dynamic conv of ``model``: name, shape, and the schemes it chose (:func:`conv_schemes`)."""
+    recorded = conv_schemes(model)
+    return [{"name": name, "chosen": recorded[name]["chosen"],
+             "shape": f"{layer.kernel_size}x{layer.kernel_size} {layer.in_channels}->{layer.out_channels}"
+                      + (" dw" if layer.groups > 1 else "") + (f" /{layer.stride}" if layer.stride > 1 else "")}
+            for name, layer in dynamic_convs(model)]
+
+
+def format_schemes(schemes: dict) -> str:
+    """Per (arch, size): every dynamic conv's shape, input size and scheme at batch > 1 / at batch 1."""
+    lines = ["execution scheme per layer of PAD-DY-Conv (DY-Conv chooses the same): batch > 1 / batch 1"]
+    for (arch, size), layers in schemes.items():
+        counts: dict[str, int] = {}
+        body = []
+        for layer in layers:
+            chosen = layer["chosen"]
+            batch = next((s for k, s in chosen.items() if k.startswith("batch@")), "-")
+            single = next((s for k, s in chosen.items() if k.startswith("single@")), "-")
+            where = next(iter(chosen), "@?").split("@")[1]
+            counts[batch] = counts.get(batch, 0) + 1
+            body.append(f"  {layer['name']:<28} {layer['shape']:<20} in {where:<8} {batch} / {single}")
+        lines.append(f"{arch} {size} px: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        lines += body
     return "\n".join(lines)
 
 
@@ -158,12 +239,20 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _OneLineParser(prog="bench_dyconv", description=__doc__.split("\n")[0])
-    parser.add_argument("--mini", action="store_true", help="quick CPU run: 112 px only and 2 repeats")
+    parser.add_argument("--mini", action="store_true", help="quick CPU run: 112 px only, batch 8, 2 repeats")
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenetv2_100"], choices=ARCHS,
+                        help="archs timed (default resnet18 mobilenetv2_100)")
     parser.add_argument("--sizes", type=int, nargs="+", help="image sizes (default 112 224; --mini: 112)")
-    parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 10; --mini: 2)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, help="interleaved timing rounds (default 10; --mini: 2)")
+    parser.add_argument("--batch-size", type=int, help="default 32; --mini: 8")
     parser.add_argument("--kernels", type=int, default=4, help="DY-Conv kernels K")
     parser.add_argument("--dynamic-ratio", type=float, default=0.3)
+    parser.add_argument("--scheme", choices=POLICIES, default="auto",
+                        help="execution scheme of every dynamic conv (default auto: chosen per layer)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call pad.keep_freed_memory() first (glibc keeps freed memory; default: the "
+                             "allocator a user's own script gets)")
+    parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on CUDA")
     parser.add_argument("--param-archs", nargs="+", default=["resnet18", "resnet50"], choices=ARCHS,
                         help="archs of the stored-parameter table")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
@@ -171,6 +260,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([112] if args.mini else [112, 224])
     args.repeats = args.repeats or (2 if args.mini else 10)
+    args.batch_size = args.batch_size if args.batch_size is not None else (8 if args.mini else 32)
     if min(args.sizes) < 32:
         raise ValueError(f"image sizes must be >= 32, got {args.sizes}")
     if args.batch_size < 1 or args.repeats < 1:
@@ -186,22 +276,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    pad.keep_freed_memory()
     try:
         args = parse_args(argv)
     except ValueError as err:
         print(f"bench_dyconv: error: {err}", file=sys.stderr)
         return 2
+    allocator = "default allocator"
+    if args.keep_freed_memory:
+        allocator = "pad.keep_freed_memory()" if pad.keep_freed_memory() else "keep_freed_memory unavailable"
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"ResNet-18, batch {args.batch_size}, {args.repeats} repeats, device {args.device} ({name}), "
-          f"K={args.kernels}, PAD dynamic ratio {args.dynamic_ratio}")
-    print("time: mean per call; memory: peak bytes allocated by torch above those live before the pass "
+    print(f"{' '.join(args.archs)}, batch {args.batch_size}, {args.repeats} repeats, device {args.device} ({name}), "
+          f"K={args.kernels}, PAD dynamic ratio {args.dynamic_ratio}, scheme {args.scheme}, {allocator}"
+          + (", amp" if args.amp else ""))
+    print("time: median over interleaved rounds; x: ratio to the static model of the same arch and size; "
+          "infer1: batch 1; memory: peak bytes allocated by torch above those live before the pass "
           + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda"
              else "(torch.profiler, at operator boundaries)"))
-    print(format_timing(measure(args.sizes, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels, device)))
+    rows, schemes = measure(args.archs, args.sizes, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
+                            device, args.scheme, args.amp)
+    print(format_timing(rows))
+    print()
+    print(format_schemes(schemes))
     print()
     print(format_parameters(parameter_rows(args.param_archs, args.dynamic_ratio, args.kernels), args.dynamic_ratio))
     return 0

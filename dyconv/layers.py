@@ -1,18 +1,33 @@
 """Convolution layers: static, CondConv, DY-Conv and ODConv, each fully or partially dynamic (PAD).
 
 Every dynamic layer is split the timm way: an *attention* submodule maps the input
-to routing weights, and the layer's :meth:`weighted_conv` takes the input and those
-routing weights.  The kernels live in a :mod:`pad` bank:
+to routing weights, and the layer turns the input and those weights into an output.
+The kernels live in a :mod:`pad` bank:
 
 * ``pad=False``: :class:`pad.DynamicWeights`, ``W~(x) = sum_k pi_k(x) W_k``,
 * ``pad=True``: :class:`PartiallyDynamicWeights`, the bank returns
   ``lambda_d M W_k`` and ``lambda_s (1 - M) W_s``, so the layer computes
   ``Omega(x) = lambda_d M ⊙ W~(x) + lambda_s (1 - M) ⊙ W_s`` without knowing about masks.
 
-Aggregation is a matmul of the routing weights ``(B, K)`` with the flattened kernels
-``(K, N)``, giving one weight per sample ``(B, N)``; the convolution is then one
-grouped conv with ``groups = B * groups`` over the input viewed as ``(1, B*C, H, W)``.
-Nothing of size ``B x K x |W|`` is ever materialised.
+**PAD folded.**  Where the routing sums to 1 (DY-Conv's softmax), the static part is
+folded into the kernels once per forward pass, ``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``
+(``O(K |W|)``), and the layer runs exactly as a fully dynamic one over ``W'_k``:
+``sum_k pi_k W'_k = Omega``.  CondConv's sigmoids do not sum to 1, and ODConv's channel,
+filter and spatial attentions scale ``W~`` but not the static part, so there the static
+part stays a separate term: one more kernel with routing 1 (CondConv) or one static conv
+(ODConv under the ``stacked``/``bmm`` schemes; added to the per-sample weight under ``grouped``).
+
+**Execution.**  The layer reduces its forward pass to :class:`dyconv.schemes.ConvTerms`
+and runs one of the exact schemes of :mod:`dyconv.schemes` (``grouped``: per-sample
+weights and one grouped conv; ``stacked``: one conv over the K stacked kernels, outputs
+mixed by the routing; ``bmm``: 1x1 convs as a batched matmul).  ``scheme`` (``auto`` or
+a scheme's name, forced where exact) picks it; ``auto`` uses the cost model of
+:func:`dyconv.schemes.choose_scheme` (batch 1: grouped; 1x1: bmm; otherwise the cheaper
+of grouped, ``1 + 0.1 (C/g) k^2 / (H' W')`` static convs, and stacked, ``K + 1``; memory
+break-even ``(C/g) k^2 = K H' W'``).  Each choice is recorded in ``chosen_schemes``
+(keyed by batch class and input size) and saved with :func:`conv_schemes` /
+:func:`restore_conv_schemes`, so a resumed or re-evaluated run computes with the same
+schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
 
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
 mixed; the models never use them (every conv is followed by BatchNorm).
@@ -28,45 +43,15 @@ from torch import nn
 
 from pad import SCALE_FACTOR_VARIANTS, DynamicWeights, PartiallyDynamicWeights
 
+from .schemes import (POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes, choose_scheme,
+                      per_sample_weight)
+
 CONVS = ("static", "condconv", "dyconv", "odconv")
 
 ConvMaker = Callable[..., nn.Module]
 
 
 # ---------------------------------------------------------------- shared maths
-
-def mix_kernels(routing: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
-    """``sum_k routing[b, k] * dynamic[k]`` as one matmul.
-
-    Args:
-        routing: ``(B, K)``.
-        dynamic: ``(K, *S)``.
-    Returns:
-        ``(B, *S)``.
-    """
-    return (routing @ dynamic.flatten(1)).view(routing.shape[0], *dynamic.shape[1:])
-
-
-def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      stride, padding, dilation, groups: int) -> torch.Tensor:
-    """Convolves sample ``b`` of ``x`` with ``weight[b]``, all samples in one grouped conv.
-
-    Args:
-        x: ``(B, C, H, W)``.
-        weight: ``(B, O, C // groups, kh, kw)``.
-        bias: ``(O,)`` or ``None``.
-    Returns:
-        ``(B, O, H', W')``.
-    """
-    batch, channels, height, width = x.shape
-    out_channels = weight.shape[1]
-    out = F.conv2d(x.reshape(1, batch * channels, height, width), weight.reshape(batch * out_channels, *weight.shape[2:]),
-                   None, stride, padding, dilation, batch * groups)
-    out = out.view(batch, out_channels, *out.shape[-2:])
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out
-
 
 def _kaiming_like_conv(weight: torch.Tensor) -> None:
     """Kaiming initialisation of one conv-shaped weight ``(O, I, kh, kw)``, as torchvision's
@@ -133,7 +118,8 @@ class ODConvAttention(nn.Module):
     input-channel, filter (output-channel) and spatial attentions ``sigmoid(z / temperature)``,
     kernel attention ``softmax(z / temperature)``.  As in the authors' code, the filter
     attention is skipped for depthwise convs, the spatial one for 1x1 convs and the kernel
-    one when ``K = 1``.
+    one when ``K = 1``.  A training batch of one sample is normalised with the running
+    statistics (see :meth:`normalise`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int, kernels: int,
@@ -149,8 +135,17 @@ class ODConvAttention(nn.Module):
         self.kernel_fc = None if kernels == 1 else nn.Linear(hidden, kernels)
         self.temperature = _check_positive_temperature(temperature)
 
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """BatchNorm of the hidden features ``(B, hidden)``.  A training batch of one sample
+        has no batch statistics (the authors' ``BatchNorm2d`` raises there): it is normalised
+        with the running statistics, which it leaves unchanged."""
+        bn = self.bn
+        if self.training and z.shape[0] == 1:
+            return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return bn(z)
+
     def forward(self, x: torch.Tensor) -> ODConvAttentionWeights:
-        hidden = F.relu(self.bn(self.fc(x.mean(dim=(2, 3)))))
+        hidden = F.relu(self.normalise(self.fc(x.mean(dim=(2, 3)))))
         t = self.temperature
         return ODConvAttentionWeights(
             channel=torch.sigmoid(self.channel_fc(hidden) / t),
@@ -162,24 +157,53 @@ class ODConvAttention(nn.Module):
 
 # ---------------------------------------------------------------- layers
 
+def _check_policy(scheme: str) -> str:
+    if scheme not in POLICIES:
+        raise ValueError(f"unknown conv scheme {scheme!r}; expected one of {POLICIES}")
+    return scheme
+
+
+def scheme_key(x: torch.Tensor) -> str:
+    """The key a layer's choice is recorded under: batch class and input size, e.g. ``"batch@56x56"``
+    (the cost model depends on the batch only through ``B == 1``)."""
+    return f"{'single' if x.shape[0] == 1 else 'batch'}@{x.shape[-2]}x{x.shape[-1]}"
+
+
 class _RoutedConv2d(nn.Module):
     """Shared state of a conv whose ``K`` kernels live in a (partially) dynamic bank.
 
     Attributes:
         bank: :class:`pad.DynamicWeights` or :class:`PartiallyDynamicWeights` of static
-            shape ``(out, in // groups, k, k)``.
+            shape ``(out, in // groups, k, k)`` (or any module returning ``(kernels, static)``,
+            e.g. the inference bank of :mod:`dyconv.inference`).
         bias: ``(out,)`` static bias or ``None``.
         attention: the routing submodule (set by subclasses).
+        scheme: ``auto`` or the name of a scheme to force (see :mod:`dyconv.schemes`).
+        chosen_schemes: ``{scheme_key: scheme}``, the scheme used per batch class and input size.
+
+    Scheme choice (``scheme="auto"``, :func:`dyconv.schemes.choose_scheme`): ``grouped`` at
+    batch 1 (one plain conv), ``bmm`` for 1x1 kernels, otherwise the cheaper, in static-conv
+    units of forward + backward, of ``grouped`` ``1 + 0.1 (C/g) k^2 / (H' W')`` (per-sample
+    weights ``B |W|``, a poorly parallel grouped conv) and ``stacked`` ``K + 1`` (K x the MACs,
+    ``K B O H' W'`` outputs); ``stacked`` needs no spatial attention.  Memory break-even:
+    ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 10 K H' W'``) lies above it,
+    so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (issue 7's
+    single-layer timings); ``scheme=<name>`` forces one where it is exact.
     """
+
+    routing_sums_to_one = False  # True where PAD's static part folds into the kernels
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both", dilation: int = 1):
+                 scale_factors: str = "both", dilation: int = 1, scheme: str = "auto"):
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in ({in_channels}) and out ({out_channels}) channels must be divisible by groups ({groups})")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.scheme = _check_policy(scheme)
+        self.chosen_schemes: dict[str, str] = {}
+        self._fold_cache: tuple | None = None
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         self.bank = PartiallyDynamicWeights(kernels, shape, scale_factors) if pad else DynamicWeights(kernels, shape)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -200,18 +224,75 @@ class _RoutedConv2d(nn.Module):
     def num_kernels(self) -> int:
         return self.bank.num_kernels
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return per_sample_conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    @property
+    def geometry(self) -> ConvGeometry:
+        return ConvGeometry(self.stride, self.padding, self.dilation, self.groups)
 
-    def mixed_weight(self, routing: torch.Tensor) -> torch.Tensor:
-        """``Omega`` per sample, ``(B, out, in // groups, k, k)``, from routing weights ``(B, K)``."""
+    def kernel_terms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(kernels (K, *S), static (*S) or None)``, with PAD's static part folded into
+        the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``).
+
+        In eval mode without autograd the result is cached until a bank tensor changes (its
+        version counter or storage), so evaluating a PAD model folds once, not once per batch;
+        ``train()`` drops the cache.
+        """
+        key = self._fold_cache_key()
+        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1]
+        terms = self._fold()
+        if key is not None:  # (a stale cache is never hit: its key holds the tensors' versions)
+            self._fold_cache = (key, terms)
+        return terms
+
+    def _fold_cache_key(self) -> tuple | None:
+        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not isinstance(self.bank, PartiallyDynamicWeights)):
+            return None
+        tensors = [*self.bank.parameters(), self.bank.mask]
+        return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+    def train(self, mode: bool = True):
+        self._fold_cache = None
+        return super().train(mode)
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         dynamic, static = self.bank()
-        weight = mix_kernels(routing, dynamic)
-        return weight if static is None else weight + static
+        if static is None or not self.routing_sums_to_one:
+            return dynamic, static
+        if isinstance(self.bank, PartiallyDynamicWeights):
+            # the bank's lambda_d M W_k is a fresh product that its backward does not need:
+            # fold in place, one K |W| temporary instead of two
+            return dynamic.add_(static), None
+        return dynamic + static, None
 
-    def weighted_conv(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        """The conv of ``x`` ``(B, C, H, W)`` with the kernels mixed by ``routing`` ``(B, K)``."""
-        return self._conv(x, self.mixed_weight(routing))
+    def conv_terms(self, routing: torch.Tensor) -> ConvTerms:
+        """The :class:`ConvTerms` of a batch from the attention's output (routing ``(B, K)``)."""
+        kernels, static = self.kernel_terms()
+        return ConvTerms(routing, kernels, static)
+
+    def mixed_weight(self, routing) -> torch.Tensor:
+        """``Omega`` per sample, ``(B, out, in // groups, k, k)`` (what the ``grouped`` scheme convolves)."""
+        return per_sample_weight(self.conv_terms(routing))
+
+    def scheme_for(self, x: torch.Tensor, terms: ConvTerms) -> str:
+        """The scheme for input ``x`` ``(B, C, H, W)``: the recorded one, else chosen now (and recorded)."""
+        key = scheme_key(x)
+        chosen = self.chosen_schemes.get(key)
+        if chosen is None:
+            applicable = applicable_schemes(self.kernel_size, terms.spatial is not None)
+            out_height = (x.shape[-2] + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+            out_width = (x.shape[-1] + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+            chosen = choose_scheme(self.scheme, applicable, x.shape[0], self.num_kernels,
+                                   self.in_channels // self.groups, self.kernel_size, out_height * out_width)
+            if not torch.compiler.is_compiling():
+                self.chosen_schemes[key] = chosen
+        return chosen
+
+    def weighted_conv(self, x: torch.Tensor, attention) -> torch.Tensor:
+        """The conv of ``x`` ``(B, C, H, W)`` with the kernels the attention's output selects."""
+        terms = self.conv_terms(attention)
+        out = SCHEME_FUNCTIONS[self.scheme_for(x, terms)](x, terms, self.geometry)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weighted_conv(x, self.attention(x))
@@ -219,7 +300,8 @@ class _RoutedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, kernels={self.num_kernels}, "
-                f"pad={isinstance(self.bank, PartiallyDynamicWeights)}, bias={self.bias is not None}")
+                f"pad={isinstance(self.bank, PartiallyDynamicWeights)}, bias={self.bias is not None}, "
+                f"scheme={self.scheme!r}")
 
 
 class CondConv2d(_RoutedConv2d):
@@ -227,70 +309,98 @@ class CondConv2d(_RoutedConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both"):
+                 scale_factors: str = "both", scheme: str = "auto"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
-                         scale_factors)
+                         scale_factors, scheme=scheme)
         self.attention = CondConvRouting(in_channels, kernels)
 
 
 class DynamicConv2d(_RoutedConv2d):
-    """DY-Conv (Chen et al. 2020): ``W(x) = sum_k softmax(z(x) / tau)_k W_k``."""
+    """DY-Conv (Chen et al. 2020): ``W(x) = sum_k softmax(z(x) / tau)_k W_k``; PAD folded."""
+
+    routing_sums_to_one = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0):
+                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
-                         scale_factors)
+                         scale_factors, scheme=scheme)
         self.attention = DynamicConvAttention(in_channels, kernels, reduction, temperature)
 
 
 class ODConv2d(_RoutedConv2d):
     """ODConv (Li et al. 2022): ``W~(x) = a_s ⊙ a_c ⊙ a_f ⊙ sum_k a_w,k W_k``.
 
-    The spatial ``(k, k)``, input-channel and filter attentions scale the aggregated
-    per-sample weight ``(B, O, I, kh, kw)`` (which materialises ``B x |W|``, not
-    ``B x K x |W|``).  With PAD the static part ``lambda_s (1 - M) W_s`` is added after
-    the attentions, i.e. it is not scaled by them.
+    The input-channel attention scales the input and the filter attention the output
+    (exact, as in the authors' code); the spatial attention scales kernel positions, so
+    layers with one (k > 1) run the ``grouped`` scheme.  With PAD the static part
+    ``lambda_s (1 - M) W_s`` is not scaled by the attentions (DESIGN's ``Omega``), so it
+    is not folded into the kernels (see the module docstring).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0):
+                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
-                         scale_factors)
+                         scale_factors, scheme=scheme)
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
                                          temperature)
 
-    def mixed_weight(self, attention: ODConvAttentionWeights) -> torch.Tensor:
-        """``Omega`` per sample ``(B, O, I, kh, kw)`` from the four attentions."""
-        dynamic, static = self.bank()
+    def conv_terms(self, attention: ODConvAttentionWeights) -> ConvTerms:
+        kernels, static = self.kernel_terms()
         batch = attention.channel.shape[0]
         routing = attention.kernel if attention.kernel is not None else attention.channel.new_ones(batch, 1)
-        weight = mix_kernels(routing, dynamic)
-        out_channels, in_per_group, kh, kw = weight.shape[1:]
-        # input channel c of group g feeds weight[:, o, c - g * in_per_group] for every o of group g
-        channel = attention.channel.view(batch, self.groups, 1, in_per_group)
-        channel = channel.expand(batch, self.groups, out_channels // self.groups, in_per_group)
-        weight = weight * channel.reshape(batch, out_channels, in_per_group, 1, 1)
-        if attention.filter is not None:
-            weight = weight * attention.filter.view(batch, out_channels, 1, 1, 1)
-        if attention.spatial is not None:
-            weight = weight * attention.spatial.view(batch, 1, 1, kh, kw)
-        return weight if static is None else weight + static
+        return ConvTerms(routing, kernels, static, in_scale=attention.channel, out_scale=attention.filter,
+                         spatial=attention.spatial)
 
-    def weighted_conv(self, x: torch.Tensor, attention: ODConvAttentionWeights) -> torch.Tensor:
-        """The conv of ``x`` ``(B, C, H, W)`` with the weight the attentions select."""
-        return self._conv(x, self.mixed_weight(attention))
+
+def dynamic_convs(model: nn.Module):
+    """Yields ``(name, layer)`` for every CondConv, DY-Conv and ODConv layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, _RoutedConv2d):
+            yield name, module
+
+
+def set_conv_scheme(model: nn.Module, scheme: str) -> None:
+    """Sets every dynamic conv's scheme policy (``auto`` or a scheme's name) and forgets past choices."""
+    _check_policy(scheme)
+    for _, layer in dynamic_convs(model):
+        layer.scheme = scheme
+        layer.chosen_schemes = {}
+
+
+def conv_schemes(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: {"policy": ..., "chosen": {scheme_key: scheme}}}``: what a checkpoint records."""
+    return {name: {"policy": layer.scheme, "chosen": dict(layer.chosen_schemes)}
+            for name, layer in dynamic_convs(model)}
+
+
+def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> None:
+    """Restores :func:`conv_schemes` output; ``None`` (a checkpoint written before schemes
+    were recorded) keeps the model's own policy, whose choices are then made afresh."""
+    if recorded is None:
+        return
+    layers = dict(dynamic_convs(model))
+    if set(recorded) != set(layers):
+        raise ValueError("the recorded conv schemes name other layers than this model's")
+    for name, entry in recorded.items():
+        chosen = dict(entry.get("chosen", {}))
+        unknown = [s for s in chosen.values() if s not in SCHEME_FUNCTIONS]
+        if unknown:
+            raise ValueError(f"recorded conv scheme {unknown[0]!r} of layer {name!r} is unknown")
+        layers[name].scheme = _check_policy(entry.get("policy", "auto"))
+        layers[name].chosen_schemes = chosen
 
 
 # ---------------------------------------------------------------- factory and temperature
 
 def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int = 4, scale_factors: str = "both",
-                 temperature: float = 30.0) -> ConvMaker:
+                 temperature: float = 30.0, scheme: str = "auto") -> ConvMaker:
     """A constructor ``make(in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, bias=False)``.
 
     ``static`` gives ``nn.Conv2d``; the others their dynamic layer, partially dynamic when ``pad``.
-    ``reduction`` and ``temperature`` are used by DY-Conv and ODConv (CondConv has neither).
+    ``reduction`` and ``temperature`` are used by DY-Conv and ODConv (CondConv has neither);
+    ``scheme`` is every dynamic layer's execution scheme policy (``auto`` or a scheme's name).
     """
     if conv not in CONVS:
         raise ValueError(f"unknown conv {conv!r}; expected one of {CONVS}")
@@ -303,13 +413,14 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
     if scale_factors not in SCALE_FACTOR_VARIANTS:
         raise ValueError(f"unknown scale factors {scale_factors!r}; expected one of {SCALE_FACTOR_VARIANTS}")
     _check_positive_temperature(temperature)
+    _check_policy(scheme)
 
     def make(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1,
              bias: bool = False) -> nn.Module:
         if conv == "static":
             return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, groups=groups, bias=bias)
         common = dict(stride=stride, padding=padding, groups=groups, bias=bias, kernels=kernels, pad=pad,
-                      scale_factors=scale_factors)
+                      scale_factors=scale_factors, scheme=scheme)
         if conv == "condconv":
             return CondConv2d(in_ch, out_ch, kernel_size, **common)
         layer = DynamicConv2d if conv == "dyconv" else ODConv2d

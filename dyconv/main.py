@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
@@ -58,8 +59,10 @@ from dyconv.data import DATASETS, DataError, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, TrainingDiverged, TrainSettings,
                            check_compatible, copy_checkpoint, evaluate, load_checkpoint, nonfinite_tensors,
                            parameter_groups, random_states, restore_random_states, save_checkpoint, train_one_epoch)
-from dyconv.layers import CONVS, get_temperature, set_temperature
+from dyconv.inference import to_inference
+from dyconv.layers import CONVS, conv_schemes, get_temperature, restore_conv_schemes, set_temperature
 from dyconv.models import ARCHS, build_model, count_flops
+from dyconv.schemes import POLICIES
 
 EXIT_BAD_INPUT = 2
 
@@ -120,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", type=_bounded(int, 1), default=4, help="K kernels per dynamic conv")
     g.add_argument("--reduction", type=_bounded(int, 1), default=4, help="attention reduction r")
     g.add_argument("--scale-factors", choices=pad.SCALE_FACTOR_VARIANTS, default="both")
+    g.add_argument("--conv-scheme", choices=POLICIES, default="auto",
+                   help="execution scheme of every dynamic conv: auto (per layer, by a cost model) or one forced "
+                        "where exact; a resumed run keeps the schemes its checkpoint recorded")
     g = p.add_argument_group("mode partition (IMP)")
     g.add_argument("--dynamic-ratio", type=_dynamic_ratio, default=0.3, help="kappa in (0, 1]")
     g.add_argument("--partition-criterion", choices=pad.CRITERIA, default="taylor")
@@ -150,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite-output-dir", action=argparse.BooleanOptionalAction, default=False,
                    help="let a fresh run replace the run already in --output (its checkpoint.pt, best.pt, "
                         "summary.json); without it such a folder is refused")
-    g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate); a checkpoint "
-                                    "inside --output continues that run in place")
+    g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate; --evaluate also "
+                                    "takes a PAD run's model_compact.safetensors); a checkpoint inside --output "
+                                    "continues that run in place")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
                    help="only evaluate the --resume checkpoint and write summary.json into --output, which must "
                         "not hold a training run (checkpoint.pt or best.pt): a training folder is never overwritten")
@@ -208,6 +215,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate needs --resume CHECKPOINT")
+    if args.resume and args.resume.endswith(".safetensors") and not (args.evaluate and args.pad):
+        raise UsageError("a compact .safetensors file can only be evaluated (--evaluate --pad); "
+                         "resume training from checkpoint.pt")
     return args
 
 
@@ -388,6 +398,10 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).strip().splitlines()[0]}") from None
+    try:  # checkpoints written before schemes were recorded have none: choices are made afresh
+        restore_conv_schemes(model, checkpoint.get("conv_schemes"))
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
     if checkpoint.get("temperature") is not None:
         set_temperature(model, checkpoint["temperature"])
 
@@ -523,11 +537,40 @@ class LastGood:
         return f"the last good checkpoint is {self.path} (epoch {self.epoch}), left as it was"
 
 
+def evaluate_compact(args: argparse.Namespace, ctx: Distributed, output: Path, start: float) -> int:
+    """``--evaluate --resume model_compact.safetensors``: the PAD model built from the flags, loaded
+    from the compact file and evaluated in inference form (folded kernels, attention temperature 1,
+    where the schedule ends; the file holds no temperature)."""
+    _, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset, args.val_subset,
+                                      args.seed)
+    try:
+        model = build_model(args.arch, conv=args.conv, pad=True, num_classes=info.num_classes,
+                            small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
+                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=1.0,
+                            conv_scheme=args.conv_scheme)
+        pad.load_compact_file(model, args.resume)
+    except FileNotFoundError:
+        raise UsageError(f"compact file {args.resume} does not exist") from None
+    except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # unreadable, or another architecture
+        raise UsageError(f"compact file {args.resume} cannot be loaded into {args.arch}/{args.conv}: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    _, val_loader = make_loaders(val_set, val_set, args, ctx)
+    metrics = evaluate(to_inference(model).to(ctx.device), val_loader, ctx.device, args.amp, ctx.enabled)
+    if ctx.is_main:
+        summary = summarise(model, args, info, metrics, {"evaluate_only": True, "compact_file": args.resume,
+                                                         "wall_seconds": time.time() - start})
+        write_json(summary, output / "summary.json")
+        print(f"evaluate {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", flush=True)
+    return 0
+
+
 def run(args: argparse.Namespace, ctx: Distributed) -> int:
     start = time.time()
     output = check_output_folder(args)  # before any data is read, any model built, any IMP run
     if ctx.is_main:
         remove_stale_temporaries(output)
+    if args.evaluate and args.resume.endswith(".safetensors"):
+        return evaluate_compact(args, ctx, output, start)
     torch.manual_seed(args.seed)
     train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
                                               args.val_subset, args.seed)
@@ -542,7 +585,8 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
     try:
         model = build_model(args.arch, conv=args.conv, pad=args.pad, num_classes=info.num_classes,
                             small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
-                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init)
+                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init,
+                            conv_scheme=args.conv_scheme)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if checkpoint is not None:
@@ -606,7 +650,7 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "epoch": epoch + 1, "step": step, "temperature": get_temperature(model), "best_top1": best_top1,
                     "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta,
-                    "args": vars(args), "rng": rng,
+                    "args": vars(args), "rng": rng, "conv_schemes": conv_schemes(model),
                 }, output, is_best)
             last_good = LastGood(str(output / "checkpoint.pt"), epoch + 1)
         if metrics is None:  # resumed a finished run: nothing to train

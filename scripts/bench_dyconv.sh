@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Cost of DY-Conv / PAD-DY-Conv ResNet-18 relative to static, and stored parameters (see dyconv/bench.py).
-# Usage: bash scripts/bench_dyconv.sh [--mini] [--sizes 112 224] [--batch-size 32] [--device cpu|cuda] ...
-# The table is printed and, when the run succeeds, kept in results/measured/bench_dyconv-<mini|full>.txt.
+# Cost of DY-Conv / PAD-DY-Conv (ResNet-18, MobileNetV2 x1.0) relative to static, per-layer schemes and
+# stored parameters (see dyconv/bench.py).
+# Usage: bash scripts/bench_dyconv.sh [--mini] [--sizes 112 224] [--batch-size 32] [--scheme auto|grouped|stacked|bmm]
+#                                     [--device cpu|cuda] [--amp] [--keep-freed-memory] ...
+# Runs twice, with the default allocator (what a user's own script gets) and after pad.keep_freed_memory()
+# (what the CLIs use), unless --keep-freed-memory is given (then only that).  The tables are printed and, when
+# the runs succeed, kept in results/measured/bench_dyconv-<mini|full>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 SCALE=full
-for arg in "$@"; do [ "$arg" = --mini ] && SCALE=mini; done
+ALLOCATORS=("" "--keep-freed-memory")
+for arg in "$@"; do
+  [ "$arg" = --mini ] && SCALE=mini
+  [ "$arg" = --keep-freed-memory ] && ALLOCATORS=("")
+done
 tmp=$(mktemp)
-if .venv/bin/python -m dyconv.bench "$@" | tee "$tmp"; then
-  mkdir -p results/measured
-  { echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/bench_dyconv-$SCALE.txt"
-  rm -f "$tmp"
-else
-  status=$?
-  rm -f "$tmp"
-  exit "$status"
-fi
+trap 'rm -f "$tmp"' EXIT
+for allocator in "${ALLOCATORS[@]}"; do
+  # shellcheck disable=SC2086  # $allocator is empty or one flag
+  .venv/bin/python -m dyconv.bench "$@" $allocator | tee -a "$tmp"
+  echo | tee -a "$tmp"
+done
+mkdir -p results/measured
+{ echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/bench_dyconv-$SCALE.txt"

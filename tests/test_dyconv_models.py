@@ -282,18 +282,27 @@ def table_rows(out, first_column):
 
 
 def test_bench_flags_change_what_is_measured(capsys):
-    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--param-archs", "resnet10",
-                             "--dynamic-ratio", "0.5", "--kernels", "2")
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "resnet10",
+                             "--param-archs", "resnet10", "--dynamic-ratio", "0.5", "--kernels", "2")
     assert code == 0
-    assert "batch 2, 1 repeats, device cpu (cpu, 1 threads), K=2, PAD dynamic ratio 0.5" in out
-    timing = table_rows(out, "40")
-    assert [r[1] for r in timing] == ["static", "dyconv", "pad-dyconv"]
+    assert ("resnet10, batch 2, 1 repeats, device cpu (cpu, 1 threads), K=2, PAD dynamic ratio 0.5, scheme auto, "
+            "default allocator") in out
+    timing = table_rows(out, "resnet10")[:4]
+    assert [r[2] for r in timing] == ["static", "dyconv", "pad-dyconv", "pad-folded"]
     for row in timing:
-        values = [float(v) for v in row[2:]]
-        assert all(v > 0 for v in values)
-        if row[1] == "static":
-            assert values[1] == values[3] == values[5] == values[7] == 1.0
-    (params,) = table_rows(out, "resnet10")
+        assert row[1] == "40"
+        cells = row[3:]
+        if row[2] == "pad-folded":  # inference form: no training columns
+            assert cells[:2] == ["-", "-"] and cells[6:8] == ["-", "-"]
+        values = [float(v) for v in cells if v != "-"]
+        assert len(values) == (6 if row[2] == "pad-folded" else 10) and all(v > 0 for v in values)
+        if row[2] == "static":
+            assert values[1::2] == [1.0] * 5
+    # the scheme table names every dynamic conv with the scheme it chose (40 px, ImageNet stem: layer4 at 2x2)
+    assert "resnet10 40 px: bmm 3, grouped 2, stacked 6" in out  # K = 2: stacked costs 3 static convs
+    assert any(line.split()[:2] == ["layer4.0.conv2", "3x3"] and line.split()[-3:] == ["stacked", "/", "grouped"]
+               for line in out.splitlines())
+    (params,) = [r for r in table_rows(out, "resnet10") if r[1].replace(",", "").isdigit() and "," in r[1]]
     static, dyconv, dense, compact = (int(v.replace(",", "")) for v in params[1:5])
     static_model = build_model("resnet10")
     convs = block_convs(static_model)
@@ -307,12 +316,24 @@ def test_bench_flags_change_what_is_measured(capsys):
     assert float(params[-1]) == pytest.approx(0.5, abs=1e-4)
 
 
-def test_bench_mini_measures_112_px_with_two_repeats(capsys):
-    code = bench.main(["--mini", "--threads", "1", "--batch-size", "1", "--param-archs", "resnet10"])
-    out = capsys.readouterr().out
-    assert code == 0 and "batch 1, 2 repeats" in out
-    assert [row[1] for row in table_rows(out, "112")] == ["static", "dyconv", "pad-dyconv"]
-    assert not table_rows(out, "224")
+def test_bench_forced_scheme_and_allocator_flags(capsys):
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "mobilenetv2_050",
+                             "--param-archs", "resnet10", "--scheme", "stacked", "--keep-freed-memory", "--amp")
+    assert code == 0
+    assert "scheme stacked, pad.keep_freed_memory(), amp" in out
+    # stacked is forced wherever it is exact (every MobileNetV2 conv), grouped at batch 1 stays forced too
+    (summary,) = [line for line in out.splitlines() if line.startswith("mobilenetv2_050 40 px:")]
+    assert summary == f"mobilenetv2_050 40 px: stacked {expected_block_conv_count('mobilenetv2_050')}"
+    assert [r[2] for r in table_rows(out, "mobilenetv2_050")[:4]] == ["static", "dyconv", "pad-dyconv", "pad-folded"]
+
+
+def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
+    args = bench.parse_args(["--mini"])
+    assert (args.sizes, args.repeats, args.batch_size, args.archs) == ([112], 2, 8, ["resnet18", "mobilenetv2_100"])
+    assert bench.parse_args(["--mini", "--batch-size", "4"]).batch_size == 4
+    full = bench.parse_args([])
+    assert (full.sizes, full.repeats, full.batch_size, full.scheme, full.keep_freed_memory) == (
+        [112, 224], 10, 32, "auto", False)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -321,6 +342,8 @@ def test_bench_mini_measures_112_px_with_two_repeats(capsys):
     (["--param-archs", "vgg"], "invalid choice: 'vgg'"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--kernels", "0"], "--kernels must be >= 1"),
+    (["--scheme", "fft"], "invalid choice: 'fft'"),
+    (["--archs", "vgg"], "invalid choice: 'vgg'"),
 ])
 def test_bench_bad_input_is_one_line(capsys, argv, message):
     assert bench.main(argv) == 2

@@ -16,8 +16,11 @@ _MOBILENET_WIDTHS = {"mobilenetv2_050": 0.5, "mobilenetv2_075": 0.75, "mobilenet
 
 def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes: int = 1000,
                 small_input: bool = False, in_channels: int = 3, kernels: int = 4, reduction: int = 4,
-                scale_factors: str = "both", temperature: float = 30.0) -> nn.Module:
+                scale_factors: str = "both", temperature: float = 30.0, conv_scheme: str = "auto") -> nn.Module:
     """Builds ``arch`` with every block conv made by :func:`dyconv.layers.conv_factory`.
+
+    ``conv_scheme``: the execution scheme of every dynamic conv, ``auto`` (chosen per
+    layer, see :mod:`dyconv.schemes`) or one scheme forced wherever it is exact.
 
     ``forward`` maps ``(B, in_channels, H, W)`` to logits ``(B, num_classes)``.
     Raises ``ValueError`` for an unknown arch or conv, a bad factory argument, or
@@ -28,7 +31,7 @@ def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes:
     if num_classes < 1 or in_channels < 1:
         raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
     make = conv_factory(conv, pad=pad, kernels=kernels, reduction=reduction, scale_factors=scale_factors,
-                        temperature=temperature)
+                        temperature=temperature, scheme=conv_scheme)
     if arch in RESNET_SPECS:
         block, layers = RESNET_SPECS[arch]
         return ResNet(make, block, layers, num_classes, small_input, in_channels)

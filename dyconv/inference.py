@@ -1,0 +1,92 @@
+"""The inference form of a PAD model: folded kernels, no mask, no static bank, eval only.
+
+:func:`to_inference` replaces the bank of every PAD conv by an :class:`InferenceWeights`
+holding, as buffers, exactly what the forward pass convolves:
+
+* DY-Conv (routing sums to 1): the folded kernels ``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``,
+  ``(K, *S)``, and nothing else; the layer then runs as a plain K-kernel dynamic conv.
+* CondConv and ODConv: ``lambda_d M W_k`` ``(K, *S)`` and the static part
+  ``lambda_s (1 - M) W_s`` ``(*S)`` (their routing does not sum to 1, or their attentions do
+  not scale the static part, so it stays a separate term).
+
+Nothing is recomputed per forward pass beyond what a fully dynamic layer computes: no
+mask multiply, no scale factors, no fold.  It stores ``K |W|`` weights per DY-Conv layer
+(``(K + 1) |W|`` for CondConv/ODConv), more than the compact export's
+``(1 - kappa) |W| + kappa K |W|``: the compact file is the storage form,
+this the compute form.  Fully dynamic layers and everything else are kept as they are.
+The attention modules, BatchNorms and execution schemes are those of the trained model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+import pad
+from .layers import dynamic_convs
+from .models import build_model
+
+
+class InferenceWeights(nn.Module):
+    """Fixed kernels of one dynamic conv, ``forward() -> (kernels (K, *S), static (*S) or None)``.
+
+    Buffers, not parameters: nothing here trains, and calling it in training mode raises.
+    """
+
+    def __init__(self, kernels: torch.Tensor, static: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("kernels", kernels.detach().clone())
+        self.register_buffer("static", None if static is None else static.detach().clone())
+
+    @property
+    def num_kernels(self) -> int:
+        return self.kernels.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.kernels.shape[1:]
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.training:
+            raise RuntimeError("an inference-form model is eval only; train the PAD model it was made from")
+        return self.kernels, self.static
+
+
+@torch.no_grad()
+def to_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in inference form (see module docstring), in eval mode, without gradients."""
+    model = copy.deepcopy(model)
+    for _, layer in dynamic_convs(model):
+        if isinstance(layer.bank, pad.PartiallyDynamicWeights):
+            layer.bank = InferenceWeights(*layer.kernel_terms())
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def load_inference(path: str | os.PathLike, arch: str, conv: str = "dyconv", temperature: float = 1.0,
+                   **build_kwargs) -> nn.Module:
+    """The inference form of ``model_compact.safetensors`` at ``path``, for a PAD model built by
+    ``build_model(arch, conv, pad=True, temperature=temperature, **build_kwargs)``.
+
+    The compact file holds tensors only, not the attention temperature: ``temperature``
+    defaults to 1, where the schedule ends (pass the checkpoint's for a run stopped earlier).
+
+    Raises ``ValueError`` naming the reason when the file cannot be read or holds another architecture.
+    """
+    model = build_model(arch, conv, pad=True, temperature=temperature, **build_kwargs)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        SafetensorError = OSError  # noqa: N806
+    try:
+        pad.load_compact_file(model, path)
+    except FileNotFoundError:
+        raise ValueError(f"compact file {path} does not exist") from None
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"compact file {path} is not a safetensors file: {err}") from None
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"compact file {path} does not fit {arch}/{conv}: {str(err).splitlines()[0]}") from None
+    return to_inference(model)

@@ -1,0 +1,227 @@
+"""Execution schemes of a dynamic convolution: exact ways to compute one layer's output.
+
+Every dynamic conv of :mod:`dyconv.layers` reduces its forward pass to one
+:class:`ConvTerms` and hands it to a scheme.  With ``x_b`` sample ``b`` of the input,
+every scheme computes the same ``(B, O, H', W')`` output::
+
+    y_b = out_scale_b ⊙ conv(in_scale_b ⊙ x_b,  spatial_b ⊙ sum_k routing[b, k] W_k)  +  conv(x_b, static)
+
+(``⊙`` broadcasts over the channel axis; missing terms are ones / zero).  The schemes
+differ in cost only:
+
+* ``grouped``: per-sample weights ``routing @ W.flatten(1)`` (``B x |W|`` memory), one
+  conv with ``groups = B * groups`` over the input viewed as ``(1, B*C, H, W)``.  Same
+  MACs as a static conv, but a poorly parallel conv and weights of ``B |W|``.  Always
+  applicable; at ``B = 1`` it is one plain conv.
+* ``stacked``: one ordinary conv over the ``K`` kernels stacked on the output axis
+  (``K x`` the MACs, ``K x B x O x H' x W'`` outputs), outputs mixed by the routing
+  (a batched matmul).  Never builds per-sample weights.  Not exact with a spatial
+  attention (ODConv's ``spatial_b`` scales kernel positions, not outputs).
+* ``bmm``: 1x1 convs as a per-sample batched matmul ``W_b (O, C) @ x_b (C, H'W')``
+  (strided input for stride > 1).
+
+The static part is added as a ``(K+1)``-th kernel with routing 1 where no input or
+output scale applies (CondConv PAD), else by one ordinary conv (ODConv PAD).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+SCHEMES = ("grouped", "stacked", "bmm")
+POLICIES = ("auto",) + SCHEMES
+
+# Cost model, in units of the layer's static conv (forward + backward), fitted on CPU
+# (one thread, K = 4, batch 32, 3x3 layers of ResNet-18; issue 7):
+#   grouped ~ 1 + GROUPED_OVERHEAD * (C/g) k^2 / (H' W')   (0.96x at 64 ch/56 px ... 9.9x at 512 ch/7 px)
+#   stacked ~ K + 1                                         (about 5x everywhere at K = 4)
+GROUPED_OVERHEAD = 0.1
+
+
+class ConvGeometry(NamedTuple):
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+
+
+class ConvTerms(NamedTuple):
+    """What a dynamic conv convolves, for a batch of ``B`` samples.
+
+    routing: ``(B, K)``; kernels: ``(K, O, C // groups, kh, kw)``; static: ``(O, C // groups, kh, kw)``
+    or ``None``; in_scale: ``(B, C)`` or ``None``; out_scale: ``(B, O)`` or ``None``;
+    spatial: ``(B, kh * kw)`` or ``None``.
+    """
+    routing: torch.Tensor
+    kernels: torch.Tensor
+    static: torch.Tensor | None = None
+    in_scale: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
+    spatial: torch.Tensor | None = None
+
+    @property
+    def scaled(self) -> bool:
+        return self.in_scale is not None or self.out_scale is not None
+
+    def static_as_kernel(self) -> "ConvTerms":
+        """The static part moved into the kernels as one more kernel with routing 1 (exact
+        only without input/output scales, which the static part does not get)."""
+        if self.static is None or self.scaled:
+            return self
+        ones = self.routing.new_ones(self.routing.shape[0], 1)
+        return self._replace(routing=torch.cat([self.routing, ones], 1),
+                             kernels=torch.cat([self.kernels, self.static.unsqueeze(0)]), static=None)
+
+
+def mix_kernels(routing: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """``sum_k routing[b, k] * kernels[k]`` as one matmul: ``(B, K), (K, *S) -> (B, *S)``."""
+    return (routing @ kernels.flatten(1)).view(routing.shape[0], *kernels.shape[1:])
+
+
+def _static_conv(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.Tensor | None:
+    if terms.static is None:
+        return None
+    return F.conv2d(x, terms.static, None, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+
+
+def _finish(out: torch.Tensor, x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.Tensor:
+    """Applies the output scale and adds the static conv of ``x``."""
+    if terms.out_scale is not None:
+        out = out * terms.out_scale[:, :, None, None]
+    static = _static_conv(x, terms, geometry)
+    return out if static is None else out + static
+
+
+def _channel_scale_per_weight(in_scale: torch.Tensor, out_channels: int, groups: int) -> torch.Tensor:
+    """``(B, C) -> (B, O, C // groups, 1, 1)``: the input-channel scale each weight entry reads."""
+    batch, channels = in_scale.shape
+    per_group = channels // groups
+    scale = in_scale.view(batch, groups, 1, per_group).expand(batch, groups, out_channels // groups, per_group)
+    return scale.reshape(batch, out_channels, per_group, 1, 1)
+
+
+def per_sample_weight(terms: ConvTerms) -> torch.Tensor:
+    """``Omega_b`` ``(B, O, C // groups, kh, kw)``: everything folded into one weight per sample."""
+    weight = mix_kernels(terms.routing, terms.kernels)
+    batch, out_channels, _, kh, kw = weight.shape
+    if terms.spatial is not None:
+        weight = weight * terms.spatial.view(batch, 1, 1, kh, kw)
+    if terms.in_scale is not None:
+        groups = terms.in_scale.shape[1] // weight.shape[2]
+        weight = weight * _channel_scale_per_weight(terms.in_scale, out_channels, groups)
+    if terms.out_scale is not None:
+        weight = weight * terms.out_scale.view(batch, out_channels, 1, 1, 1)
+    return weight if terms.static is None else weight + terms.static
+
+
+def grouped(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.Tensor:
+    """Per-sample weights, one conv with ``groups = B * groups``.  Input and output
+    scales are applied to the activations unless a static part must stay unscaled,
+    in which case everything is folded into the per-sample weight."""
+    batch, channels, height, width = x.shape
+    if terms.static is not None and terms.scaled:
+        weight, inputs = per_sample_weight(terms), x
+    else:
+        weight = per_sample_weight(terms._replace(in_scale=None, out_scale=None))
+        inputs = x if terms.in_scale is None else x * terms.in_scale[:, :, None, None]
+    out_channels = weight.shape[1]
+    out = F.conv2d(inputs.reshape(1, batch * channels, height, width),
+                   weight.reshape(batch * out_channels, *weight.shape[2:]), None, geometry.stride,
+                   geometry.padding, geometry.dilation, batch * geometry.groups)
+    out = out.view(batch, out_channels, *out.shape[-2:])
+    if terms.static is not None and terms.scaled:
+        return out
+    return out if terms.out_scale is None else out * terms.out_scale[:, :, None, None]
+
+
+def stacked(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.Tensor:
+    """One conv over the ``K`` kernels stacked on the output axis, outputs mixed by the routing."""
+    if terms.spatial is not None:
+        raise ValueError("the stacked scheme is not exact with a spatial attention")
+    terms = terms.static_as_kernel()
+    kernels, groups = terms.kernels, geometry.groups
+    num, out_channels, per_group_in, kh, kw = kernels.shape
+    per_group_out = out_channels // groups
+    # (K, g, O/g, ...) -> (g, K, O/g, ...): each group's K * O/g outputs stay contiguous for the grouped conv
+    weight = kernels.view(num, groups, per_group_out, per_group_in, kh, kw).transpose(0, 1)
+    weight = weight.reshape(groups * num * per_group_out, per_group_in, kh, kw)
+    inputs = x if terms.in_scale is None else x * terms.in_scale[:, :, None, None]
+    out = F.conv2d(inputs, weight, None, geometry.stride, geometry.padding, geometry.dilation, groups)
+    batch, _, height, width = out.shape
+    out = out.view(batch, groups, num, per_group_out * height * width)
+    mixed = torch.einsum("bgkn,bk->bgn", out, terms.routing.to(out.dtype))
+    return _finish(mixed.reshape(batch, out_channels, height, width), x, terms, geometry)
+
+
+def bmm(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.Tensor:
+    """1x1 conv as a per-sample batched matmul ``(B, g, O/g, C/g) @ (B, g, C/g, H'W')``."""
+    if terms.kernels.shape[-2:] != (1, 1):
+        raise ValueError("the bmm scheme computes 1x1 convs only")
+    strided = x
+    if geometry.padding:
+        strided = F.pad(strided, [geometry.padding] * 4)
+    if geometry.stride > 1:
+        strided = strided[:, :, ::geometry.stride, ::geometry.stride]
+    own = terms if terms.scaled else terms.static_as_kernel()
+    weight = per_sample_weight(own._replace(in_scale=None, out_scale=None, static=None))
+    inputs = strided if own.in_scale is None else strided * own.in_scale[:, :, None, None]
+    batch, channels, height, width = inputs.shape
+    groups, out_channels = geometry.groups, weight.shape[1]
+    out = torch.matmul(weight.view(batch, groups, out_channels // groups, channels // groups),
+                       inputs.reshape(batch, groups, channels // groups, height * width))
+    out = out.view(batch, out_channels, height, width)
+    return _finish(out, x, own, geometry)
+
+
+SCHEME_FUNCTIONS: dict[str, Callable[[torch.Tensor, ConvTerms, ConvGeometry], torch.Tensor]] = {
+    "grouped": grouped, "stacked": stacked, "bmm": bmm}
+
+
+def applicable_schemes(kernel_size: int, has_spatial: bool) -> tuple[str, ...]:
+    """The schemes that are exact for a layer: grouped always, stacked without spatial
+    attention, bmm for 1x1 kernels."""
+    schemes = ["grouped"]
+    if not has_spatial:
+        schemes.append("stacked")
+    if kernel_size == 1:
+        schemes.append("bmm")
+    return tuple(schemes)
+
+
+def modelled_cost(scheme: str, kernels: int, in_per_group: int, kernel_size: int, out_pixels: int) -> float:
+    """Estimated forward + backward time in units of the static conv (see ``GROUPED_OVERHEAD``)."""
+    if scheme == "grouped":
+        return 1.0 + GROUPED_OVERHEAD * in_per_group * kernel_size ** 2 / max(1, out_pixels)
+    if scheme == "stacked":
+        return kernels + 1.0
+    return 1.0  # bmm: static MACs as one dense batched matmul
+
+
+def choose_scheme(policy: str, applicable: tuple[str, ...], batch: int, kernels: int, in_per_group: int,
+                  kernel_size: int, out_pixels: int) -> str:
+    """The scheme a layer runs with.
+
+    ``policy`` names a scheme to force it (``grouped`` where it is not exact for the
+    layer); ``auto``: ``grouped`` at batch 1 (one plain conv), ``bmm`` for 1x1 convs,
+    otherwise the cheaper of ``grouped`` and ``stacked`` by :func:`modelled_cost`.  At
+    ``K = 4`` ``stacked`` wins once ``(C/g) k^2 > 40 H' W'`` (ResNet-18's 512-channel 7x7
+    stage at 224 px, its 256- and 512-channel stages at 112 px); the memory break-even,
+    ``(C/g) k^2 = K H' W'``, lies lower, so ``auto`` never picks ``stacked`` where it would
+    also cost more memory.  The choice depends on the batch only through ``batch == 1``.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown conv scheme {policy!r}; expected one of {POLICIES}")
+    if policy != "auto":
+        return policy if policy in applicable else "grouped"
+    if batch == 1:
+        return "grouped"
+    if "bmm" in applicable:
+        return "bmm"
+    costs = [(modelled_cost(s, kernels, in_per_group, kernel_size, out_pixels), s) for s in applicable]
+    best_cost, best = costs[0]
+    for cost, scheme in costs[1:]:  # a plain loop: torch.compile traces it without a graph break
+        if cost < best_cost:
+            best_cost, best = cost, scheme
+    return best
