@@ -6,8 +6,8 @@
 #                bert-base settings on the embedded MiniLM) for one step of batch 2 on IMAGENET=... and
 #                GLUE_DIR=... (tiny folders; the tests generate them). Checks that the full-scale paths run.
 #   --seeds N    runs per row, seeds 0 .. N-1 (or SEEDS=N; the flag wins). Default: 3 with --mini, else 1.
-# Runs land in runs/<script>-<full|mini|smoke>/<row>/seed<k> (RUNS overrides the folder), tables in
-# results/measured/ (RESULTS overrides the folder). A finished run
+# Runs land in runs/<script>-<full|mini|smoke>/<row>/seed<k> (RUNS_ROOT replaces runs/, RUNS the whole
+# folder), tables in results/measured/ (RESULTS overrides the folder). A finished run
 # (summary.json / all_results.json) is not run again and an interrupted dyconv run resumes from its
 # checkpoint, so a script can be rerun to continue. Each script declares the paper's comparisons with
 # `compare ROW_A ROW_B` (and GLUE averages with `glue_average NAME ROW...`); `summarize TITLE` then prints
@@ -34,7 +34,7 @@ SCALE=$([ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo
 SEEDS=${SEEDS_FLAG:-${SEEDS:-$([ "$MINI" = 1 ] && echo 3 || echo 1)}}
 if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
 SCRIPT=$(basename "$0" .sh)
-RUNS=${RUNS:-runs/$SCRIPT-$SCALE}
+RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}
 PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh

@@ -223,3 +223,55 @@ def test_smoke_runs_every_full_scale_row(tmp_path, smoke_data, script):
     summary = (runs / "summary.md").read_text()
     assert all(f"| {row} | " in summary for row in SCRIPTS[script][0])
     assert not list(runs.rglob("*.pt")) and not list(runs.rglob("*.safetensors"))  # smoke drops its checkpoints
+
+
+# ---------------------------------------------------------------- the mini suite
+
+def fake_suite(root: Path, seeds: int) -> None:
+    """Every --mini row of every script finished, with what the figures read: IMP's per-layer ratios
+    for PAD rows and TensorBoard scale factors for the scale-factor rows."""
+    from torch.utils.tensorboard import SummaryWriter
+    for script, (_, rows) in SCRIPTS.items():
+        for row in rows:
+            for seed in range(seeds):
+                run = root / f"{script}-mini" / row / f"seed{seed}"
+                fake_run(run, row, seed)
+                if "pad" in row and is_glue_row(row):
+                    (run / "partition.json").write_text(json.dumps({"per_layer": {"l0": 0.5, "l1": 0.5}}))
+                elif "pad" in row:
+                    summary = json.loads((run / "summary.json").read_text())
+                    summary["partition"] = {"per_layer": {"conv1": 0.2, "conv2": 0.4}}
+                    (run / "summary.json").write_text(json.dumps(summary))
+                if "scale" in row:
+                    tags = ("train/lambda_{}", 4) if is_glue_row(row) else ("pad/lambda_{}_mean", 1)
+                    writer = SummaryWriter(str(run / "tb"))
+                    for step in (1, 2):
+                        writer.add_scalar(tags[0].format("d"), 1 + 0.1 * step, step * tags[1])
+                        writer.add_scalar(tags[0].format("s"), 1 - 0.1 * step, step * tags[1])
+                    writer.close()
+
+
+def test_mini_suite_resumes_and_writes_tables_and_figures(tmp_path):
+    """With every run finished, the suite trains nothing and writes every table and the four figures."""
+    runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
+    fake_suite(runs, 2)
+    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
+           "RUNS": str(tmp_path / "ignored"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--seeds", "2"], capture_output=True,
+                            text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "== " not in result.stdout.replace("=== ", "")  # no run started
+    assert sorted(p.name for p in results.iterdir()) == sorted(f"{s}-mini.md" for s in SCRIPTS)
+    assert sorted(p.name for p in figures_dir.iterdir()) == sorted(
+        ["accuracy_vs_dynamic_ratio.png", "scale_factors_over_training.png", "per_layer_dynamic_ratio.png",
+         "paired_differences.png"])
+    assert not (tmp_path / "ignored").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mini"], "error: unknown argument --mini (expected --seeds N)"),
+    (["--seeds", "-1"], "error: the number of seeds must be a positive integer, got '-1'"),
+])
+def test_mini_suite_bad_flags(args, message):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), *args], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == message + "\n"
