@@ -6,6 +6,8 @@
 #                bert-base settings on the embedded MiniLM) for one step of batch 2 on IMAGENET=... and
 #                GLUE_DIR=... (tiny folders; the tests generate them). Checks that the full-scale paths run.
 #   --seeds N    runs per row, seeds 0 .. N-1 (or SEEDS=N; the flag wins). Default: 3 with --mini, else 1.
+#   --jobs N     runs at once (or JOBS=N; default 1). With N > 1 each run's output goes to
+#                <row>/seed<k>.log beside its folder; set OMP_NUM_THREADS so that N x threads fit the cores.
 # Runs land in runs/<script>-<full|mini|smoke>/<row>/seed<k> (RUNS_ROOT replaces runs/, RUNS the whole
 # folder), tables in results/measured/ (RESULTS overrides the folder). A finished run
 # (summary.json / all_results.json) is not run again and an interrupted dyconv run resumes from its
@@ -18,6 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MINI=0
 SMOKE=0
 SEEDS_FLAG=
+JOBS_FLAG=
 while [ $# -gt 0 ]; do
   case "$1" in
     --mini) MINI=1 ;;
@@ -25,7 +28,10 @@ while [ $# -gt 0 ]; do
     --seeds)
       [ $# -ge 2 ] || { echo "error: --seeds needs a number" >&2; exit 2; }
       SEEDS_FLAG=$2; shift ;;
-    *) echo "error: unknown argument $1 (expected --mini, --smoke, --seeds N)" >&2; exit 2 ;;
+    --jobs)
+      [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
+      JOBS_FLAG=$2; shift ;;
+    *) echo "error: unknown argument $1 (expected --mini, --smoke, --seeds N, --jobs N)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -33,6 +39,8 @@ if [ "$MINI" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --mini and --smoke exc
 SCALE=$([ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; })
 SEEDS=${SEEDS_FLAG:-${SEEDS:-$([ "$MINI" = 1 ] && echo 3 || echo 1)}}
 if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
+JOBS=${JOBS_FLAG:-${JOBS:-1}}
+if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must be a positive integer, got '$JOBS'" >&2; exit 2; fi
 SCRIPT=$(basename "$0" .sh)
 RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}
@@ -61,6 +69,35 @@ smoke_cleanup() {
   rm -f "$1"/checkpoint.pt "$1"/best.pt "$1"/model_compact.safetensors "$1"/model.safetensors
 }
 
+# launch OUT CMD...: runs CMD for the run folder OUT (then, with --smoke, drops its checkpoints). With
+# JOBS > 1 it runs in the background (at most JOBS at once), its output in OUT.log; a failure is noted
+# in $RUNS/.failed and reported by finish_runs.
+FAILED_LIST=
+launch() {
+  local out=$1; shift
+  if [ "$JOBS" = 1 ]; then
+    "$@"
+    [ "$SMOKE" = 0 ] || smoke_cleanup "$out"
+    return 0
+  fi
+  mkdir -p "$(dirname "$out")"
+  if [ -z "$FAILED_LIST" ]; then FAILED_LIST=$RUNS/.failed; rm -f "$FAILED_LIST"; fi
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+  echo "   (output in $out.log)"
+  ( if "$@" > "$out.log" 2>&1; then [ "$SMOKE" = 0 ] || smoke_cleanup "$out"
+    else echo "$out (exit $?, output in $out.log)" >> "$FAILED_LIST"; fi ) &
+}
+
+# finish_runs: waits for the background runs; one error line per failed run, exit 1 if any failed.
+finish_runs() {
+  wait
+  if [ -n "$FAILED_LIST" ] && [ -s "$FAILED_LIST" ]; then
+    sed 's/^/error: run failed: /' "$FAILED_LIST" >&2
+    rm -f "$FAILED_LIST"
+    exit 1
+  fi
+}
+
 # dyconv_run ROW CONFIG [main.py flags...]: full scale trains configs/dyconv/CONFIG.yaml (a paper row) on
 # ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml);
 # --smoke trains CONFIG for one step. One run per seed in $RUNS/ROW/seed<k>.
@@ -75,15 +112,15 @@ dyconv_run() {
     [ -f "$out/checkpoint.pt" ] && resume=(--resume "$out/checkpoint.pt")
     echo "== $SCRIPT: $row seed $k"
     if [ "$MINI" = 1 ]; then
-      "$PY" dyconv/main.py --config configs/dyconv/fashion_mnist_quick.yaml "$@" --seed "$k" --output "$out" "${resume[@]}"
+      launch "$out" "$PY" dyconv/main.py --config configs/dyconv/fashion_mnist_quick.yaml "$@" --seed "$k" \
+        --output "$out" "${resume[@]}"
     elif [ "$SMOKE" = 1 ]; then
-      "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" "${SMOKE_DYCONV[@]}" \
-        --seed "$k" --output "$out"
-      smoke_cleanup "$out"
+      launch "$out" "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" \
+        "${SMOKE_DYCONV[@]}" --seed "$k" --output "$out"
     else
       [ -n "${IMAGENET:-}" ] || { echo "error: set IMAGENET to an ImageNet folder with train/ and val/ (or pass --mini)" >&2; exit 2; }
-      "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" --seed "$k" \
-        --output "$out" "${resume[@]}"
+      launch "$out" "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" \
+        --seed "$k" --output "$out" "${resume[@]}"
     fi
   done
 }
@@ -101,22 +138,21 @@ glue_run() {
     [ -f "$out/all_results.json" ] && continue
     echo "== $SCRIPT: $row seed $k"
     if [ "$MINI" = 1 ]; then
-      "$PY" moe/run_glue.py configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" --moe "$moe" \
-        "$@" --seed "$k" --output_dir "$out" --overwrite_output_dir
+      launch "$out" "$PY" moe/run_glue.py configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" \
+        --moe "$moe" "$@" --seed "$k" --output_dir "$out" --overwrite_output_dir
     elif [ "$SMOKE" = 1 ]; then
       local warmup
       warmup=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("partition_warmup_steps", 0))' "$config")
       local steps=()
       [ "$warmup" -gt 0 ] && steps=(--partition_warmup_steps 1 --max_steps 2)
-      "$PY" moe/run_glue.py "$config" --model_name_or_path "$SMOKE_MODEL" --glue_dir "$GLUE_DIR" \
+      launch "$out" "$PY" moe/run_glue.py "$config" --model_name_or_path "$SMOKE_MODEL" --glue_dir "$GLUE_DIR" \
         --task_name "$task" --moe "$moe" "$@" "${SMOKE_GLUE[@]}" "${steps[@]}" --seed "$k" --output_dir "$out" \
         --overwrite_output_dir
-      smoke_cleanup "$out"
     elif [ -n "${GLUE_DIR:-}" ]; then
-      "$PY" moe/run_glue.py "$config" --glue_dir "$GLUE_DIR" --task_name "$task" --moe "$moe" "$@" --seed "$k" \
-        --output_dir "$out"
+      launch "$out" "$PY" moe/run_glue.py "$config" --glue_dir "$GLUE_DIR" --task_name "$task" --moe "$moe" "$@" \
+        --seed "$k" --output_dir "$out"
     else
-      "$PY" moe/run_glue.py "$config" --task_name "$task" --moe "$moe" "$@" --seed "$k" --output_dir "$out"
+      launch "$out" "$PY" moe/run_glue.py "$config" --task_name "$task" --moe "$moe" "$@" --seed "$k" --output_dir "$out"
     fi
   done
 }
@@ -134,6 +170,7 @@ glue_average() {
 # summarize TITLE: prints the table of every row and comparison and writes it to
 # $RESULTS/<script>-<full|mini>.md (--smoke: to $RUNS/summary.md; smoke numbers mean nothing).
 summarize() {
+  finish_runs
   local table=$RESULTS/$SCRIPT-$SCALE.md
   [ "$SMOKE" = 1 ] && table=$RUNS/summary.md
   "$PY" scripts/summarize.py "${ROWS[@]}" --seeds "$SEEDS" "${COMPARE_ARGS[@]}" --title "$1" \

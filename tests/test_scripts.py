@@ -83,7 +83,9 @@ def fake_run(run: Path, row: str, seed: int) -> float:
 # ---------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --smoke, --seeds N)"),
+    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --smoke, --seeds N, --jobs N)"),
+    (["--mini", "--jobs", "0"], {}, "error: the number of jobs must be a positive integer, got '0'"),
+    (["--mini"], {"JOBS": "x"}, "error: the number of jobs must be a positive integer, got 'x'"),
     (["--mini", "--smoke"], {}, "error: --mini and --smoke exclude each other"),
     (["--mini", "--seeds", "0"], {}, "error: the number of seeds must be a positive integer, got '0'"),
     (["--mini"], {"SEEDS": "two"}, "error: the number of seeds must be a positive integer, got 'two'"),
@@ -199,6 +201,20 @@ def smoke_data(tmp_path_factory) -> dict:
     return {"IMAGENET": str(make_imagenet(root / "imagenet")), "GLUE_DIR": str(make_glue(root / "glue"))}
 
 
+def test_parallel_runs_report_each_failure(tmp_path):
+    """--jobs 2: every run that fails is named on its own error line with its log; the script exits 1."""
+    (tmp_path / "imagenet").mkdir()
+    runs = tmp_path / "runs"
+    result = run_script("table_dynamic_convs", "--smoke", "--jobs", "2", env={
+        "IMAGENET": str(tmp_path / "imagenet"), "GLUE_DIR": str(tmp_path), "RUNS": str(runs)})
+    assert result.returncode == 1
+    rows = SCRIPTS["table_dynamic_convs"][0]
+    expected = sorted(f"error: run failed: {runs}/{row}/seed0 (exit 2, output in {runs}/{row}/seed0.log)" for row in rows)
+    assert sorted(result.stderr.splitlines()) == expected
+    for row in rows:
+        assert (runs / row / "seed0.log").read_text().startswith("error: ")
+
+
 def test_smoke_needs_its_data(tmp_path):
     result = run_script("table2_glue_moe", "--smoke", env={"IMAGENET": "", "GLUE_DIR": "", "RUNS": str(tmp_path)})
     assert result.returncode == 2
@@ -213,8 +229,10 @@ def test_smoke_runs_every_full_scale_row(tmp_path, smoke_data, script):
     """--smoke runs each full-scale row (real config: 224 px, 1000 classes; bert-base settings on MiniLM)
     for one step; every row writes its results and the summary lists it."""
     runs = tmp_path / "runs"
-    result = run_script(script, "--smoke", env={**smoke_data, "RUNS": str(runs), "RESULTS": str(tmp_path / "r")})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script(script, "--smoke", "--jobs", "2",
+                        env={**smoke_data, "RUNS": str(runs), "RESULTS": str(tmp_path / "r")})
+    logs = "".join(p.read_text()[-1500:] for p in runs.rglob("seed0.log"))
+    assert result.returncode == 0, result.stderr[-3000:] + logs
     for row in SCRIPTS[script][0]:
         name = "all_results.json" if is_glue_row(row) else "summary.json"
         results = json.loads((runs / row / "seed0" / name).read_text())
@@ -269,7 +287,8 @@ def test_mini_suite_resumes_and_writes_tables_and_figures(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mini"], "error: unknown argument --mini (expected --seeds N)"),
+    (["--mini"], "error: unknown argument --mini (expected --seeds N, --jobs N)"),
+    (["--jobs", "two"], "error: the number of jobs must be a positive integer, got 'two'"),
     (["--seeds", "-1"], "error: the number of seeds must be a positive integer, got '-1'"),
 ])
 def test_mini_suite_bad_flags(args, message):
