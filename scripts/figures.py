@@ -187,8 +187,9 @@ def figure_per_layer(runs: Path, scale: str, seeds: int, path: Path) -> None:
     save(fig, path)
 
 
-def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[summarize.Comparison]:
-    """The paper's comparisons: PAD vs fully dynamic and fully dynamic vs static/dense, on every table."""
+def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, summarize.Comparison]]:
+    """``[(table, comparison)]``: the paper's comparisons, PAD vs fully dynamic and fully dynamic vs
+    static/dense, on every table."""
     comparisons = []
     folder = script_dir(runs, "table1_imagenet_dyconv", scale)
     for pad_dir in rows_matching(folder, ""):
@@ -196,12 +197,12 @@ def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[summarize.C
             arch = pad_dir.name[: -len("-dyconv-pad0.3")]
             pad, dyn, static = (summarize.load_row(folder / f"{arch}-{v}", seeds)
                                 for v in ("dyconv-pad0.3", "dyconv", "static"))
-            comparisons += [summarize.compare(pad, dyn), summarize.compare(dyn, static)]
+            comparisons += [("table 1", summarize.compare(pad, dyn)), ("table 1", summarize.compare(dyn, static))]
     folder = script_dir(runs, "table_dynamic_convs", scale)
     for pad_dir in rows_matching(folder, ""):
         if pad_dir.name.endswith("-pad0.3"):
-            comparisons.append(summarize.compare(summarize.load_row(pad_dir, seeds),
-                                                 summarize.load_row(folder / pad_dir.name[: -len("-pad0.3")], seeds)))
+            comparisons.append(("dynamic convs", summarize.compare(
+                summarize.load_row(pad_dir, seeds), summarize.load_row(folder / pad_dir.name[: -len("-pad0.3")], seeds))))
     folder = script_dir(runs, "table2_glue_moe", scale)
     averages = {}
     for moe in ("none", "moe", "pad"):
@@ -209,25 +210,26 @@ def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[summarize.C
         if not rows:
             raise InputError(f"{folder}: no *-{moe} rows")
         averages[moe] = summarize.average_row(f"GLUE average {moe}", rows)
-    comparisons += [summarize.compare(averages["pad"], averages["moe"]),
-                    summarize.compare(averages["moe"], averages["none"])]
+    comparisons += [("GLUE", summarize.compare(averages["pad"], averages["moe"])),
+                    ("GLUE", summarize.compare(averages["moe"], averages["none"]))]
     return comparisons
 
 
 def figure_comparisons(runs: Path, scale: str, seeds: int, path: Path) -> None:
     comparisons = headline_comparisons(runs, scale, seeds)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(comparisons) + 1.5))
-    for y, c in enumerate(comparisons):
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(comparisons) + 1.8))
+    for y, (_, c) in enumerate(comparisons):
         mean = float(np.mean(c.differences))
         interval = c.interval
         if interval is not None:
             ax.plot(interval, [y, y], color="C0")
         ax.plot([mean], [y], "o", color="C0")
     ax.axvline(0, color="grey", lw=1)
-    ax.set_yticks(range(len(comparisons)), [f"{c.a} - {c.b}" for c in comparisons], fontsize=7)
+    ax.set_yticks(range(len(comparisons)), [f"{table}: {c.a} - {c.b}" for table, c in comparisons], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="paired difference (points of top-1 / GLUE score)",
-           title=f"Paper comparisons: mean paired difference and 95% t-interval ({scale}, n={seeds})")
+    ax.set_xlabel("paired difference (points of top-1 / GLUE score)")
+    ax.set_title(f"The paper's comparisons: mean paired difference and 95% t-interval\n({scale} scale, {seeds} seeds)",
+                 fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     save(fig, path)
 

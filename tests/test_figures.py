@@ -121,13 +121,14 @@ def test_per_layer_ratios(runs):
 
 def test_headline_comparisons(runs):
     comparisons = figures.headline_comparisons(runs, "mini", SEEDS)
-    names = [f"{c.a} - {c.b}" for c in comparisons]
-    assert names == ["resnet10-dyconv-pad0.3 - resnet10-dyconv", "resnet10-dyconv - resnet10-static",
-                     "resnet10-condconv-pad0.3 - resnet10-condconv", "resnet10-dyconv-pad0.3 - resnet10-dyconv",
-                     "resnet10-odconv-pad0.3 - resnet10-odconv",
-                     "GLUE average pad - GLUE average moe", "GLUE average moe - GLUE average none"]
-    assert comparisons[0].differences == pytest.approx([0.5, 2.0])
-    assert comparisons[-1].differences == pytest.approx([-4.0, -3.0])  # (66 - 70), (68 - 71) on both tasks
+    names = [f"{table}: {c.a} - {c.b}" for table, c in comparisons]
+    assert names == ["table 1: resnet10-dyconv-pad0.3 - resnet10-dyconv", "table 1: resnet10-dyconv - resnet10-static",
+                     "dynamic convs: resnet10-condconv-pad0.3 - resnet10-condconv",
+                     "dynamic convs: resnet10-dyconv-pad0.3 - resnet10-dyconv",
+                     "dynamic convs: resnet10-odconv-pad0.3 - resnet10-odconv",
+                     "GLUE: GLUE average pad - GLUE average moe", "GLUE: GLUE average moe - GLUE average none"]
+    assert comparisons[0][1].differences == pytest.approx([0.5, 2.0])
+    assert comparisons[-1][1].differences == pytest.approx([-4.0, -3.0])  # (66 - 70), (68 - 71) on both tasks
 
 
 def test_cli_writes_every_figure(runs, tmp_path):
