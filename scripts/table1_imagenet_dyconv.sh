@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Paper, ImageNet table: static vs fully dynamic DY-Conv vs PAD-DY-Conv (dynamic ratio 0.3)
 # on ResNet-10/18/50 and MobileNetV2 x0.5/0.75/1.0 (one config per row in configs/dyconv/).
-# Full: IMAGENET=/data/imagenet bash scripts/table1_imagenet_dyconv.sh  (single process; for 8 GPUs run the
-#       rows with torchrun as README.md shows)
-# CPU:  bash scripts/table1_imagenet_dyconv.sh --mini   (Fashion-MNIST, ResNet-10 and MobileNetV2 x0.5)
+# Full:  IMAGENET=/data/imagenet bash scripts/table1_imagenet_dyconv.sh [--seeds N]  (single process; for
+#        8 GPUs run the rows with torchrun as README.md shows)
+# CPU:   bash scripts/table1_imagenet_dyconv.sh --mini  (Fashion-MNIST, ResNet-10 and MobileNetV2 x0.5, 3 seeds)
+# Smoke: IMAGENET=tiny GLUE_DIR=tiny bash scripts/table1_imagenet_dyconv.sh --smoke  (every full row, one step)
+# Comparisons: PAD vs fully dynamic, fully dynamic vs static, PAD vs static, per architecture.
 source "$(dirname "$0")/lib.sh" "$@"
 if [ "$MINI" = 1 ]; then ARCHS="resnet10 mobilenetv2_050"; else ARCHS="resnet10 resnet18 resnet50 mobilenetv2_050 mobilenetv2_075 mobilenetv2_100"; fi
 for arch in $ARCHS; do
   dyconv_run "$arch-static" "${arch}_static" --arch "$arch" --conv static
   dyconv_run "$arch-dyconv" "${arch}_dyconv" --arch "$arch" --conv dyconv
   dyconv_run "$arch-dyconv-pad0.3" "${arch}_dyconv_pad" --arch "$arch" --conv dyconv --pad --dynamic-ratio 0.3
+  compare "$arch-dyconv-pad0.3" "$arch-dyconv"
+  compare "$arch-dyconv" "$arch-static"
+  compare "$arch-dyconv-pad0.3" "$arch-static"
 done
 summarize "Static vs DY-Conv vs PAD-DY-Conv ($SCALE)"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Paper: PAD on other dynamic convolutions, CondConv and ODConv, fully dynamic vs PAD (ratio 0.3), ResNet-50.
-# Full: IMAGENET=/data/imagenet bash scripts/table_dynamic_convs.sh ; CPU: --mini (Fashion-MNIST, ResNet-10)
+# Full: IMAGENET=/data/imagenet bash scripts/table_dynamic_convs.sh [--seeds N]; CPU: --mini (Fashion-MNIST,
+# ResNet-10, 3 seeds); --smoke: every full row for one step (IMAGENET=tiny GLUE_DIR=tiny).
+# Comparisons: PAD vs fully dynamic, per convolution.
 source "$(dirname "$0")/lib.sh" "$@"
 arch=$([ "$MINI" = 1 ] && echo resnet10 || echo resnet50)
 for conv in condconv dyconv odconv; do
@@ -8,5 +10,6 @@ for conv in condconv dyconv odconv; do
   dyconv_run "$arch-$conv" "resnet50_$conv" --arch $arch --conv $conv --reduction $reduction
   dyconv_run "$arch-$conv-pad0.3" "resnet50_${conv}_pad" --arch $arch --conv $conv --reduction $reduction \
     --pad --dynamic-ratio 0.3
+  compare "$arch-$conv-pad0.3" "$arch-$conv"
 done
 summarize "CondConv / DY-Conv / ODConv, fully dynamic vs PAD ($SCALE)"

@@ -1,0 +1,282 @@
+"""Figures from the runs of the table and ablation scripts (matplotlib, PNG).
+
+    python scripts/figures.py [--runs runs] [--scale mini] [--seeds 3] [--output results/figures]
+        [--figures ratio lambdas per_layer comparisons]
+
+Reads ``RUNS/<script>-<scale>/<row>/seed<k>`` (what ``scripts/lib.sh`` writes) and writes:
+
+* ``accuracy_vs_dynamic_ratio.png`` (``ratio``): top-1 of PAD-DY-Conv and the RTE accuracy of PAD-MoE
+  against the achieved dynamic ratio, mean ± std over seeds (scripts/ablation_dynamic_ratio.sh);
+* ``scale_factors_over_training.png`` (``lambdas``): lambda_d and lambda_s (mean over PAD layers, then
+  over seeds) over training for each scale-factor variant (scripts/ablation_scale_factors.sh), from
+  the TensorBoard events (dyconv: ``pad/lambda_d_mean`` per epoch; MoE: ``train/lambda_d`` per
+  logging step);
+* ``per_layer_dynamic_ratio.png`` (``per_layer``): the dynamic ratio IMP left in each layer of the
+  PAD rows of scripts/table1_imagenet_dyconv.sh and scripts/table2_glue_moe.sh, mean ± std over seeds
+  (dyconv: ``summary.json``'s ``partition.per_layer``; MoE: ``partition.json``'s ``per_layer``);
+* ``paired_differences.png`` (``comparisons``): every headline comparison of the paper (PAD vs fully
+  dynamic, fully dynamic vs static/dense, on each table) as the paired difference over seeds with
+  its 95% t-interval.
+
+Missing runs are an error (one ``error:`` line, exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import summarize  # noqa: E402
+from summarize import InputError  # noqa: E402
+
+FIGURES = {"ratio": "accuracy_vs_dynamic_ratio.png", "lambdas": "scale_factors_over_training.png",
+           "per_layer": "per_layer_dynamic_ratio.png", "comparisons": "paired_differences.png"}
+SCALE_VARIANTS = ("both", "s", "d", "none")
+
+
+def script_dir(runs: Path, script: str, scale: str) -> Path:
+    path = runs / f"{script}-{scale}"
+    if not path.is_dir():
+        raise InputError(f"{path}: no runs of scripts/{script}.sh at {scale} scale (see --runs, --scale)")
+    return path
+
+
+def rows_matching(folder: Path, prefix: str) -> list[Path]:
+    """Row folders of ``folder`` whose names start with ``prefix``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix))
+
+
+# ---------------------------------------------------------------- data
+
+def ratio_curve(rows: list[summarize.Row], ratios: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ratios, mean score, std of the score)`` sorted by ratio; std 0 for one seed."""
+    order = np.argsort(ratios)
+    means = np.array([summarize.mean_std(rows[i].score)[0] for i in order])
+    stds = np.array([summarize.mean_std(rows[i].score)[1] or 0.0 for i in order])
+    return np.asarray(ratios)[order], means, stds
+
+
+def achieved_ratio(row_dir: Path, seeds: int) -> float:
+    """The mean achieved dynamic ratio of a row's seeds (summary.json / all_results.json)."""
+    summarize.load_row(row_dir, seeds)  # every seed finished
+    values = []
+    for _, run in summarize.seed_dirs(row_dir, seeds):
+        _, results = summarize.read_results(run)
+        if results.get("dynamic_ratio") is None:
+            raise InputError(f"{run}: no dynamic_ratio in the results")
+        values.append(float(results["dynamic_ratio"]))
+    return float(np.mean(values))
+
+
+def event_scalars(run: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of a scalar ``tag`` in the TensorBoard events under ``run`` (any depth)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    folders = sorted({p.parent for p in run.rglob("events.out.tfevents*")})
+    steps, values = [], []
+    for folder in folders:
+        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            for event in accumulator.Scalars(tag):
+                steps.append(event.step)
+                values.append(event.value)
+    if not steps:
+        raise InputError(f"{run}: no TensorBoard scalar {tag!r}")
+    order = np.argsort(steps, kind="stable")
+    return np.asarray(steps)[order], np.asarray(values)[order]
+
+
+def seed_mean_curve(row_dir: Path, seeds: int, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """The mean over seeds of a scalar's curve, on the steps every seed logged."""
+    curves = [event_scalars(run, tag) for _, run in summarize.seed_dirs(row_dir, seeds)]
+    common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves)))
+    if not common:
+        raise InputError(f"{row_dir}: the seeds logged {tag!r} at no common step")
+    stacked = [[dict(zip(s.tolist(), v.tolist()))[step] for step in common] for s, v in curves]
+    return np.asarray(common), np.mean(stacked, axis=0)
+
+
+def per_layer_ratios(row_dir: Path, seeds: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(layer names, mean ratio, std)`` of the per-layer dynamic ratios IMP chose, over seeds."""
+    summarize.load_row(row_dir, seeds)  # every seed finished
+    layers = None
+    table = []
+    for _, run in summarize.seed_dirs(row_dir, seeds):
+        kind, results = summarize.read_results(run)
+        if kind == "dyconv":
+            partition = results.get("partition")
+            source = run / "summary.json"
+        else:
+            source = run / "partition.json"
+            try:
+                partition = json.loads(source.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise InputError(f"{source}: unreadable ({err})") from None
+        if not isinstance(partition, dict) or not partition.get("per_layer"):
+            raise InputError(f"{source}: no partition per_layer ratios (is it a PAD run?)")
+        if layers is None:
+            layers = list(partition["per_layer"])
+        elif list(partition["per_layer"]) != layers:
+            raise InputError(f"{source}: other layers than the row's first seed")
+        table.append([partition["per_layer"][name] for name in layers])
+    array = np.asarray(table, dtype=float)
+    return layers, array.mean(0), array.std(0, ddof=1) if len(array) > 1 else np.zeros(len(layers))
+
+
+# ---------------------------------------------------------------- figures
+
+def figure_ratio(runs: Path, scale: str, seeds: int, path: Path) -> None:
+    folder = script_dir(runs, "ablation_dynamic_ratio", scale)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, prefix, label in ((axes[0], "resnet", "PAD-DY-Conv, top-1 (%)"), (axes[1], "rte-pad", "PAD-MoE, RTE accuracy (%)")):
+        row_dirs = rows_matching(folder, prefix)
+        if not row_dirs:
+            raise InputError(f"{folder}: no {prefix}* rows")
+        rows = [summarize.load_row(d, seeds) for d in row_dirs]
+        x, mean, std = ratio_curve(rows, [achieved_ratio(d, seeds) for d in row_dirs])
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=4)
+        ax.set(xlabel="dynamic ratio (achieved)", ylabel=label, title=f"{label.split(',')[0]} ({scale}, n={seeds})")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy against the dynamic ratio (mean ± std over seeds)")
+    save(fig, path)
+
+
+def figure_lambdas(runs: Path, scale: str, seeds: int, path: Path) -> None:
+    folder = script_dir(runs, "ablation_scale_factors", scale)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    pipelines = ((axes[0], "resnet", "pad/lambda_{}_mean", "epoch", "PAD-DY-Conv"),
+                 (axes[1], "rte-pad", "train/lambda_{}", "optimizer step", "PAD-MoE (RTE)"))
+    for ax, prefix, tag, xlabel, title in pipelines:
+        for variant, color in zip(SCALE_VARIANTS, ("C0", "C1", "C2", "C3")):
+            matches = [d for d in rows_matching(folder, prefix) if d.name.endswith(f"-scale-{variant}")]
+            if len(matches) != 1:
+                raise InputError(f"{folder}: expected one {prefix}*-scale-{variant} row, found {len(matches)}")
+            for which, style in (("d", "-"), ("s", "--")):
+                steps, values = seed_mean_curve(matches[0], seeds, tag.format(which))
+                ax.plot(steps, values, style, color=color, marker=".", label=f"{variant}: lambda_{which}")
+        ax.set(xlabel=xlabel, ylabel="mean over PAD layers", title=f"{title} ({scale}, n={seeds})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("Scale factors over training, per learned-factor variant")
+    save(fig, path)
+
+
+def figure_per_layer(runs: Path, scale: str, seeds: int, path: Path) -> None:
+    sources = []
+    folder = script_dir(runs, "table1_imagenet_dyconv", scale)
+    sources += [(d, "PAD-DY-Conv") for d in rows_matching(folder, "") if d.name.endswith("-dyconv-pad0.3")]
+    folder = script_dir(runs, "table2_glue_moe", scale)
+    sources += [(d, "PAD-MoE") for d in rows_matching(folder, "") if d.name.endswith("-pad")]
+    if not sources:
+        raise InputError("no PAD rows in table1_imagenet_dyconv / table2_glue_moe")
+    fig, axes = plt.subplots(len(sources), 1, figsize=(12, 2.6 * len(sources)), squeeze=False)
+    for ax, (row_dir, title) in zip(axes[:, 0], sources):
+        layers, mean, std = per_layer_ratios(row_dir, seeds)
+        ax.bar(range(len(layers)), mean, yerr=std, capsize=2)
+        ax.set_xticks(range(len(layers)), [shorten(n) for n in layers], rotation=90, fontsize=6)
+        ax.set(ylabel="dynamic ratio", ylim=(0, 1), title=f"{title}: {row_dir.name} ({scale}, n={seeds})")
+    fig.suptitle("Per-layer dynamic ratio chosen by IMP (mean ± std over seeds)")
+    save(fig, path)
+
+
+def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, summarize.Comparison]]:
+    """``[(table, comparison)]``: the paper's comparisons, PAD vs fully dynamic and fully dynamic vs
+    static/dense, on every table."""
+    comparisons = []
+    folder = script_dir(runs, "table1_imagenet_dyconv", scale)
+    for pad_dir in rows_matching(folder, ""):
+        if pad_dir.name.endswith("-dyconv-pad0.3"):
+            arch = pad_dir.name[: -len("-dyconv-pad0.3")]
+            pad, dyn, static = (summarize.load_row(folder / f"{arch}-{v}", seeds)
+                                for v in ("dyconv-pad0.3", "dyconv", "static"))
+            comparisons += [("table 1", summarize.compare(pad, dyn)), ("table 1", summarize.compare(dyn, static))]
+    folder = script_dir(runs, "table_dynamic_convs", scale)
+    for pad_dir in rows_matching(folder, ""):
+        if pad_dir.name.endswith("-pad0.3"):
+            comparisons.append(("dynamic convs", summarize.compare(
+                summarize.load_row(pad_dir, seeds), summarize.load_row(folder / pad_dir.name[: -len("-pad0.3")], seeds))))
+    folder = script_dir(runs, "table2_glue_moe", scale)
+    averages = {}
+    for moe in ("none", "moe", "pad"):
+        rows = [summarize.load_row(d, seeds) for d in rows_matching(folder, "") if d.name.endswith(f"-{moe}")]
+        if not rows:
+            raise InputError(f"{folder}: no *-{moe} rows")
+        averages[moe] = summarize.average_row(f"GLUE average {moe}", rows)
+    comparisons += [("GLUE", summarize.compare(averages["pad"], averages["moe"])),
+                    ("GLUE", summarize.compare(averages["moe"], averages["none"]))]
+    return comparisons
+
+
+def figure_comparisons(runs: Path, scale: str, seeds: int, path: Path) -> None:
+    comparisons = headline_comparisons(runs, scale, seeds)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(comparisons) + 1.8))
+    for y, (_, c) in enumerate(comparisons):
+        mean = float(np.mean(c.differences))
+        interval = c.interval
+        if interval is not None:
+            ax.plot(interval, [y, y], color="C0")
+        ax.plot([mean], [y], "o", color="C0")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(comparisons)), [f"{table}: {c.a} - {c.b}" for table, c in comparisons], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference (points of top-1 / GLUE score)")
+    ax.set_title(f"The paper's comparisons: mean paired difference and 95% t-interval\n({scale} scale, {seeds} seeds)",
+                 fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    save(fig, path)
+
+
+def shorten(name: str) -> str:
+    for suffix in (".bank", ".experts", ".weight"):
+        name = name.removesuffix(suffix)
+    return name.replace("bert.encoder.layer.", "L").replace("intermediate.dense", "inter").replace("output.dense", "out")
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+MAKERS = {"ratio": figure_ratio, "lambdas": figure_lambdas, "per_layer": figure_per_layer,
+          "comparisons": figure_comparisons}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise InputError(message)
+
+
+def main(argv=None) -> int:
+    parser = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of <script>-<scale>/ run folders")
+    parser.add_argument("--scale", default="mini", choices=("mini", "full", "smoke"))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (seed0 .. seed<N-1>)")
+    parser.add_argument("--output", type=Path, default=Path("results/figures"))
+    parser.add_argument("--figures", nargs="+", choices=list(FIGURES), default=list(FIGURES),
+                        help="which figures to make (default: all)")
+    try:
+        args = parser.parse_args(argv)
+        if args.seeds < 1:
+            raise InputError(f"--seeds must be >= 1, got {args.seeds}")
+        for name in args.figures:
+            path = args.output / FIGURES[name]
+            MAKERS[name](args.runs, args.scale, args.seeds, path)
+            print(f"wrote {path}")
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return summarize.EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The table and ablation scripts (scripts/lib.sh): flags, seeds, skipping finished runs, declared
+comparisons, and --smoke: every full-scale row with its real config for one step on generated tiny data
+(a 1000-class ImageNet-layout folder of JPEGs, GLUE TSVs of the nine tasks)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The rows each script runs, at full scale (and --smoke) and with --mini.
+FULL_ARCHS = ["resnet10", "resnet18", "resnet50", "mobilenetv2_050", "mobilenetv2_075", "mobilenetv2_100"]
+GLUE_TASKS = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+
+
+def table1_rows(archs):
+    return [f"{a}-{v}" for a in archs for v in ("static", "dyconv", "dyconv-pad0.3")]
+
+
+def table2_rows(tasks):
+    return [f"{t}-{m}" for t in tasks for m in ("none", "moe", "pad")]
+
+
+def dynamic_convs_rows(arch):
+    return [f"{arch}-{c}{p}" for c in ("condconv", "dyconv", "odconv") for p in ("", "-pad0.3")]
+
+
+def ratio_rows(arch):
+    return [f"{arch}-pad{r}" for r in ("0.1", "0.3", "0.5", "0.7", "1.0")] + [f"rte-pad{r}" for r in ("0.3", "0.5", "0.7", "0.9")]
+
+
+def partition_rows(arch):
+    return ([f"{arch}-pad0.3-{c}" for c in ("taylor", "random", "magnitude", "grasp", "synflow")]
+            + [f"{arch}-pad0.3-taylor-{v}" for v in ("local", "linear", "oneshot")])
+
+
+def scale_rows(arch):
+    return [f"{p}-scale-{v}" for v in ("both", "s", "d", "none") for p in (f"{arch}-pad0.3", "rte-pad")]
+
+
+MOE_LAYER_ROWS = [f"rte-{m}-{l}" for l in ("intermediate", "output", "both") for m in ("moe", "pad")]
+
+SCRIPTS = {  # script: (full-scale rows, mini rows)
+    "table1_imagenet_dyconv": (table1_rows(FULL_ARCHS), table1_rows(["resnet10", "mobilenetv2_050"])),
+    "table2_glue_moe": (table2_rows(GLUE_TASKS), table2_rows(["sst2", "rte"])),
+    "table_dynamic_convs": (dynamic_convs_rows("resnet50"), dynamic_convs_rows("resnet10")),
+    "ablation_dynamic_ratio": (ratio_rows("resnet50"), ratio_rows("resnet10")),
+    "ablation_partition": (partition_rows("resnet50"), partition_rows("resnet10")),
+    "ablation_scale_factors": (scale_rows("resnet50"), scale_rows("resnet10")),
+    "ablation_moe_layers": (MOE_LAYER_ROWS, MOE_LAYER_ROWS),
+}
+
+
+def run_script(name, *args, env=None, timeout=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(["bash", str(REPO / "scripts" / f"{name}.sh"), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+
+
+def is_glue_row(row: str) -> bool:
+    return row.split("-")[0] in GLUE_TASKS
+
+
+def fake_run(run: Path, row: str, seed: int) -> float:
+    """A finished run of ``row``: summary.json (dyconv) or all_results.json (GLUE); returns its score."""
+    run.mkdir(parents=True)
+    score = 60.0 + (hash(row) % 100) / 10 + seed
+    if is_glue_row(row):
+        (run / "all_results.json").write_text(json.dumps({"eval_accuracy": score / 100, "dynamic_ratio": 0.5}))
+    else:
+        (run / "summary.json").write_text(json.dumps({"top1": score, "top5": 99.0, "dynamic_ratio": 0.3,
+                                                      "seed": seed}))
+    return score
+
+
+# ---------------------------------------------------------------- flags
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --smoke, --seeds N, --jobs N)"),
+    (["--mini", "--jobs", "0"], {}, "error: the number of jobs must be a positive integer, got '0'"),
+    (["--mini"], {"JOBS": "x"}, "error: the number of jobs must be a positive integer, got 'x'"),
+    (["--mini", "--smoke"], {}, "error: --mini and --smoke exclude each other"),
+    (["--mini", "--seeds", "0"], {}, "error: the number of seeds must be a positive integer, got '0'"),
+    (["--mini"], {"SEEDS": "two"}, "error: the number of seeds must be a positive integer, got 'two'"),
+    (["--mini", "--seeds"], {}, "error: --seeds needs a number"),
+])
+def test_bad_flags_are_one_error_line(args, env, message):
+    result = run_script("table_dynamic_convs", *args, env=env)
+    assert result.returncode == 2
+    assert result.stderr == message + "\n"
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_mini_rows_per_seed_finished_runs_skipped_and_compared(tmp_path, script):
+    """Every row x seed already finished: nothing trains, and the table has every row over 2 seeds."""
+    rows = SCRIPTS[script][1]
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for row in rows:
+        for seed in range(2):
+            fake_run(runs / row / f"seed{seed}", row, seed)
+    result = run_script(script, "--mini", "--seeds", "2", env={"RUNS": str(runs), "RESULTS": str(results)})
+    assert result.returncode == 0, result.stderr
+    assert "== " not in result.stdout  # no run started
+    table = (results / f"{script}-mini.md").read_text()
+    assert f"Produced by `bash scripts/{script}.sh --mini --seeds 2`." in table
+    for row in rows:
+        assert f"| {row} | " in table and " (2) |" in table
+    assert "Paired differences" in table
+
+
+def test_seeds_env_and_flag(tmp_path):
+    """SEEDS=N sets the number of seeds; --seeds wins over it; a missing seed's run is attempted."""
+    rows = SCRIPTS["ablation_moe_layers"][1]
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for row in rows:
+        for seed in range(2):
+            fake_run(runs / row / f"seed{seed}", row, seed)
+    env = {"RUNS": str(runs), "RESULTS": str(results)}
+    ok = run_script("ablation_moe_layers", "--mini", env={**env, "SEEDS": "2"})
+    assert ok.returncode == 0, ok.stderr
+    assert "--seeds 2`" in (results / "ablation_moe_layers-mini.md").read_text()
+    ok = run_script("ablation_moe_layers", "--mini", "--seeds", "1", env={**env, "SEEDS": "3"})
+    assert ok.returncode == 0, ok.stderr
+    assert "| rte-pad-both - rte-moe-both | " in ok.stdout and "- (one seed)" in ok.stdout
+
+
+def test_paired_differences_of_a_declared_comparison(tmp_path):
+    """table_dynamic_convs compares PAD with the fully dynamic conv, seed by seed."""
+    rows = SCRIPTS["table_dynamic_convs"][1]
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    scores = {(row, s): fake_run(runs / row / f"seed{s}", row, s) for row in rows for s in range(3)}
+    result = run_script("table_dynamic_convs", "--mini", env={"RUNS": str(runs), "RESULTS": str(results)})
+    assert result.returncode == 0, result.stderr
+    diffs = [scores["resnet10-odconv-pad0.3", s] - scores["resnet10-odconv", s] for s in range(3)]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("| resnet10-odconv-pad0.3 - resnet10-odconv |"))
+    assert ", ".join(f"{d:+.2f}" for d in diffs) in line
+    assert "(3)" in line  # --mini defaults to 3 seeds
+
+
+# ---------------------------------------------------------------- --smoke
+
+def make_imagenet(root: Path, classes: int = 1000) -> Path:
+    """``root/{train,val}/n<id>/*.JPEG``: one small random JPEG per class and split (1000 classes, as ImageNet)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{split}_{c}.JPEG")
+    return root
+
+
+def make_glue(root: Path, n: int = 8) -> Path:
+    """The nine GLUE tasks in GLUE's TSV layouts (train and dev; MNLI dev matched and mismatched)."""
+    rng = random.Random(0)
+    words = "the movie film is was it and of to good bad".split()
+
+    def s():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+
+    def tsv(path, header, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join("\t".join(map(str, r)) + "\n" for r in ([header] if header else []) + rows))
+
+    nli = ["entailment", "not_entailment"]
+    mnli = ["entailment", "neutral", "contradiction"]
+    mnli_header = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                   "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+    for split in ("train", "dev"):
+        tsv(root / "CoLA" / f"{split}.tsv", None, [["src", i % 2, "", s()] for i in range(n)])
+        tsv(root / "SST-2" / f"{split}.tsv", ["sentence", "label"], [[s(), i % 2] for i in range(n)])
+        tsv(root / "MRPC" / f"{split}.tsv", ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+            [[i % 2, i, i, s(), s()] for i in range(n)])
+        tsv(root / "STS-B" / f"{split}.tsv", ["index", "genre", "filename", "year", "old_index", "source1", "source2",
+                                              "sentence1", "sentence2", "score"],
+            [[i, "g", "f", "y", i, "a", "b", s(), s(), f"{rng.uniform(0, 5):.2f}"] for i in range(n)])
+        tsv(root / "QQP" / f"{split}.tsv", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+            [[i, i, i, s(), s(), i % 2] for i in range(n)])
+        tsv(root / "QNLI" / f"{split}.tsv", ["index", "question", "sentence", "label"],
+            [[i, s(), s(), nli[i % 2]] for i in range(n)])
+        tsv(root / "RTE" / f"{split}.tsv", ["index", "sentence1", "sentence2", "label"],
+            [[i, s(), s(), nli[i % 2]] for i in range(n)])
+        tsv(root / "WNLI" / f"{split}.tsv", ["index", "sentence1", "sentence2", "label"],
+            [[i, s(), s(), i % 2] for i in range(n)])
+    for split in ("train", "dev_matched", "dev_mismatched"):
+        tsv(root / "MNLI" / f"{split}.tsv", mnli_header,
+            [[i, i, i, "g", "", "", "", "", s(), s(), mnli[i % 3], mnli[i % 3]] for i in range(n)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("smoke_data")
+    return {"IMAGENET": str(make_imagenet(root / "imagenet")), "GLUE_DIR": str(make_glue(root / "glue"))}
+
+
+def test_parallel_runs_report_each_failure(tmp_path):
+    """--jobs 2: every run that fails is named on its own error line with its log; the script exits 1."""
+    (tmp_path / "imagenet").mkdir()
+    runs = tmp_path / "runs"
+    result = run_script("table_dynamic_convs", "--smoke", "--jobs", "2", env={
+        "IMAGENET": str(tmp_path / "imagenet"), "GLUE_DIR": str(tmp_path), "RUNS": str(runs)})
+    assert result.returncode == 1
+    rows = SCRIPTS["table_dynamic_convs"][0]
+    expected = sorted(f"error: run failed: {runs}/{row}/seed0 (exit 2, output in {runs}/{row}/seed0.log)" for row in rows)
+    assert sorted(result.stderr.splitlines()) == expected
+    for row in rows:
+        assert (runs / row / "seed0.log").read_text().startswith("error: ")
+
+
+def test_smoke_needs_its_data(tmp_path):
+    result = run_script("table2_glue_moe", "--smoke", env={"IMAGENET": "", "GLUE_DIR": "", "RUNS": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr == "error: --smoke needs IMAGENET=a tiny ImageNet-layout folder (train/<class>/, val/<class>/)\n"
+    result = run_script("table2_glue_moe", "--smoke", env={"IMAGENET": "x", "GLUE_DIR": "", "RUNS": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr == "error: --smoke needs GLUE_DIR=a tiny GLUE TSV folder (<TASK>/train.tsv, dev.tsv)\n"
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_smoke_runs_every_full_scale_row(tmp_path, smoke_data, script):
+    """--smoke runs each full-scale row (real config: 224 px, 1000 classes; bert-base settings on MiniLM)
+    for one step; every row writes its results and the summary lists it."""
+    runs = tmp_path / "runs"
+    result = run_script(script, "--smoke", "--jobs", "2",
+                        env={**smoke_data, "RUNS": str(runs), "RESULTS": str(tmp_path / "r")})
+    logs = "".join(p.read_text()[-1500:] for p in runs.rglob("seed0.log"))
+    assert result.returncode == 0, result.stderr[-3000:] + logs
+    for row in SCRIPTS[script][0]:
+        name = "all_results.json" if is_glue_row(row) else "summary.json"
+        results = json.loads((runs / row / "seed0" / name).read_text())
+        if not is_glue_row(row):
+            assert (results["image_size"], results["num_classes"], results["dataset"]) == (224, 1000, "imagenet")
+    summary = (runs / "summary.md").read_text()
+    assert all(f"| {row} | " in summary for row in SCRIPTS[script][0])
+    assert not list(runs.rglob("*.pt")) and not list(runs.rglob("*.safetensors"))  # smoke drops its checkpoints
+
+
+# ---------------------------------------------------------------- the mini suite
+
+def fake_suite(root: Path, seeds: int) -> None:
+    """Every --mini row of every script finished, with what the figures read: IMP's per-layer ratios
+    for PAD rows and TensorBoard scale factors for the scale-factor rows."""
+    from torch.utils.tensorboard import SummaryWriter
+    for script, (_, rows) in SCRIPTS.items():
+        for row in rows:
+            for seed in range(seeds):
+                run = root / f"{script}-mini" / row / f"seed{seed}"
+                fake_run(run, row, seed)
+                if "pad" in row and is_glue_row(row):
+                    (run / "partition.json").write_text(json.dumps({"per_layer": {"l0": 0.5, "l1": 0.5}}))
+                elif "pad" in row:
+                    summary = json.loads((run / "summary.json").read_text())
+                    summary["partition"] = {"per_layer": {"conv1": 0.2, "conv2": 0.4}}
+                    (run / "summary.json").write_text(json.dumps(summary))
+                if "scale" in row:
+                    tags = ("train/lambda_{}", 4) if is_glue_row(row) else ("pad/lambda_{}_mean", 1)
+                    writer = SummaryWriter(str(run / "tb"))
+                    for step in (1, 2):
+                        writer.add_scalar(tags[0].format("d"), 1 + 0.1 * step, step * tags[1])
+                        writer.add_scalar(tags[0].format("s"), 1 - 0.1 * step, step * tags[1])
+                    writer.close()
+
+
+def test_mini_suite_resumes_and_writes_tables_and_figures(tmp_path):
+    """With every run finished, the suite trains nothing and writes every table and the four figures."""
+    runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
+    fake_suite(runs, 2)
+    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
+           "RUNS": str(tmp_path / "ignored"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--seeds", "2"], capture_output=True,
+                            text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "== " not in result.stdout.replace("=== ", "")  # no run started
+    assert sorted(p.name for p in results.iterdir()) == sorted(f"{s}-mini.md" for s in SCRIPTS)
+    assert sorted(p.name for p in figures_dir.iterdir()) == sorted(
+        ["accuracy_vs_dynamic_ratio.png", "scale_factors_over_training.png", "per_layer_dynamic_ratio.png",
+         "paired_differences.png"])
+    assert not (tmp_path / "ignored").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mini"], "error: unknown argument --mini (expected --seeds N, --jobs N)"),
+    (["--jobs", "two"], "error: the number of jobs must be a positive integer, got 'two'"),
+    (["--seeds", "-1"], "error: the number of seeds must be a positive integer, got '-1'"),
+])
+def test_mini_suite_bad_flags(args, message):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), *args], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == message + "\n"
