@@ -169,6 +169,43 @@ def scheme_key(x: torch.Tensor) -> str:
     return f"{'single' if x.shape[0] == 1 else 'batch'}@{x.shape[-2]}x{x.shape[-1]}"
 
 
+class UnitSplit(NamedTuple):
+    """A unit-structured PAD conv cut into its dynamic and static output units.
+
+    dynamic: ``(O_d,)`` int64 indices of the dynamic output units; static: ``(O_s,)`` those of the
+    static ones; order: ``(O,)``, the permutation that puts ``cat([dynamic, static] outputs)`` back
+    in channel order; kernels: ``(K, O_d, C/g, k, k)`` ``lambda_d W_k[dynamic]``; weight:
+    ``(O_s, C/g, k, k)`` ``lambda_s W_s[static]``, the one ordinary conv of the static units.
+    """
+    dynamic: torch.Tensor
+    static: torch.Tensor
+    order: torch.Tensor
+    kernels: torch.Tensor
+    weight: torch.Tensor
+
+
+def unit_order(dynamic_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dynamic indices, static indices, order)`` of a boolean ``(O,)`` unit mask (see :class:`UnitSplit`)."""
+    dynamic = dynamic_units.nonzero().squeeze(1)
+    static = (~dynamic_units).nonzero().squeeze(1)
+    order = torch.empty_like(dynamic_units, dtype=torch.long)
+    order[torch.cat([dynamic, static])] = torch.arange(dynamic_units.numel(), device=dynamic_units.device)
+    return dynamic, static, order
+
+
+def _zero_tie(attention, bank) -> torch.Tensor | float:
+    """``0`` that depends on the attention's outputs and the bank's kernels, for a layer with no dynamic
+    unit: their gradients are zeros (as on the element path), not missing (which DDP refuses)."""
+    if not torch.is_grad_enabled():
+        return 0.0
+    parts = attention if isinstance(attention, tuple) else (attention,)
+    total = sum(part.sum() for part in parts if part is not None)
+    kernels = getattr(bank, "kernels", None)
+    if isinstance(kernels, nn.Parameter):
+        total = total + kernels.sum()
+    return 0.0 * total
+
+
 class _RoutedConv2d(nn.Module):
     """Shared state of a conv whose ``K`` kernels live in a (partially) dynamic bank.
 
@@ -265,9 +302,12 @@ class _RoutedConv2d(nn.Module):
             return dynamic.add_(static), None
         return dynamic + static, None
 
-    def conv_terms(self, routing: torch.Tensor) -> ConvTerms:
+    def conv_terms(self, attention) -> ConvTerms:
         """The :class:`ConvTerms` of a batch from the attention's output (routing ``(B, K)``)."""
-        kernels, static = self.kernel_terms()
+        return self.routed_terms(attention, *self.kernel_terms())
+
+    def routed_terms(self, routing: torch.Tensor, kernels: torch.Tensor, static: torch.Tensor | None) -> ConvTerms:
+        """The :class:`ConvTerms` of the attention's output over the given kernels ``(K, O', ...)``."""
         return ConvTerms(routing, kernels, static)
 
     def mixed_weight(self, routing) -> torch.Tensor:
@@ -290,9 +330,85 @@ class _RoutedConv2d(nn.Module):
 
     def weighted_conv(self, x: torch.Tensor, attention) -> torch.Tensor:
         """The conv of ``x`` ``(B, C, H, W)`` with the kernels the attention's output selects."""
-        terms = self.conv_terms(attention)
-        out = SCHEME_FUNCTIONS[self.scheme_for(x, terms)](x, terms, self.geometry)
+        split = self.unit_split()
+        if split is None:
+            terms = self.conv_terms(attention)
+            out = SCHEME_FUNCTIONS[self.scheme_for(x, terms)](x, terms, self.geometry)
+        else:
+            out = self._unit_conv(x, attention, split)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    # ------------------------------------------------------------ unit-structured PAD
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups == self.in_channels == self.out_channels
+
+    def unit_split(self) -> UnitSplit | None:
+        """The :class:`UnitSplit` the layer computes with, or ``None`` for the element path.
+
+        A PAD bank whose granularity is ``unit`` (or an inference bank holding a split) is split
+        when the layer's groups allow one ordinary conv per side (``groups`` 1 or depthwise) and
+        both sides hold units; otherwise (other grouped convs, ``kernel`` or ``element``
+        granularity, every unit dynamic) the element path computes the same output.  Cached
+        like the fold (eval mode without autograd) and the unit indices until the mask changes.
+        """
+        bank = self.bank
+        if hasattr(bank, "unit_split"):  # the inference form's
+            return bank.unit_split()
+        if (not isinstance(bank, PartiallyDynamicWeights) or bank.granularity != "unit"
+                or not (self.groups == 1 or self.depthwise)):
+            return None
+        dynamic, static, order = self._unit_indices()
+        if static.numel() == 0:
+            return None  # fully dynamic: the element path costs the same
+        key = self._fold_cache_key()
+        if key is not None and self._fold_cache is not None and self._fold_cache[0] == ("unit", key):
+            return self._fold_cache[1]
+        lambda_d, lambda_s = bank.scale()
+        split = UnitSplit(dynamic, static, order, lambda_d * bank.kernels.index_select(1, dynamic),
+                          lambda_s * bank.static_weight.index_select(0, static))
+        if key is not None:
+            self._fold_cache = (("unit", key), split)
+        return split
+
+    def _unit_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dynamic units, static units, order)`` of the bank's mask, recomputed when the mask changes
+        (``order``: ``cat([dynamic outputs, static outputs], 1)[:, order]`` is in channel order)."""
+        mask = self.bank.mask
+        key = (mask._version, mask.data_ptr(), mask.device)
+        cached = getattr(self, "_unit_index_cache", None)
+        if cached is not None and cached[0] == key and not torch.compiler.is_compiling():
+            return cached[1]
+        dynamic_units = self.bank.unit_mask("unit")
+        indices = unit_order(dynamic_units)
+        if not torch.compiler.is_compiling():
+            self._unit_index_cache = (key, indices)
+        return indices
+
+    def _unit_conv(self, x: torch.Tensor, attention, split: UnitSplit) -> torch.Tensor:
+        """Static units by one ordinary conv with ``lambda_s W_s[static]``, dynamic units by the layer's
+        scheme over ``lambda_d W_k[dynamic]``; outputs put back in channel order (no bias)."""
+        geometry = self.geometry
+        static_in = x
+        if self.depthwise:  # output unit o reads input channel o only
+            static_in = x.index_select(1, split.static)
+            geometry = geometry._replace(groups=split.static.numel())
+        static_out = F.conv2d(static_in, split.weight, None, geometry.stride, geometry.padding,
+                              geometry.dilation, geometry.groups)
+        if split.dynamic.numel() == 0:
+            return static_out.index_select(1, split.order) + _zero_tie(attention, self.bank)
+        terms = self.routed_terms(attention, split.kernels, None)
+        dynamic_in = x
+        if terms.out_scale is not None:
+            terms = terms._replace(out_scale=terms.out_scale.index_select(1, split.dynamic))
+        if self.depthwise:
+            dynamic_in = x.index_select(1, split.dynamic)
+            geometry = geometry._replace(groups=split.dynamic.numel())
+            if terms.in_scale is not None:
+                terms = terms._replace(in_scale=terms.in_scale.index_select(1, split.dynamic))
+        dynamic_out = SCHEME_FUNCTIONS[self.scheme_for(x, terms)](dynamic_in, terms, geometry)
+        return torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weighted_conv(x, self.attention(x))
@@ -346,8 +462,8 @@ class ODConv2d(_RoutedConv2d):
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
                                          temperature)
 
-    def conv_terms(self, attention: ODConvAttentionWeights) -> ConvTerms:
-        kernels, static = self.kernel_terms()
+    def routed_terms(self, attention: ODConvAttentionWeights, kernels: torch.Tensor,
+                     static: torch.Tensor | None) -> ConvTerms:
         batch = attention.channel.shape[0]
         routing = attention.kernel if attention.kernel is not None else attention.channel.new_ones(batch, 1)
         return ConvTerms(routing, kernels, static, in_scale=attention.channel, out_scale=attention.filter,
