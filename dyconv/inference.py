@@ -9,6 +9,12 @@ holding, as buffers, exactly what the forward pass convolves:
   ``lambda_s (1 - M) W_s`` ``(*S)`` (their routing does not sum to 1, or their attentions do
   not scale the static part, so it stays a separate term).
 
+* a layer whose mask is unit-structured (``unit`` granularity, see
+  :meth:`dyconv.layers._RoutedConv2d.unit_split`): an :class:`InferenceUnitWeights` holding
+  ``lambda_d W_k[dynamic units]`` ``(K, O_d, ...)`` and the static units as one static weight
+  ``lambda_s W_s[static units]`` ``(O_s, ...)``, ``K O_d + O_s`` filters, fewer than the compact
+  export stores; the layer convolves the static units with it in one ordinary conv.
+
 Nothing is recomputed per forward pass beyond what a fully dynamic layer computes: no
 mask multiply, no scale factors, no fold.  It stores ``K |W|`` weights per DY-Conv layer
 (``(K + 1) |W|`` for CondConv/ODConv), more than the compact export's
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 import pad
-from .layers import dynamic_convs
+from .layers import UnitSplit, dynamic_convs
 from .models import build_model
 
 
@@ -54,13 +60,42 @@ class InferenceWeights(nn.Module):
         return self.kernels, self.static
 
 
+class InferenceUnitWeights(nn.Module):
+    """Fixed split of one unit-structured PAD conv (buffers of a :class:`dyconv.layers.UnitSplit`):
+    ``unit_split()`` returns it; ``forward`` is never needed and raises."""
+
+    def __init__(self, split: UnitSplit, shape: torch.Size):
+        super().__init__()
+        for field, tensor in split._asdict().items():
+            self.register_buffer(field, tensor.detach().clone())
+        self.static_shape = torch.Size(shape)
+
+    @property
+    def num_kernels(self) -> int:
+        return self.kernels.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.static_shape
+
+    def unit_split(self) -> UnitSplit:
+        if self.training:
+            raise RuntimeError("an inference-form model is eval only; train the PAD model it was made from")
+        return UnitSplit(*(getattr(self, field) for field in UnitSplit._fields))
+
+    def forward(self):
+        raise RuntimeError("a unit-structured inference bank is read through unit_split()")
+
+
 @torch.no_grad()
 def to_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in inference form (see module docstring), in eval mode, without gradients."""
     model = copy.deepcopy(model)
     for _, layer in dynamic_convs(model):
         if isinstance(layer.bank, pad.PartiallyDynamicWeights):
-            layer.bank = InferenceWeights(*layer.kernel_terms())
+            split = layer.unit_split()
+            layer.bank = (InferenceWeights(*layer.kernel_terms()) if split is None
+                          else InferenceUnitWeights(split, layer.bank.shape))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()

@@ -4,11 +4,16 @@ For every :class:`~pad.PartiallyDynamicWeights` at ``name`` the compact state ho
 
 * ``name.kernels``: ``(K, n_dynamic)``, the kernels at the dynamic positions,
 * ``name.static_weight``: ``(n_static,)``, ``W_s`` at the static positions,
-* ``name.mask``: the mask as packed bits (``uint8``, row-major, as ``numpy.packbits``),
+* ``name.mask``: the mask as packed bits (``uint8``, row-major, as ``numpy.packbits``), one
+  bit per unit of the model's partition granularity (:func:`model_granularity`): per position
+  for ``element``, per ``kh x kw`` slice for ``kernel``, per output unit for ``unit``,
 
-and every other entry of the state dict unchanged.  Loading scatters the values
-back into a dense model of the same architecture, with zeros at unused positions,
-which the mask multiplies away: the loaded model computes what the exported did.
+and every other entry of the state dict unchanged.  :func:`save_compact` records the
+granularity in the safetensors metadata (``pad_granularity``) and :func:`load_compact_file`
+declares it again (:func:`pad.set_granularity`), so a reloaded model computes with the same
+structure.  Loading scatters the values back into a dense model of the same architecture,
+with zeros at unused positions, which the mask multiplies away: the loaded model computes
+what the exported did.
 """
 from __future__ import annotations
 
@@ -18,41 +23,59 @@ import numpy as np
 import torch
 from torch import nn
 
-from .mixing import weight_banks
+from .mixing import check_granularity, set_granularity, unit_grid, unit_view, weight_banks
+
+GRANULARITY_KEY = "pad_granularity"
+
+
+def model_granularity(model: nn.Module) -> str:
+    """The partition granularity shared by every PAD layer of ``model`` (``element`` if they differ or there
+    is none)."""
+    granularities = {bank.granularity for _, bank in weight_banks(model)}
+    return granularities.pop() if len(granularities) == 1 else "element"
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.detach().cpu().flatten().numpy() > 0))
 
 
-def _unpack(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    flat = np.unpackbits(bits.cpu().numpy(), count=like.numel()).astype(bool)
-    return torch.from_numpy(flat).view(like.shape).to(like.device)
+def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    count = int(np.prod(shape))
+    flat = np.unpackbits(bits.cpu().numpy(), count=count).astype(bool)
+    if flat.size != count:
+        raise ValueError("compact mask holds fewer bits than the layer has units")
+    return torch.from_numpy(flat).view(shape)
 
 
 def export_compact(model: nn.Module) -> dict[str, torch.Tensor]:
     """The compact state of ``model`` (see module docstring); contiguous CPU tensors."""
+    granularity = model_granularity(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, bank in weight_banks(model):
         prefix = f"{name}." if name else ""
         dynamic = bank.mask.detach().cpu() > 0
         state[prefix + "kernels"] = state[prefix + "kernels"][:, dynamic].contiguous()
         state[prefix + "static_weight"] = state[prefix + "static_weight"][~dynamic].contiguous()
-        state[prefix + "mask"] = _pack(dynamic)
+        state[prefix + "mask"] = _pack(bank.unit_mask(granularity).cpu() if granularity != "element" else dynamic)
     return state
 
 
 @torch.no_grad()
-def load_compact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Loads a state made by :func:`export_compact` into ``model`` (same architecture)."""
+def load_compact(model: nn.Module, state: dict[str, torch.Tensor], granularity: str = "element") -> None:
+    """Loads a state made by :func:`export_compact` of a model at ``granularity`` into ``model`` (same
+    architecture), and declares that granularity on its PAD layers."""
+    check_granularity(granularity)
     state = dict(state)
     for name, bank in weight_banks(model):
         prefix = f"{name}." if name else ""
         try:
-            dynamic = _unpack(state.pop(prefix + "mask"), bank.mask)
-            kernels, static = state.pop(prefix + "kernels"), state.pop(prefix + "static_weight")
+            bits, kernels, static = (state.pop(prefix + k) for k in ("mask", "kernels", "static_weight"))
         except KeyError as err:
             raise ValueError(f"compact state lacks {err.args[0]!r}: not a compact export of this architecture") from None
+        units = _unpack(bits, unit_grid(bank.mask.shape, granularity))
+        dynamic = unit_view(torch.zeros(bank.mask.shape, dtype=torch.bool), granularity)
+        dynamic[units.flatten()] = True
+        dynamic = dynamic.view(bank.mask.shape).to(bank.mask.device)
         n_dynamic = int(dynamic.sum())
         if kernels.shape != (bank.num_kernels, n_dynamic) or static.numel() != dynamic.numel() - n_dynamic:
             raise ValueError(f"compact state of {name!r} does not match its mask and the model's shape")
@@ -66,16 +89,23 @@ def load_compact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing = [k for k in missing if k not in bank_keys]
     if missing or unexpected:
         raise ValueError(f"compact state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    set_granularity(model, granularity)
 
 
 def save_compact(model: nn.Module, path: str | os.PathLike) -> None:
-    """Writes :func:`export_compact` to a safetensors file (atomically)."""
+    """Writes :func:`export_compact` to a safetensors file (atomically), the granularity in its metadata."""
     from safetensors.torch import save_file
     tmp = f"{path}.tmp"
-    save_file(export_compact(model), tmp)
+    save_file(export_compact(model), tmp, metadata={GRANULARITY_KEY: model_granularity(model)})
     os.replace(tmp, path)
 
 
-def load_compact_file(model: nn.Module, path: str | os.PathLike) -> None:
+def load_compact_file(model: nn.Module, path: str | os.PathLike) -> str:
+    """Loads a :func:`save_compact` file into ``model``; returns the granularity it recorded (``element``
+    for files written before granularities were recorded)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
-    load_compact(model, load_file(str(path)))
+    with safe_open(str(path), framework="pt") as handle:
+        granularity = (handle.metadata() or {}).get(GRANULARITY_KEY, "element")
+    load_compact(model, load_file(str(path)), granularity)
+    return granularity

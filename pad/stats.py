@@ -5,10 +5,12 @@ mask is a full-shape mask whose units are all 0 or all 1).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .mixing import PartiallyDynamicWeights, weight_banks
+from .mixing import PartiallyDynamicWeights, unit_grid, weight_banks
 
 
 def dynamic_ratio(model: nn.Module) -> float | None:
@@ -36,14 +38,15 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     :func:`pad.compact.export_compact` stores, i.e. ``dense`` minus the unused
     entries of every PAD layer; per layer ``(1 - kappa)|W| + kappa K |W|`` kernel
     weights instead of ``(K + 1)|W|``.  Masks are counted apart, in ``mask_entries``
-    (they are stored as bits).
+    (they are stored as bits, one per unit of the layer's granularity: a ``unit`` mask of a
+    conv stores one bit per output filter).
     """
     dense = sum(p.numel() for p in model.parameters())
     banks = [b for _, b in weight_banks(model)]
     return {
         "dense": dense,
         "compact": dense - sum(unused_parameters(b) for b in banks),
-        "mask_entries": sum(b.mask.numel() for b in banks),
+        "mask_entries": sum(math.prod(unit_grid(b.mask.shape, b.granularity)) for b in banks),
     }
 
 

@@ -146,3 +146,71 @@ def test_unstructured_mask_at_unit_granularity_is_refused():
         layer.bank.mask[1, 0, 0, 0] = 1
     with pytest.raises(ValueError, match="not structured at unit granularity"):
         layer(torch.randn(1, 6, 7, 7))
+
+
+# ---------------------------------------------------------------- models: inference form, compact export, counts
+
+def unit_pad_model(conv, seed=0, arch="resnet10"):
+    """A PAD model partitioned at unit granularity (30% of the positions dynamic), phi != 0, real BN statistics."""
+    from dyconv.models import build_model
+    torch.manual_seed(seed)
+    model = build_model(arch, conv, pad=True, temperature=1.0, small_input=True, in_channels=1, num_classes=5)
+    banks = dict(pad.weight_banks(model))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pad.select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
+                           0.3, "global", granularity="unit")
+        for i, bank in enumerate(banks.values()):
+            bank.scale.phi.fill_(0.1 * (i % 5) - 0.2)
+        model.train()
+        model(torch.randn(3, 1, 12, 12, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("conv, arch", [("dyconv", "resnet10"), ("odconv", "resnet10"), ("condconv", "resnet10"),
+                                        ("dyconv", "mobilenetv2_050")])
+def test_inference_form_stores_the_static_units_as_one_static_weight(conv, arch):
+    from dyconv.inference import InferenceUnitWeights, to_inference
+    from dyconv.layers import dynamic_convs
+    model = unit_pad_model(conv, arch=arch)
+    inference = to_inference(model)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), model(x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(inference(x[:1]), model(x[:1]), rtol=1e-10, atol=1e-10)
+    split_layers = 0
+    for (_, layer), (_, original) in zip(dynamic_convs(inference), dynamic_convs(model)):
+        if not isinstance(layer.bank, InferenceUnitWeights):
+            continue
+        split_layers += 1
+        bank = original.bank
+        static = (bank.mask.flatten(1)[:, 0] == 0).nonzero().squeeze(1)
+        lambda_s = 2 - 2 * torch.sigmoid(bank.scale.phi)
+        torch.testing.assert_close(layer.bank.weight, lambda_s * bank.static_weight[static], rtol=0, atol=1e-15)
+        assert layer.bank.kernels.shape == (bank.num_kernels, bank.shape[0] - static.numel(), *bank.shape[1:])
+    assert split_layers > 0
+
+
+@pytest.mark.parametrize("granularity", ["unit", "kernel"])
+def test_compact_export_records_the_granularity_and_stores_one_mask_bit_per_unit(granularity, tmp_path):
+    from dyconv.models import build_model
+    model = unit_pad_model("dyconv")
+    if granularity == "kernel":
+        pad.set_granularity(model, "kernel")  # a unit mask is kernel-structured as well
+    counts = pad.parameter_counts(model)
+    units = sum(b.shape[0] * (b.shape[1] if granularity == "kernel" else 1) for _, b in pad.weight_banks(model))
+    assert counts["mask_entries"] == units
+    state = pad.export_compact(model)
+    assert sum(state[f"{n}.mask"].numel() for n, _ in pad.weight_banks(model)) == sum(
+        -(-(b.shape[0] * (b.shape[1] if granularity == "kernel" else 1)) // 8) for _, b in pad.weight_banks(model))
+    path = tmp_path / "model_compact.safetensors"
+    pad.save_compact(model, path)
+    fresh = build_model("resnet10", "dyconv", pad=True, temperature=1.0, small_input=True, in_channels=1,
+                        num_classes=5).eval()
+    assert pad.load_compact_file(fresh, path) == granularity
+    assert {b.granularity for _, b in pad.weight_banks(fresh)} == {granularity}
+    for (_, a), (_, b) in zip(pad.weight_banks(fresh), pad.weight_banks(model)):
+        assert torch.equal(a.mask, b.mask)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-10, atol=1e-10)
