@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 
 import pad
+from pad.compact import model_granularity
 from dyconv.data import DATASETS, DataError, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, TrainingDiverged, TrainSettings,
                            check_compatible, copy_checkpoint, evaluate, load_checkpoint, nonfinite_tensors,
@@ -133,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--partition-schedule", choices=pad.SCHEDULES, default="exponential")
     g.add_argument("--partition-scope", choices=pad.SCOPES, default="global")
     g.add_argument("--partition-batches", type=_bounded(int, 1), default=10)
+    g.add_argument("--partition-granularity", choices=pad.GRANULARITIES, default="element",
+                   help="what IMP makes static: single positions (the paper's), kernel slices or whole output "
+                        "filters (unit: the static filters then run as one ordinary conv); a resumed run keeps "
+                        "its checkpoint's")
+    g.add_argument("--partition-batchnorm", choices=pad.BATCHNORM_MODES, default="batch",
+                   help="BatchNorm statistics while IMP scores: the partition batches' own or the running ones")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_bounded(int, 1), default=100)
     g.add_argument("--batch-size", type=_bounded(int, 1), default=256, help="per process")
@@ -381,7 +388,8 @@ def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict |
             result = pad.iterative_mode_partition(
                 model, batches, loss_fn, args.dynamic_ratio, iterations=args.partition_iterations,
                 criterion=args.partition_criterion, schedule=args.partition_schedule, scope=args.partition_scope,
-                synflow_fn=synflow_fn, generator=torch.Generator().manual_seed(args.seed))
+                synflow_fn=synflow_fn, generator=torch.Generator().manual_seed(args.seed),
+                granularity=args.partition_granularity, batchnorm=args.partition_batchnorm)
         except ValueError as err:
             raise UsageError(f"mode partition: {err}") from None
         print(result.format(), flush=True)
@@ -389,6 +397,7 @@ def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict |
     if ctx.enabled:
         for _, bank in pad.weight_banks(model):
             dist.broadcast(bank.mask, src=0)
+        pad.set_granularity(model, args.partition_granularity)  # the other ranks' banks did not run IMP
     return report
 
 
@@ -404,6 +413,17 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     if checkpoint.get("temperature") is not None:
         set_temperature(model, checkpoint["temperature"])
+    restore_granularity(model, checkpoint.get("partition"), path)
+
+
+def restore_granularity(model: nn.Module, partition, path: str) -> None:
+    """Declares the granularity the checkpoint's partition was made at (not in the state dict);
+    partitions recorded before granularities were have element masks."""
+    granularity = partition.get("granularity", "element") if isinstance(partition, dict) else "element"
+    try:
+        pad.set_granularity(model, granularity)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: partition granularity: {err}") from None
 
 
 def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
@@ -519,6 +539,7 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
         "num_classes": info.num_classes, "seed": args.seed,
         "scale_factors": {name: {"lambda_d": d, "lambda_s": s} for name, (d, s) in pad.scale_factors(model).items()},
         "temperature": get_temperature(model),
+        "partition_granularity": model_granularity(model) if args.pad else None,
         **extra,
     }
 

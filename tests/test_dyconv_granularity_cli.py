@@ -1,0 +1,117 @@
+"""dyconv/main.py --partition-granularity / --partition-batchnorm: the masks IMP makes, what the run
+records, and a resumed or re-evaluated run computing with the recorded granularity."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pad
+from dyconv import engine
+from dyconv.main import main
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+def pad_args(folder, output, *extra) -> list[str]:
+    return ["--data", str(folder), "--arch", "resnet10", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+            "--workers", "0", "--output", str(output), "--conv", "dyconv", "--pad", "--dynamic-ratio", "0.3",
+            "--partition-iterations", "2", "--partition-batches", "2", *extra]
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def masks(folder_path) -> dict:
+    state = engine.load_checkpoint(folder_path / "checkpoint.pt")["model"]
+    return {k: v for k, v in state.items() if k.endswith(".mask")}
+
+
+def structured_at(mask: torch.Tensor, granularity: str) -> bool:
+    units = pad.unit_view(mask > 0, granularity)
+    return torch.equal(units.all(1), units.any(1))
+
+
+@pytest.fixture(scope="module")
+def runs(folder, tmp_path_factory):
+    out = {}
+    for name, extra in (("element", ()), ("kernel", ("--partition-granularity", "kernel")),
+                        ("unit", ("--partition-granularity", "unit")),
+                        ("running", ("--partition-batchnorm", "running"))):
+        out[name] = tmp_path_factory.mktemp(name)
+        assert main(pad_args(folder, out[name], *extra)) == 0
+    return out
+
+
+def test_granularity_flag_structures_the_masks_and_is_recorded(runs):
+    element, kernel, unit = masks(runs["element"]), masks(runs["kernel"]), masks(runs["unit"])
+    assert not all(structured_at(m, "kernel") for m in element.values())
+    assert all(structured_at(m, "kernel") for m in kernel.values())
+    assert not all(structured_at(m, "unit") for m in kernel.values())
+    assert all(structured_at(m, "unit") for m in unit.values())
+    for name, run in runs.items():
+        granularity = name if name in ("kernel", "unit") else "element"
+        summary = read_json(run / "summary.json")
+        assert summary["partition"]["granularity"] == summary["partition_granularity"] == granularity
+        assert summary["dynamic_ratio"] == pytest.approx(0.3, abs=0.05)
+        assert engine.load_checkpoint(run / "checkpoint.pt")["args"]["partition_granularity"] == granularity
+    assert read_json(runs["unit"] / "summary.json")["mask_entries"] == sum(m.shape[0] for m in unit.values())
+
+
+def test_batchnorm_flag_changes_the_partition_and_is_recorded(runs):
+    assert read_json(runs["element"] / "summary.json")["partition"]["batchnorm"] == "batch"
+    assert read_json(runs["running"] / "summary.json")["partition"]["batchnorm"] == "running"
+    batch, running = masks(runs["element"]), masks(runs["running"])
+    assert any(not torch.equal(batch[k], running[k]) for k in batch)
+    assert engine.load_checkpoint(runs["running"] / "checkpoint.pt")["args"]["partition_batchnorm"] == "running"
+
+
+def test_resume_and_evaluate_keep_the_recorded_granularity(runs, folder, tmp_path):
+    unit = runs["unit"]
+    # resumed without the flag: the checkpoint's unit granularity wins, the masks stay
+    assert main(pad_args(folder, tmp_path / "resumed", "--epochs", "2", "--resume", str(unit / "checkpoint.pt"))) == 0
+    resumed = read_json(tmp_path / "resumed" / "summary.json")
+    assert resumed["partition_granularity"] == "unit" and resumed["partition"]["granularity"] == "unit"
+    assert all(torch.equal(m, masks(unit)[k]) for k, m in masks(tmp_path / "resumed").items())
+    assert main(pad_args(folder, tmp_path / "eval", "--evaluate", "--resume", str(unit / "checkpoint.pt"))) == 0
+    assert read_json(tmp_path / "eval" / "summary.json")["partition_granularity"] == "unit"
+    compact = unit / "model_compact.safetensors"
+    assert main(pad_args(folder, tmp_path / "compact", "--evaluate", "--resume", str(compact))) == 0
+    evaluated = read_json(tmp_path / "compact" / "summary.json")
+    assert evaluated["partition_granularity"] == "unit"
+    assert evaluated["top1"] == read_json(unit / "summary.json")["top1"]
+
+
+def test_checkpoint_with_a_granularity_its_masks_do_not_have_is_refused(runs, folder, tmp_path, capsys):
+    checkpoint = engine.load_checkpoint(runs["element"] / "checkpoint.pt")
+    checkpoint["partition"]["granularity"] = "unit"
+    engine.save_checkpoint(checkpoint, tmp_path / "forged.pt")
+    capsys.readouterr()
+    rc = main(pad_args(folder, tmp_path / "out", "--epochs", "2", "--resume", str(tmp_path / "forged.pt")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("error: checkpoint") and "not structured at unit granularity" in err[0]
+
+
+@pytest.mark.parametrize("flag, choices", [("--partition-granularity", pad.GRANULARITIES),
+                                           ("--partition-batchnorm", pad.BATCHNORM_MODES)])
+def test_unknown_values_are_refused(flag, choices, folder, tmp_path, capsys):
+    rc = main(pad_args(folder, tmp_path, flag, "rows"))
+    listed = ", ".join(repr(c) for c in choices)
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: argument {flag}: invalid choice: 'rows' (choose from {listed})"]
