@@ -19,6 +19,9 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
 ``pad-dyconv`` is the dense training form (all kernels stored, mask applied and the static
 part folded into the kernels in every forward pass); ``pad-folded`` is its inference form
 (:func:`dyconv.inference.to_inference`: folded kernels, no mask), timed in inference only.
+``pad-unit`` is PAD-DY-Conv with a random *output-unit* mask at the same ratio (whole filters
+static: they run as one ordinary conv per layer, only the dynamic filters through the dynamic
+scheme) and ``unit-folded`` its inference form (static filters stored as one static weight).
 
 Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224] ...``
 """
@@ -42,18 +45,21 @@ from .layers import conv_schemes, dynamic_convs
 from .models import ARCHS, build_model
 from .schemes import POLICIES
 
-VARIANTS = (("static", "static", False), ("dyconv", "dyconv", False), ("pad-dyconv", "dyconv", True))
-INFERENCE_VARIANT = "pad-folded"
+# (name, conv, pad, partition granularity)
+VARIANTS = (("static", "static", False, None), ("dyconv", "dyconv", False, None),
+            ("pad-dyconv", "dyconv", True, "element"), ("pad-unit", "dyconv", True, "unit"))
+INFERENCE_VARIANTS = {"pad-folded": "pad-dyconv", "unit-folded": "pad-unit"}  # inference form: of which model
 PASSES = ("train", "infer", "infer1")
 
 
-def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0) -> None:
-    """Keeps a uniformly random ``dynamic_ratio`` of all PAD positions dynamic (global scope)."""
+def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0, granularity: str = "element") -> None:
+    """Keeps a uniformly random ``dynamic_ratio`` of all PAD positions dynamic (global scope), whole
+    units of ``granularity`` at a time."""
     banks = dict(pad.weight_banks(model))
     generator = torch.Generator().manual_seed(seed)
     scores = {name: torch.rand(bank.mask.shape, generator=generator) for name, bank in banks.items()}
     with torch.no_grad():
-        pad.select_dynamic(banks, scores, dynamic_ratio, "global")
+        pad.select_dynamic(banks, scores, dynamic_ratio, "global", granularity=granularity)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -113,16 +119,19 @@ def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
 
 
 def build_variants(arch: str, kernels: int, dynamic_ratio: float, scheme: str, device: torch.device) -> dict:
-    """``{variant name: model}``: static, DY-Conv, PAD-DY-Conv (random mask) of ``arch``, and the
-    PAD model's inference form (:func:`dyconv.inference.to_inference`, timed in inference only)."""
+    """``{variant name: model}``: static, DY-Conv, PAD-DY-Conv (random element and unit masks) of
+    ``arch``, and the PAD models' inference forms (:func:`dyconv.inference.to_inference`, timed in
+    inference only)."""
     models = {}
-    for name, conv, use_pad in VARIANTS:
+    for name, conv, use_pad, granularity in VARIANTS:
         torch.manual_seed(0)
         model = build_model(arch, conv, use_pad, kernels=kernels, conv_scheme=scheme).to(device)
         if use_pad:
-            set_random_mask(model, dynamic_ratio)
+            set_random_mask(model, dynamic_ratio, granularity=granularity)
         models[name] = model
-    models[INFERENCE_VARIANT] = to_inference(models["pad-dyconv"])
+        for inference_name, source in INFERENCE_VARIANTS.items():  # each right after its model
+            if source == name:
+                models[inference_name] = to_inference(model)
     return models
 
 
@@ -141,7 +150,7 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
             runs = {(name, label): make(model, inputs, amp) for name, model in models.items()
                     for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
                                                 ("infer1", forward_pass, x[:1]))
-                    if not (label == "train" and name == INFERENCE_VARIANT)}
+                    if not (label == "train" and name in INFERENCE_VARIANTS)}
             for run in runs.values():
                 run()  # warm-up: first-call allocations, kernel selection, scheme choice
             times = {key: [] for key in runs}

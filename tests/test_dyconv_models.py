@@ -287,15 +287,16 @@ def test_bench_flags_change_what_is_measured(capsys):
     assert code == 0
     assert ("resnet10, batch 2, 1 repeats, device cpu (cpu, 1 threads), K=2, PAD dynamic ratio 0.5, scheme auto, "
             "default allocator") in out
-    timing = table_rows(out, "resnet10")[:4]
-    assert [r[2] for r in timing] == ["static", "dyconv", "pad-dyconv", "pad-folded"]
+    timing = table_rows(out, "resnet10")[:6]
+    assert [r[2] for r in timing] == ["static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
     for row in timing:
         assert row[1] == "40"
         cells = row[3:]
-        if row[2] == "pad-folded":  # inference form: no training columns
+        folded = row[2].endswith("-folded")
+        if folded:  # inference form: no training columns
             assert cells[:2] == ["-", "-"] and cells[6:8] == ["-", "-"]
         values = [float(v) for v in cells if v != "-"]
-        assert len(values) == (6 if row[2] == "pad-folded" else 10) and all(v > 0 for v in values)
+        assert len(values) == (6 if folded else 10) and all(v > 0 for v in values)
         if row[2] == "static":
             assert values[1::2] == [1.0] * 5
     # the scheme table names every dynamic conv with the scheme it chose (40 px, ImageNet stem: layer4 at 2x2)
@@ -324,7 +325,8 @@ def test_bench_forced_scheme_and_allocator_flags(capsys):
     # stacked is forced wherever it is exact (every MobileNetV2 conv), grouped at batch 1 stays forced too
     (summary,) = [line for line in out.splitlines() if line.startswith("mobilenetv2_050 40 px:")]
     assert summary == f"mobilenetv2_050 40 px: stacked {expected_block_conv_count('mobilenetv2_050')}"
-    assert [r[2] for r in table_rows(out, "mobilenetv2_050")[:4]] == ["static", "dyconv", "pad-dyconv", "pad-folded"]
+    assert [r[2] for r in table_rows(out, "mobilenetv2_050")[:6]] == [
+        "static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
 
 
 def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():

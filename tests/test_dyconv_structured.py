@@ -214,3 +214,17 @@ def test_compact_export_records_the_granularity_and_stores_one_mask_bit_per_unit
     x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_bench_unit_variant_has_a_unit_structured_mask_at_the_ratio():
+    from dyconv import bench
+    from dyconv.inference import InferenceUnitWeights
+    models = bench.build_variants("resnet10", 2, 0.3, "auto", torch.device("cpu"))
+    assert list(models) == ["static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
+    unit = models["pad-unit"]
+    assert pad.dynamic_ratio(unit) == pytest.approx(0.3, abs=0.02)
+    banks = [b for _, b in pad.weight_banks(unit)]
+    assert {b.granularity for b in banks} == {"unit"}
+    assert sum(int((~b.unit_mask()).sum()) for b in banks) > 0  # unit_mask() raises unless unit-structured
+    assert any(isinstance(m, InferenceUnitWeights) for m in models["unit-folded"].modules())
+    assert not any(isinstance(m, InferenceUnitWeights) for m in models["pad-folded"].modules())
