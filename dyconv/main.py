@@ -558,6 +558,20 @@ class LastGood:
         return f"the last good checkpoint is {self.path} (epoch {self.epoch}), left as it was"
 
 
+@dataclass
+class StepTiming:
+    """Seconds spent in training epochs (data loading included) and the steps they took, in this process."""
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float, steps: int) -> None:
+        self.seconds += seconds
+        self.steps += steps
+
+    def per_step(self) -> float | None:
+        return self.seconds / self.steps if self.steps else None
+
+
 def evaluate_compact(args: argparse.Namespace, ctx: Distributed, output: Path, start: float) -> int:
     """``--evaluate --resume model_compact.safetensors``: the PAD model built from the flags, loaded
     from the compact file and evaluated in inference form (folded kernels, attention temperature 1,
@@ -651,11 +665,14 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     writer = SummaryWriter(str(output / "tb")) if ctx.is_main else None
     train_loss = checkpoint.get("train_loss") if checkpoint else None
+    timing = StepTiming()
     try:
         for epoch in range(epoch, args.epochs):
             seed_epoch(train_loader, args, epoch)
+            epoch_start, first_step = time.perf_counter(), step
             train_loss, step = train_one_epoch(net, train_loader, optimizer, criterion, settings, step, ctx.device,
                                                scaler, writer, epoch, progress=ctx.is_main, distributed=ctx.enabled)
+            timing.add(time.perf_counter() - epoch_start, step - first_step)
             sync_buffers(model, ctx)
             metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
             check_finite(model, metrics, epoch + 1, step)  # before anything of this epoch is saved
@@ -685,7 +702,8 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
         summary = summarise(model, args, info, metrics, {
             "epochs": args.epochs if checkpoint is None else max(args.epochs, checkpoint["epoch"]),
             "steps": step, "train_loss": train_loss, "best_top1": best_top1, "evaluate_only": False,
-            "partition": partition, "wall_seconds": time.time() - start, **sizes})
+            "partition": partition, "wall_seconds": time.time() - start,
+            "train_seconds_per_step": timing.per_step(), **sizes})
         write_json(summary, output / "summary.json")
         if args.pad:
             pad.save_compact(model, output / "model_compact.safetensors")

@@ -27,7 +27,7 @@ if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must b
 export SEEDS JOBS
 unset RUNS  # each script keeps its own folder under RUNS_ROOT
 for script in table1_imagenet_dyconv table_dynamic_convs table2_glue_moe ablation_scale_factors \
-              ablation_partition ablation_dynamic_ratio ablation_moe_layers; do
+              ablation_partition ablation_dynamic_ratio ablation_moe_layers ablation_granularity; do
   echo "=== $script --mini --seeds $SEEDS --jobs $JOBS"
   bash "scripts/$script.sh" --mini --seeds "$SEEDS" --jobs "$JOBS"
 done

@@ -69,6 +69,7 @@ def test_granularity_flag_structures_the_masks_and_is_recorded(runs):
         summary = read_json(run / "summary.json")
         assert summary["partition"]["granularity"] == summary["partition_granularity"] == granularity
         assert summary["dynamic_ratio"] == pytest.approx(0.3, abs=0.05)
+        assert summary["train_seconds_per_step"] > 0
         assert engine.load_checkpoint(run / "checkpoint.pt")["args"]["partition_granularity"] == granularity
     assert read_json(runs["unit"] / "summary.json")["mask_entries"] == sum(m.shape[0] for m in unit.values())
 

@@ -55,6 +55,7 @@ SCRIPTS = {  # script: (full-scale rows, mini rows)
     "ablation_partition": (partition_rows("resnet50"), partition_rows("resnet10")),
     "ablation_scale_factors": (scale_rows("resnet50"), scale_rows("resnet10")),
     "ablation_moe_layers": (MOE_LAYER_ROWS, MOE_LAYER_ROWS),
+    "ablation_granularity": tuple([f"{a}-pad0.3-{g}" for g in ("element", "kernel", "unit")] + ["rte-pad-element", "rte-pad-unit"] for a in ("resnet50", "resnet10")),
 }
 
 
