@@ -270,8 +270,8 @@ class _RoutedConv2d(nn.Module):
         the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``).
 
         In eval mode without autograd the result is cached until a bank tensor changes (its
-        version counter or storage), so evaluating a PAD model folds once, not once per batch;
-        ``train()`` drops the cache.
+        version counter or storage), so evaluating a PAD model folds once, not once per batch
+        (``eval()`` keeps it); ``train()`` drops the cache.
         """
         key = self._fold_cache_key()
         if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
@@ -289,7 +289,8 @@ class _RoutedConv2d(nn.Module):
         return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def train(self, mode: bool = True):
-        self._fold_cache = None
+        if mode:  # (eval() keeps a cache: its key still tells whether it is stale)
+            self._fold_cache = None
         return super().train(mode)
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
