@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pad import SCALE_FACTOR_VARIANTS, DynamicWeights, PartiallyDynamicWeights
+from pad.mixing import UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
 
 from .schemes import (POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes, choose_scheme,
                       per_sample_weight)
@@ -167,30 +168,6 @@ def scheme_key(x: torch.Tensor) -> str:
     """The key a layer's choice is recorded under: batch class and input size, e.g. ``"batch@56x56"``
     (the cost model depends on the batch only through ``B == 1``)."""
     return f"{'single' if x.shape[0] == 1 else 'batch'}@{x.shape[-2]}x{x.shape[-1]}"
-
-
-class UnitSplit(NamedTuple):
-    """A unit-structured PAD conv cut into its dynamic and static output units.
-
-    dynamic: ``(O_d,)`` int64 indices of the dynamic output units; static: ``(O_s,)`` those of the
-    static ones; order: ``(O,)``, the permutation that puts ``cat([dynamic, static] outputs)`` back
-    in channel order; kernels: ``(K, O_d, C/g, k, k)`` ``lambda_d W_k[dynamic]``; weight:
-    ``(O_s, C/g, k, k)`` ``lambda_s W_s[static]``, the one ordinary conv of the static units.
-    """
-    dynamic: torch.Tensor
-    static: torch.Tensor
-    order: torch.Tensor
-    kernels: torch.Tensor
-    weight: torch.Tensor
-
-
-def unit_order(dynamic_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dynamic indices, static indices, order)`` of a boolean ``(O,)`` unit mask (see :class:`UnitSplit`)."""
-    dynamic = dynamic_units.nonzero().squeeze(1)
-    static = (~dynamic_units).nonzero().squeeze(1)
-    order = torch.empty_like(dynamic_units, dtype=torch.long)
-    order[torch.cat([dynamic, static])] = torch.arange(dynamic_units.numel(), device=dynamic_units.device)
-    return dynamic, static, order
 
 
 def _zero_tie(attention, bank) -> torch.Tensor | float:
@@ -355,37 +332,19 @@ class _RoutedConv2d(nn.Module):
         like the fold (eval mode without autograd) and the unit indices until the mask changes.
         """
         bank = self.bank
-        if hasattr(bank, "unit_split"):  # the inference form's
-            return bank.unit_split()
-        if (not isinstance(bank, PartiallyDynamicWeights) or bank.granularity != "unit"
-                or not (self.groups == 1 or self.depthwise)):
+        if not isinstance(bank, PartiallyDynamicWeights):
+            return bank.unit_split() if hasattr(bank, "unit_split") else None  # the inference form's
+        if bank.granularity != "unit" or not (self.groups == 1 or self.depthwise):
             return None
-        dynamic, static, order = self._unit_indices()
-        if static.numel() == 0:
+        if bank.unit_indices()[1].numel() == 0:
             return None  # fully dynamic: the element path costs the same
         key = self._fold_cache_key()
         if key is not None and self._fold_cache is not None and self._fold_cache[0] == ("unit", key):
             return self._fold_cache[1]
-        lambda_d, lambda_s = bank.scale()
-        split = UnitSplit(dynamic, static, order, lambda_d * bank.kernels.index_select(1, dynamic),
-                          lambda_s * bank.static_weight.index_select(0, static))
+        split = bank.unit_split()
         if key is not None:
             self._fold_cache = (("unit", key), split)
         return split
-
-    def _unit_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(dynamic units, static units, order)`` of the bank's mask, recomputed when the mask changes
-        (``order``: ``cat([dynamic outputs, static outputs], 1)[:, order]`` is in channel order)."""
-        mask = self.bank.mask
-        key = (mask._version, mask.data_ptr(), mask.device)
-        cached = getattr(self, "_unit_index_cache", None)
-        if cached is not None and cached[0] == key and not torch.compiler.is_compiling():
-            return cached[1]
-        dynamic_units = self.bank.unit_mask("unit")
-        indices = unit_order(dynamic_units)
-        if not torch.compiler.is_compiling():
-            self._unit_index_cache = (key, indices)
-        return indices
 
     def _unit_conv(self, x: torch.Tensor, attention, split: UnitSplit) -> torch.Tensor:
         """Static units by one ordinary conv with ``lambda_s W_s[static]``, dynamic units by the layer's

@@ -28,11 +28,14 @@ Granularity.  The mask is always a full float buffer of shape ``S``; its
 or ``unit`` (one output unit: a slice along dim 0, i.e. a conv's output filter
 or a linear layer's output row).  :meth:`PartiallyDynamicWeights.unit_mask`
 and :meth:`PartiallyDynamicWeights.dynamic_units` tell a layer which units are
-dynamic, so that it can compute the static units with one ordinary op.
+dynamic, so that it can compute the static units with one ordinary op;
+:meth:`PartiallyDynamicWeights.unit_split` gives a ``unit`` mask's two parts
+(``lambda_d W_k`` on the dynamic units, ``lambda_s W_s`` on the static ones).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -65,6 +68,31 @@ def unit_view(tensor: torch.Tensor, granularity: str) -> torch.Tensor:
     row-major order of :func:`unit_grid`."""
     units = math.prod(unit_grid(tensor.shape, granularity))
     return tensor.reshape(units, -1)
+
+
+class UnitSplit(NamedTuple):
+    """A bank whose mask is structured by output units, cut into its dynamic and static units.
+
+    dynamic: ``(O_d,)`` int64 indices of the dynamic output units; static: ``(O_s,)`` those of the
+    static ones; order: ``(O,)``, the permutation that puts ``cat([dynamic, static] outputs)`` back
+    in unit order; kernels: ``(K, O_d, *S[1:])`` ``lambda_d W_k[dynamic]``; weight:
+    ``(O_s, *S[1:])`` ``lambda_s W_s[static]``, the same for every kernel (or expert): the static
+    units' one ordinary weight.
+    """
+    dynamic: torch.Tensor
+    static: torch.Tensor
+    order: torch.Tensor
+    kernels: torch.Tensor
+    weight: torch.Tensor
+
+
+def unit_order(dynamic_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dynamic indices, static indices, order)`` of a boolean ``(O,)`` unit mask (see :class:`UnitSplit`)."""
+    dynamic = dynamic_units.nonzero().squeeze(1)
+    static = (~dynamic_units).nonzero().squeeze(1)
+    order = torch.empty_like(dynamic_units, dtype=torch.long)
+    order[torch.cat([dynamic, static])] = torch.arange(dynamic_units.numel(), device=dynamic_units.device)
+    return dynamic, static, order
 
 
 class ScaleFactors(nn.Module):
@@ -182,6 +210,27 @@ class PartiallyDynamicWeights(DynamicWeights):
             raise ValueError(f"the mask is not structured at {granularity} granularity: "
                              f"{int((dynamic != units.any(1)).sum())} units are partly dynamic")
         return dynamic.view(unit_grid(self.mask.shape, granularity))
+
+    def unit_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`unit_order` of the output units of a ``unit``-structured mask, recomputed only when the
+        mask changes (its version or storage).  Raises ``ValueError`` if the mask is not so structured."""
+        mask = self.mask
+        key = (mask._version, mask.data_ptr(), mask.device)
+        cached = self.__dict__.get("_unit_index_cache")
+        if cached is not None and cached[0] == key and not torch.compiler.is_compiling():
+            return cached[1]
+        indices = unit_order(self.unit_mask("unit"))
+        if not torch.compiler.is_compiling():
+            self.__dict__["_unit_index_cache"] = (key, indices)
+        return indices
+
+    def unit_split(self) -> UnitSplit:
+        """The bank cut by output units (:class:`UnitSplit`); exact for any mask structured by output
+        units, whatever :attr:`granularity` says."""
+        dynamic, static, order = self.unit_indices()
+        lambda_d, lambda_s = self.scale()
+        return UnitSplit(dynamic, static, order, lambda_d * self.kernels.index_select(1, dynamic),
+                         lambda_s * self.static_weight.index_select(0, static))
 
     def dynamic_units(self, granularity: str | None = None) -> torch.Tensor:
         """Indices ``(n_dynamic_units,)`` (int64, on the mask's device) of the dynamic units in the
