@@ -16,7 +16,8 @@ For every run it prints one markdown block with
   deviation ``softplus(x W_noise)``, and the expert load (share of top-k assignments, min/max
   over experts) in eval routing and in noisy routing;
 * how far the experts moved: ``||W_e - W_0|| / ||W_0||`` (mean over experts and layers) with
-  ``W_0`` the pretrained dense weight, and the same for the dense run's trained layers;
+  ``W_0`` the pretrained dense weight, how far apart they are (``||W_e - mean_e W_e|| / ||W_0||``),
+  how far their mean moved, and the drift of the dense run's trained layers;
 * the learning curve logged by the Trainer (``task_loss`` per logging step, ``eval_accuracy``).
 """
 from __future__ import annotations
@@ -123,18 +124,20 @@ def relative_drift(model, pretrained) -> dict[str, float]:
     """``||W - W_0|| / ||W_0||`` over the feed-forward layers: per expert (mean) for MoE layers."""
     trained = [getattr(b, p).dense for _, b in _feed_forward_blocks(model) for p in ("intermediate", "output")]
     start = [getattr(b, p).dense for _, b in _feed_forward_blocks(pretrained) for p in ("intermediate", "output")]
-    drifts, spreads = [], []
+    drifts, spreads, mean_drifts = [], [], []
     for layer, dense in zip(trained, start):
         w0 = dense.weight
         if isinstance(layer, MoELinear):
             weights = layer.expert_weights()
             drifts.append(((weights - w0).flatten(1).norm(dim=1) / w0.norm()).mean().item())
             spreads.append(((weights - weights.mean(0)).flatten(1).norm(dim=1) / w0.norm()).mean().item())
+            mean_drifts.append(((weights.mean(0) - w0).norm() / w0.norm()).item())
         else:
             drifts.append(((layer.weight - w0).norm() / w0.norm()).item())
     out = {"drift_from_pretrained": sum(drifts) / len(drifts)}
     if spreads:
         out["expert_spread_around_mean"] = sum(spreads) / len(spreads)
+        out["mean_expert_drift"] = sum(mean_drifts) / len(mean_drifts)
     return out
 
 
