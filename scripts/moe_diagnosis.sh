@@ -25,7 +25,7 @@ for moe in none moe; do
   done
 done
 row none-lr1e-4 --moe none --learning_rate 1e-4
-"$PY" scripts/moe_diagnosis.py "$RUNS/none" "$RUNS/moe" --glue_dir data/glue --task_name sst2
+"$PY" scripts/moe_diagnosis.py "$RUNS"/{none,moe,moe-s1,moe-s2} --glue_dir data/glue --task_name sst2
 for name in none moe none-s1 moe-s1 none-s2 moe-s2 none-lr1e-4; do
   printf '%s\t' "$name"
   "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['eval_accuracy'])" "$RUNS/$name/eval_results.json"
