@@ -11,6 +11,11 @@ For tokens ``x`` of shape ``(T, d)`` and ``E`` experts::
                    eval (and when k = E, where every expert gets every token): the
                    number of tokens routed to e
 
+Only real tokens enter the statistics: with a token mask (1 = real token, 0 =
+padding), ``importance``, ``load`` and the logged ``expert_counts`` sum over the
+real tokens alone (as Hugging Face's MoE load-balancing losses use the attention
+mask); padding tokens are still routed, and their outputs are computed and unused.
+
 ``W_g`` and ``W_noise`` start at zero.  An untrained gate then has every logit
 equal to 0: ``topk`` breaks the tie by index, so in eval every token goes to the
 same ``k`` experts with gate ``1/k`` each, and in training the noise (standard
@@ -48,8 +53,8 @@ class Routing:
         gates: ``(T, E)``, exactly ``k`` nonzeros per row (up to underflow), rows sum to 1.
         top_indices: ``(T, k)``, the chosen experts per token.
         top_gates: ``(T, k)``, their gates.
-        aux_loss: 0-d, ``coef * (cv^2(importance) + cv^2(load))``.
-        expert_counts: ``(E,)``, tokens routed to each expert (float, no gradient).
+        aux_loss: 0-d, ``coef * (cv^2(importance) + cv^2(load))`` over the real tokens.
+        expert_counts: ``(E,)``, real tokens routed to each expert (float, no gradient).
     """
     gates: torch.Tensor
     top_indices: torch.Tensor
@@ -83,12 +88,19 @@ class NoisyTopKGate(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(in_features, num_experts, dtype=dtype))
         self.w_noise = nn.Parameter(torch.zeros(in_features, num_experts, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """Routes ``x`` of shape ``(T, d)``; computes in at least float32, outside autocast."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._route(x.to(torch.promote_types(x.dtype, torch.float32)))
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Routing:
+        """Routes ``x`` of shape ``(T, d)``; computes in at least float32, outside autocast.
 
-    def _route(self, x: torch.Tensor) -> Routing:
+        ``token_mask``: ``(T,)``, nonzero for the real tokens that the statistics count
+        (``None``: every token is real).
+        """
+        if token_mask is not None and token_mask.shape != x.shape[:1]:
+            raise ValueError(f"token mask of shape {tuple(token_mask.shape)} does not match {x.shape[0]} tokens")
+        real = None if token_mask is None else token_mask.to(device=x.device) != 0
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._route(x.to(torch.promote_types(x.dtype, torch.float32)), real)
+
+    def _route(self, x: torch.Tensor, real: torch.Tensor | None) -> Routing:
         clean = x @ self.w_gate.to(x.dtype)                            # (T, E)
         if self.training:
             noise_std = F.softplus(x @ self.w_noise.to(x.dtype))
@@ -101,14 +113,17 @@ class NoisyTopKGate(nn.Module):
         top_gates = torch.softmax(top_logits[:, :self.top_k], dim=-1)
         gates = torch.zeros_like(logits).scatter(1, top_indices, top_gates)
 
+        # Statistics over the real tokens only: padding must not balance the experts.
+        keep = (lambda t: t) if real is None else (lambda t: t[real])
+        chosen = keep(top_indices).reshape(-1)
         counts = torch.zeros(self.num_experts, dtype=gates.dtype, device=gates.device)
-        counts.index_add_(0, top_indices.reshape(-1), torch.ones_like(top_indices.reshape(-1), dtype=gates.dtype))
+        counts.index_add_(0, chosen, torch.ones_like(chosen, dtype=gates.dtype))
         counts = counts.detach()
         if self.training and self.top_k < self.num_experts:
-            load = self._smooth_load(clean, logits, noise_std, top_logits)
+            load = self._smooth_load(keep(clean), keep(logits), keep(noise_std), keep(top_logits))
         else:
             load = counts
-        aux = self.aux_loss_coef * (cv_squared(gates.sum(0)) + cv_squared(load))
+        aux = self.aux_loss_coef * (cv_squared(keep(gates).sum(0)) + cv_squared(load))
         return Routing(gates, top_indices, top_gates, aux, counts)
 
     def _smooth_load(self, clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor,

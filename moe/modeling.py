@@ -15,11 +15,15 @@ the ``k`` experts it is routed to.
 
 :func:`convert_to_moe` upcycles the feed-forward layers of any ``transformers``
 BERT-family model (every expert a copy of the dense layer, gates at zero), so the
-converted, untrained model computes what the dense one does;
-:func:`load_model` rebuilds a saved MoE/PAD-MoE model from its ``config.moe``.
+converted, untrained model computes what the dense one does, and hooks the model so
+that its ``attention_mask`` reaches every MoE layer (routing statistics count real
+tokens only); :func:`load_model` rebuilds a saved MoE/PAD-MoE model from its
+``config.moe`` (full ``model.safetensors`` or the compact ``model_compact.safetensors``
+that :func:`save_compact_model` writes).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -33,6 +37,7 @@ from moe.gating import NoisyTopKGate
 
 MOE_TYPES = ("none", "moe", "pad")
 MOE_LAYERS = ("intermediate", "output", "both")
+COMPACT_WEIGHTS = "model_compact.safetensors"
 
 
 class MoELinear(nn.Module):
@@ -49,7 +54,10 @@ class MoELinear(nn.Module):
         experts: the weight bank, ``kernels (E, out, in)`` (+ ``static_weight``, ``mask (out, in)``, ``scale``).
         bias: parameter ``(E, out)`` or ``None``.
         last_aux_loss: 0-d tensor, the gate's aux loss of the last forward (``None`` before any).
-        last_expert_counts: ``(E,)``, tokens routed to each expert in the last forward.
+        last_expert_counts: ``(E,)``, real tokens routed to each expert in the last forward.
+        token_mask: ``x.shape[:-1]`` (nonzero = real token) or ``None`` (all real), set for the
+            duration of a model's forward by the hook :func:`convert_to_moe` installs; only real
+            tokens enter the aux loss and the expert counts.
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 8, top_k: int = 2,
@@ -66,6 +74,7 @@ class MoELinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features, dtype=dtype)) if bias else None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -96,9 +105,14 @@ class MoELinear(nn.Module):
         return dynamic if static is None else dynamic + static
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., in) -> (..., out)``; sets ``last_aux_loss`` and ``last_expert_counts``."""
+        """``x (..., in) -> (..., out)``; sets ``last_aux_loss`` and ``last_expert_counts``
+        (over the tokens that ``token_mask`` marks real)."""
         tokens = x.reshape(-1, self.in_features)                             # (T, in)
-        routing = self.gate(tokens)
+        mask = self.token_mask
+        if mask is not None and mask.shape != x.shape[:-1]:
+            raise ValueError(f"token mask of shape {tuple(mask.shape)} does not match the input's "
+                             f"tokens {tuple(x.shape[:-1])}")
+        routing = self.gate(tokens, None if mask is None else mask.reshape(-1))
         weights = self.expert_weights()                                       # (E, out, in)
         self.last_aux_loss, self.last_expert_counts = routing.aux_loss, routing.expert_counts
 
@@ -183,10 +197,40 @@ def convert_to_moe(model: nn.Module, moe: str = "moe", num_experts: int = 8, top
             holder = getattr(block, part)
             holder.dense = MoELinear.from_dense(holder.dense, num_experts=num_experts, top_k=top_k, moe=moe,
                                                 aux_loss_coef=aux_loss_coef, scale_factors=scale_factors)
+    model.register_forward_pre_hook(_record_token_mask, with_kwargs=True)
+    model.register_forward_hook(_clear_token_mask, always_call=True)
     config = getattr(model, "config", None)
     if config is not None:
         config.moe = settings
     return model
+
+
+def _attention_mask(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``attention_mask`` argument of a call of ``model`` (keyword or positional), or ``None``."""
+    if "attention_mask" in kwargs or not args:
+        return kwargs.get("attention_mask")
+    try:
+        return inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+    except TypeError:
+        return None
+
+
+def _record_token_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: hands the call's 2-d ``attention_mask (B, L)`` (1 = real token) to every
+    MoE layer of ``model``, so that padding stays out of the routing statistics.  Searched in
+    ``model`` itself (not captured at conversion), so replicas of the model work too."""
+    mask = _attention_mask(model, args, kwargs)
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for module in model.modules():
+        if isinstance(module, MoELinear):
+            module.token_mask = mask
+
+
+def _clear_token_mask(model: nn.Module, args: tuple, output) -> None:
+    """Forward hook: forgets the mask, so a later direct call of a layer counts all its tokens."""
+    for module in model.modules():
+        if isinstance(module, MoELinear):
+            module.token_mask = None
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoELinear]:
@@ -205,7 +249,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 
 def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{MoE layer name: (E,)}``: share of the last forward's ``T*k`` token-to-expert
-    assignments that went to each expert (sums to 1; balanced = ``1/E`` each)."""
+    assignments of real tokens that went to each expert (sums to 1; balanced = ``1/E`` each)."""
     return {name: m.last_expert_counts / m.last_expert_counts.sum().clamp_min(1)
             for name, m in moe_layers(model).items() if m.last_expert_counts is not None}
 
@@ -238,15 +282,34 @@ def _saved_state(directory: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{directory} holds no model.safetensors: not a saved MoE model")
 
 
+def save_compact_model(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Writes the compact form of a PAD-MoE model (:func:`pad.save_compact`: each part of every
+    PAD layer only at the positions it uses, masks as bits) to ``directory/model_compact.safetensors``
+    and returns the path.  With the directory's ``config.json`` it is a complete model:
+    :func:`load_model` reads it when ``model.safetensors`` is absent."""
+    if next(pad.weight_banks(model), None) is None:
+        raise ValueError(f"{type(model).__name__} has no PAD layers: nothing to export compactly")
+    path = Path(directory) / COMPACT_WEIGHTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pad.save_compact(model, path)
+    return path
+
+
+def _has_full_weights(directory: Path) -> bool:
+    return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+
+
 def load_model(model_name_or_path: str | os.PathLike, config, **from_pretrained_kwargs):
     """A sequence-classification model for ``config``.
 
     With ``config.moe`` set (a saved MoE/PAD-MoE directory): builds the dense
     architecture from ``config``, converts it with ``config.moe`` and loads the saved
-    weights strictly (masks and scale factors included).  Otherwise
+    weights strictly (masks and scale factors included), from ``model.safetensors`` or, when a
+    directory holds only the compact export, from ``model_compact.safetensors``.  Otherwise
     ``AutoModelForSequenceClassification.from_pretrained(model_name_or_path, config=config,
     **from_pretrained_kwargs)``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
     settings = getattr(config, "moe", None)
     if not settings:
@@ -254,7 +317,14 @@ def load_model(model_name_or_path: str | os.PathLike, config, **from_pretrained_
                                                                   **from_pretrained_kwargs)
     model = AutoModelForSequenceClassification.from_config(config)
     convert_to_moe(model, **settings)
-    state = _saved_state(Path(model_name_or_path))
+    directory = Path(model_name_or_path)
+    if not _has_full_weights(directory) and (directory / COMPACT_WEIGHTS).is_file():
+        try:
+            pad.load_compact_file(model, directory / COMPACT_WEIGHTS)
+        except SafetensorError as err:
+            raise ValueError(f"cannot read {directory / COMPACT_WEIGHTS}: {err}") from None
+        return model
+    state = _saved_state(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{model_name_or_path} does not match its MoE config {settings}: "

@@ -12,7 +12,14 @@ experts differ first.
 
 Multi-GPU (``torchrun``): every rank runs IMP on its own partition batches and
 then takes rank 0's masks (a broadcast of every mask buffer), so all ranks start
-training with the same partition, the one rank 0 reports and saves.
+training with the same partition, the one rank 0 reports and saves.  Training a
+MoE model on several GPUs in one process (``nn.DataParallel``, what ``Trainer``
+does without ``torchrun``) is refused: the gates' aux loss and expert counts live
+on the replicas, so the original model would see none of them.
+
+Weight decay follows the dyconv pipeline: none on biases, LayerNorm and the PAD
+scale-factor logits ``phi``.  :meth:`MoETrainer.save_model` writes, beside a PAD-MoE
+model, its compact export ``model_compact.safetensors``.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 import pad
-from moe.modeling import aux_loss, expert_load
+from moe.modeling import aux_loss, expert_load, moe_layers, save_compact_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +67,26 @@ class MoETrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_not_data_parallel(self.args, self.model, self.train_dataset is not None)
         # The aux loss is a per-batch mean: let Trainer scale the whole loss for
         # gradient accumulation instead of normalising by tokens in the batch.
         self.model_accepts_loss_kwargs = False
         self.partition_report: pad.PartitionReport | None = None
         self.partition_step: int | None = None
         self._reset_running_means()
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """``Trainer``'s choice (no decay on biases and LayerNorm) less the PAD scale-factor logits
+        ``phi``, as in the dyconv pipeline: decaying ``phi`` would pull both scale factors to 1."""
+        return [name for name in super().get_decay_parameter_names(model) if not is_scale_factor(name)]
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, plus ``model_compact.safetensors`` (:func:`moe.modeling.save_compact_model`)
+        for a PAD-MoE model when called from outside (checkpoints stay as they are)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        if not _internal_call and self.args.should_save and next(pad.weight_banks(model), None) is not None:
+            save_compact_model(model, output_dir if output_dir is not None else self.args.output_dir)
 
     def _reset_running_means(self) -> None:
         self._task_loss_sum = self._aux_loss_sum = self._load_sum = None
@@ -152,6 +173,21 @@ class MoETrainer(Trainer):
             loss = torch.tensor(float(loss), device=self.args.device)
             stop_if_non_finite(loss, "evaluation", self.state.global_step, self.args.output_dir)
         return metrics
+
+
+def is_scale_factor(parameter_name: str) -> bool:
+    """Whether ``parameter_name`` is a PAD scale-factor logit (``...scale.phi``)."""
+    return parameter_name.endswith(".phi") or parameter_name == "phi"
+
+
+def check_not_data_parallel(args, model: torch.nn.Module, training: bool) -> None:
+    """Raises ``ValueError`` when ``model`` has MoE layers and would train under ``nn.DataParallel``
+    (``args.n_gpu > 1`` in one process); ``torchrun`` (one process per GPU) is the supported way."""
+    if training and args.n_gpu > 1 and moe_layers(model):
+        raise ValueError(f"MoE training on {args.n_gpu} GPUs in one process (nn.DataParallel) is not supported: "
+                         f"the gates' aux loss would be lost; run one process per GPU with "
+                         f"torchrun --nproc_per_node={args.n_gpu} moe/run_glue.py ..., or one GPU "
+                         f"(CUDA_VISIBLE_DEVICES=0)")
 
 
 class PartitionAtStep(TrainerCallback):
