@@ -113,9 +113,18 @@ class MoELinear(nn.Module):
             raise ValueError(f"token mask of shape {tuple(mask.shape)} does not match the input's "
                              f"tokens {tuple(x.shape[:-1])}")
         routing = self.gate(tokens, None if mask is None else mask.reshape(-1))
-        weights = self.expert_weights()                                       # (E, out, in)
         self.last_aux_loss, self.last_expert_counts = routing.aux_loss, routing.expert_counts
+        split = self.unit_split()
+        if split is None:
+            result = self._mix_experts(tokens, routing, self.expert_weights(), self.bias)
+        else:
+            result = self._unit_forward(tokens, routing, split)
+        return result.view(*x.shape[:-1], self.out_features)
 
+    def _mix_experts(self, tokens: torch.Tensor, routing, weights: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        """``sum_j gate_j (tokens W_{e_j}^T + b_{e_j})`` over each token's top-k experts:
+        ``(T, in), weights (E, out', in), bias (E, out') or None -> (T, out')``."""
         # Sort the T*k (token, expert) assignments by expert, run each expert on its
         # tokens only, weight by the gate and add back per token.
         assigned = routing.top_indices.reshape(-1)                            # (T*k,)
@@ -124,12 +133,36 @@ class MoELinear(nn.Module):
         counts = torch.bincount(assigned, minlength=self.num_experts).tolist()
         inputs = tokens.index_select(0, token_of).split(counts)
         # unbind, not weights[e]: indexing would make backward build E full-size gradients
-        biases = [None] * self.num_experts if self.bias is None else self.bias.unbind(0)
+        biases = [None] * self.num_experts if bias is None else bias.unbind(0)
         outputs = torch.cat([F.linear(chunk, w, b) for chunk, w, b in zip(inputs, weights.unbind(0), biases)])
-        #                                                                     (T*k, out)
+        #                                                                     (T*k, out')
         outputs = outputs * routing.top_gates.reshape(-1)[order].unsqueeze(1).to(outputs.dtype)
-        result = outputs.new_zeros(tokens.shape[0], self.out_features).index_add_(0, token_of, outputs)
-        return result.view(*x.shape[:-1], self.out_features)
+        return outputs.new_zeros(tokens.shape[0], weights.shape[1]).index_add_(0, token_of, outputs)
+
+    def unit_split(self) -> pad.UnitSplit | None:
+        """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`) when its mask is
+        ``unit``-structured and some row is static; else ``None`` (the element path, same output)."""
+        bank = self.experts
+        if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit":
+            return None
+        if bank.unit_indices()[1].numel() == 0:
+            return None
+        return bank.unit_split()
+
+    def _unit_forward(self, tokens: torch.Tensor, routing, split: pad.UnitSplit) -> torch.Tensor:
+        """A ``unit``-structured PAD layer, exactly: every expert's static rows are
+        ``lambda_s W_s[static]`` and the top-k gates sum to 1, so the static rows are one dense
+        matmul per token; only the dynamic rows go through the experts.  The per-expert biases of
+        all rows are ``gates (T, E) @ bias (E, out)``.  ``(T, in) -> (T, out)``."""
+        static_out = F.linear(tokens, split.weight)                           # (T, O_s)
+        if split.dynamic.numel():
+            dynamic_out = self._mix_experts(tokens, routing, split.kernels, None)  # (T, O_d)
+            result = torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
+        else:  # kernels unused: a zero ties them in, so they get zero gradients, not none (DDP)
+            result = static_out.index_select(1, split.order) + 0.0 * split.kernels.sum()
+        if self.bias is not None:
+            result = result + routing.gates.to(result.dtype) @ self.bias
+        return result
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, moe={self.moe!r}, "
@@ -155,9 +188,16 @@ def _parts(moe_layers: str) -> tuple[str, ...]:
     return ("intermediate", "output") if moe_layers == "both" else (moe_layers,)
 
 
+MOE_GRANULARITIES = ("element", "unit")  # a linear layer has no kernel slices
+
+
 def check_moe_settings(moe: str = "moe", num_experts: int = 8, top_k: int = 2, moe_layers: str = "both",
-                       aux_loss_coef: float = 0.01, scale_factors: str = "both") -> None:
+                       aux_loss_coef: float = 0.01, scale_factors: str = "both",
+                       partition_granularity: str = "element") -> None:
     """Raises ``ValueError`` with a clear message for any invalid MoE setting."""
+    if partition_granularity not in MOE_GRANULARITIES:
+        raise ValueError(f"unknown partition granularity {partition_granularity!r} for MoE layers; expected one "
+                         f"of {MOE_GRANULARITIES} (a linear layer has no kernel slices)")
     if moe not in MOE_TYPES:
         raise ValueError(f"unknown moe type {moe!r}; expected one of {MOE_TYPES}")
     if moe_layers not in MOE_LAYERS:
@@ -173,16 +213,19 @@ def check_moe_settings(moe: str = "moe", num_experts: int = 8, top_k: int = 2, m
 
 
 def convert_to_moe(model: nn.Module, moe: str = "moe", num_experts: int = 8, top_k: int = 2,
-                   moe_layers: str = "both", aux_loss_coef: float = 0.01, scale_factors: str = "both") -> nn.Module:
+                   moe_layers: str = "both", aux_loss_coef: float = 0.01, scale_factors: str = "both",
+                   partition_granularity: str = "element") -> nn.Module:
     """Replaces the feed-forward dense layers of a BERT-family model by upcycled MoE layers, in place.
 
     ``moe_layers`` picks ``intermediate.dense``, ``output.dense`` or both in every encoder
-    layer; each replaced layer gets its own gate.  The settings are recorded in
-    ``model.config.moe`` (so ``save_pretrained`` writes them to ``config.json``).
-    ``moe="none"`` returns the model unchanged.
+    layer; each replaced layer gets its own gate.  ``partition_granularity`` (``element`` or
+    ``unit``) is declared on the PAD layers (their masks start all ones; IMP keeps it, a loaded
+    mask must have it).  The settings are recorded in ``model.config.moe`` (so
+    ``save_pretrained`` writes them to ``config.json``).  ``moe="none"`` returns the model unchanged.
     """
     settings = dict(moe=moe, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-                    aux_loss_coef=aux_loss_coef, scale_factors=scale_factors)
+                    aux_loss_coef=aux_loss_coef, scale_factors=scale_factors,
+                    partition_granularity=partition_granularity)
     check_moe_settings(**settings)
     if moe == "none":
         return model
@@ -197,6 +240,7 @@ def convert_to_moe(model: nn.Module, moe: str = "moe", num_experts: int = 8, top
             holder = getattr(block, part)
             holder.dense = MoELinear.from_dense(holder.dense, num_experts=num_experts, top_k=top_k, moe=moe,
                                                 aux_loss_coef=aux_loss_coef, scale_factors=scale_factors)
+    pad.set_granularity(model, partition_granularity)
     model.register_forward_pre_hook(_record_token_mask, with_kwargs=True)
     model.register_forward_hook(_clear_token_mask, always_call=True)
     config = getattr(model, "config", None)
@@ -323,10 +367,21 @@ def load_model(model_name_or_path: str | os.PathLike, config, **from_pretrained_
             pad.load_compact_file(model, directory / COMPACT_WEIGHTS)
         except SafetensorError as err:
             raise ValueError(f"cannot read {directory / COMPACT_WEIGHTS}: {err}") from None
+        _declare_saved_granularity(model, settings, directory / COMPACT_WEIGHTS)
         return model
     state = _saved_state(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{model_name_or_path} does not match its MoE config {settings}: "
                          f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    _declare_saved_granularity(model, settings, directory)
     return model
+
+
+def _declare_saved_granularity(model: nn.Module, settings: dict, source) -> None:
+    """Declares ``config.moe``'s partition granularity (``element`` for configs saved before it was
+    recorded) on the loaded masks; ``ValueError`` naming ``source`` when they are not so structured."""
+    try:
+        pad.set_granularity(model, settings.get("partition_granularity", "element"))
+    except ValueError as err:
+        raise ValueError(f"{source}: the saved masks do not match config.moe's partition granularity: {err}") from None

@@ -98,7 +98,7 @@ def test_convert_records_settings_and_none_is_identity():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == model.state_dict().keys()
     convert_to_moe(model, "pad", num_experts=3, top_k=1, moe_layers="output", aux_loss_coef=0.1, scale_factors="s")
     assert model.config.moe == {"moe": "pad", "num_experts": 3, "top_k": 1, "moe_layers": "output",
-                                "aux_loss_coef": 0.1, "scale_factors": "s"}
+                                "aux_loss_coef": 0.1, "scale_factors": "s", "partition_granularity": "element"}
     assert model.config.to_dict()["moe"] == model.config.moe
 
 
