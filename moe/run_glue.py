@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import pad
 from moe import files, glue
-from moe.modeling import MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
+from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
 
 logger = logging.getLogger("moe.run_glue")
@@ -113,13 +113,21 @@ class MoEArguments:
     partition_scope: str = field(default="global", metadata={"choices": list(pad.SCOPES),
                                                              "help": "PAD: rank positions over all layers or per layer"})
     partition_batches: int = field(default=8, metadata={"help": "PAD: training batches IMP scores on"})
+    partition_granularity: str = field(default="element", metadata={
+        "choices": list(MOE_GRANULARITIES),
+        "help": "PAD: what IMP makes static: single positions (the paper's) or whole output rows of every "
+                "expert (unit: the static rows then run as one dense matmul per token)"})
+    partition_batchnorm: str = field(default="batch", metadata={
+        "choices": list(pad.BATCHNORM_MODES),
+        "help": "PAD: BatchNorm statistics while IMP scores (batch or running); only models with BatchNorm "
+                "layers score differently (BERT has none)"})
     partition_warmup_steps: int = field(default=0, metadata={
         "help": "PAD: optimizer steps of the fully dynamic model before IMP (0: IMP before training). Upcycled "
                 "experts equal the static weight at step 0, where the taylor score is zero everywhere"})
 
     def __post_init__(self):
         check_moe_settings(self.moe or "none", self.num_experts, self.top_k, self.moe_layers, self.aux_loss_coef,
-                           self.scale_factors)
+                           self.scale_factors, self.partition_granularity)
         pad.check_dynamic_ratio(self.dynamic_ratio)
         if self.partition_iterations < 1:
             raise ValueError(f"--partition_iterations must be >= 1, got {self.partition_iterations}")
@@ -130,7 +138,8 @@ class MoEArguments:
 
     def convert_kwargs(self) -> dict:
         return dict(moe=self.moe, num_experts=self.num_experts, top_k=self.top_k, moe_layers=self.moe_layers,
-                    aux_loss_coef=self.aux_loss_coef, scale_factors=self.scale_factors)
+                    aux_loss_coef=self.aux_loss_coef, scale_factors=self.scale_factors,
+                    partition_granularity=self.partition_granularity)
 
 
 class ArgumentParser(HfArgumentParser):
@@ -310,10 +319,23 @@ def moe_summary(model) -> dict:
     return summary
 
 
+def declare_partition_granularity(model, granularity: str) -> None:
+    """Declares ``granularity`` on every PAD layer (:func:`pad.set_granularity`; ``ValueError`` if a mask is
+    not so structured) and in ``config.moe``, so that ``save_pretrained`` records it."""
+    pad.set_granularity(model, granularity)
+    settings = getattr(model.config, "moe", None)
+    if isinstance(settings, dict):
+        settings["partition_granularity"] = granularity
+
+
 def partition_summary(record: dict) -> dict:
     """The results-file view of a partition record (``partition.json``): ``partition_<key>``."""
-    return {f"partition_{key}": record[key] for key in ("target", "achieved", "criterion", "schedule", "scope",
-                                                          "iterations", "batches", "step")}
+    summary = {f"partition_{key}": record[key] for key in ("target", "achieved", "criterion", "schedule", "scope",
+                                                             "iterations", "batches", "step")}
+    # reports written before granularities and BatchNorm modes were recorded: the defaults of then
+    summary["partition_granularity"] = record.get("granularity", "element")
+    summary["partition_batchnorm"] = record.get("batchnorm", "batch")
+    return summary
 
 
 # ---------------------------------------------------------------- main
@@ -414,7 +436,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         if pad_run and not from_saved_moe:
             settings = dict(dynamic_ratio=moe_args.dynamic_ratio, iterations=moe_args.partition_iterations,
                             criterion=moe_args.partition_criterion, schedule=moe_args.partition_schedule,
-                            scope=moe_args.partition_scope, num_batches=moe_args.partition_batches)
+                            scope=moe_args.partition_scope, num_batches=moe_args.partition_batches,
+                            granularity=moe_args.partition_granularity, batchnorm=moe_args.partition_batchnorm)
             if moe_args.partition_warmup_steps > 0:
                 trainer.add_callback(PartitionAtStep(trainer, moe_args.partition_warmup_steps, **settings))
             elif checkpoint is None:
@@ -423,6 +446,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
                 logger.info("masks come from %s; no partition", checkpoint)
         elif from_saved_moe:
             logger.info("masks come from %s; no partition", model_args.model_name_or_path)
+        if pad_run and keeper.restored is not None:  # the checkpoint's masks, at its granularity
+            declare_partition_granularity(model, keeper.restored.get("granularity", "element"))
         result = trainer.train(resume_from_checkpoint=checkpoint)
         record = keeper.record()
         if pad_run and not from_saved_moe and record is None:

@@ -128,7 +128,8 @@ class MoETrainer(Trainer):
         super().log(logs, start_time)
 
     def partition(self, dynamic_ratio: float, iterations: int, criterion: str = "taylor",
-                  schedule: str = "exponential", scope: str = "global", num_batches: int = 8) -> pad.PartitionReport:
+                  schedule: str = "exponential", scope: str = "global", num_batches: int = 8,
+                  granularity: str = "element", batchnorm: str = "batch") -> pad.PartitionReport:
         """Iterative Mode Partition of every PAD layer on ``num_batches`` training batches.
 
         The loss is the task loss alone (``model(**batch).loss``); ``synflow`` uses
@@ -143,11 +144,15 @@ class MoETrainer(Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         report = pad.iterative_mode_partition(
             self.model, batches, lambda m, b: m(**b).loss, dynamic_ratio, iterations=iterations,
-            criterion=criterion, schedule=schedule, scope=scope, synflow_fn=synflow_objective, generator=generator)
+            criterion=criterion, schedule=schedule, scope=scope, synflow_fn=synflow_objective, generator=generator,
+            granularity=granularity, batchnorm=batchnorm)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             with torch.no_grad():
                 for _, bank in pad.weight_banks(self.model):
                     torch.distributed.broadcast(bank.mask, src=0)
+        moe_settings = getattr(getattr(self.model, "config", None), "moe", None)
+        if isinstance(moe_settings, dict):  # saved with the model: a reload declares it again
+            moe_settings["partition_granularity"] = granularity
         self.partition_report, self.partition_step = report, self.state.global_step
         logger.info(report.format())
         self.log({"partition/dynamic_ratio": report.achieved, "partition/target": report.target,

@@ -1,0 +1,108 @@
+"""moe/run_glue.py --partition_granularity / --partition_batchnorm: the masks IMP makes, what the run records
+(all_results.json, partition.json, config.json), and reload / resume keeping the recorded granularity."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+import pad
+from moe.modeling import load_model
+from moe.run_glue import main
+from test_run_glue import base_args, make_glue_dir, masks, read_json
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    return make_glue_dir(tmp_path_factory.mktemp("glue"))
+
+
+def pad_args(model, glue_dir, out, *extra):
+    args = base_args(model, glue_dir, out, "sst2", "--moe", "pad", "--do_train", "--do_eval", "--max_steps", "4",
+                     "--save_steps", "2", "--partition_warmup_steps", "1", *extra)
+    args[args.index("--save_strategy") + 1] = "steps"
+    return args
+
+
+def structured_by_rows(mask: torch.Tensor) -> bool:
+    rows = mask > 0
+    return torch.equal(rows.all(1), rows.any(1))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert_dir, glue_dir, tmp_path_factory):
+    out = {}
+    for name, extra in (("element", ()), ("unit", ("--partition_granularity", "unit")),
+                        ("running", ("--partition_batchnorm", "running"))):
+        out[name] = tmp_path_factory.mktemp(name)
+        assert main(pad_args(tiny_bert_dir, glue_dir, out[name], *extra)) == 0
+    return out
+
+
+def test_granularity_flag_structures_the_masks_and_is_recorded(runs):
+    assert all(structured_by_rows(m) for m in masks(runs["unit"]).values())
+    assert not all(structured_by_rows(m) for m in masks(runs["element"]).values())
+    for name, run in runs.items():
+        granularity = "unit" if name == "unit" else "element"
+        assert read_json(run / "all_results.json")["partition_granularity"] == granularity
+        assert read_json(run / "partition.json")["granularity"] == granularity
+        assert read_json(run / "config.json")["moe"]["partition_granularity"] == granularity
+        assert read_json(run / "all_results.json")["dynamic_ratio"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_batchnorm_flag_is_passed_to_imp_and_recorded(runs):
+    assert read_json(runs["element"] / "partition.json")["batchnorm"] == "batch"
+    assert read_json(runs["running"] / "partition.json")["batchnorm"] == "running"
+    assert read_json(runs["running"] / "all_results.json")["partition_batchnorm"] == "running"
+
+
+def test_reloaded_model_keeps_the_granularity(runs, glue_dir, tmp_path):
+    unit = runs["unit"]
+    model = load_model(unit, AutoConfig.from_pretrained(unit))
+    assert {b.granularity for _, b in pad.weight_banks(model)} == {"unit"}
+    assert any(m.unit_split() is not None for m in model.modules() if hasattr(m, "unit_split"))
+    # evaluating the saved model again gives the metrics of the run
+    assert main(base_args(unit, glue_dir, tmp_path / "eval", "sst2", "--do_eval")) == 0
+    assert read_json(tmp_path / "eval" / "eval_results.json")["eval_accuracy"] == \
+        read_json(unit / "eval_results.json")["eval_accuracy"]
+
+
+def test_resume_without_the_flag_keeps_the_checkpoints_granularity(runs, tiny_bert_dir, glue_dir, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["unit"] / "checkpoint-2", resumed / "checkpoint-2")
+    assert main(pad_args(tiny_bert_dir, glue_dir, resumed, "--resume_from_checkpoint",
+                         str(resumed / "checkpoint-2"))) == 0
+    assert read_json(resumed / "all_results.json")["partition_granularity"] == "unit"
+    assert read_json(resumed / "config.json")["moe"]["partition_granularity"] == "unit"
+    for key, mask in masks(resumed).items():
+        assert torch.equal(mask, masks(runs["unit"])[key])
+
+
+def test_saved_masks_that_do_not_match_the_recorded_granularity_are_refused(runs, glue_dir, tmp_path, capfd):
+    forged = tmp_path / "forged"
+    shutil.copytree(runs["element"], forged)
+    config = read_json(forged / "config.json")
+    config["moe"]["partition_granularity"] = "unit"
+    (forged / "config.json").write_text(__import__("json").dumps(config))
+    capfd.readouterr()
+    assert main(base_args(forged, glue_dir, tmp_path / "out", "sst2", "--do_eval")) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "do not match config.moe's partition granularity" in errors[0]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--partition_granularity", "kernel", "error: argument --partition_granularity/--partition-granularity: "
+                                          "invalid choice: 'kernel' (choose from 'element', 'unit')"),
+    ("--partition_batchnorm", "rows", "error: argument --partition_batchnorm/--partition-batchnorm: "
+                                      "invalid choice: 'rows' (choose from 'batch', 'running')"),
+])
+def test_bad_values_are_one_error_line(flag, value, message, tiny_bert_dir, glue_dir, tmp_path, capfd):
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, tmp_path / "out", flag, value)) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == [message]
