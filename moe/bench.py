@@ -1,7 +1,8 @@
 """Benchmark: cost of MoE and PAD-MoE MiniLM relative to the dense model, measured in one run.
 
 For the dense model and its MoE and PAD-MoE conversions (E experts, top-k, both FFN
-layers; PAD masks at the given dynamic ratio) it reports
+layers; PAD masks at the given dynamic ratio: ``pad`` per position, the paper's, and
+``pad-unit`` whole output rows, whose static rows run as one dense matmul per token) it reports
 
 * forward time (eval, no grad) and forward+backward time (train mode, task loss plus
   aux loss): ``torch.utils.benchmark.Timer.blocked_autorange`` medians, in ``--rounds``
@@ -55,15 +56,21 @@ def load_dense(model_dir: Path | None, num_labels: int = 2):
     return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
 
 
+PAD_VARIANTS = {"pad": "element", "pad-unit": "unit"}  # model name: partition granularity
+
+
 def build_models(dense, num_experts: int, top_k: int, dynamic_ratio: float, seed: int = 0) -> dict:
-    """``{"dense", "moe", "pad"}``; the PAD masks keep exactly ``dynamic_ratio`` of each layer
-    dynamic, chosen at random (timings and counts do not depend on which positions)."""
+    """``{"dense", "moe", "pad", "pad-unit"}``; the PAD masks keep ``dynamic_ratio`` of each layer
+    dynamic (exactly for ``pad``, to within one row for ``pad-unit``), chosen at random (timings and
+    counts depend on how many positions or rows, not on which)."""
     pad.check_dynamic_ratio(dynamic_ratio)
-    models = {"dense": dense}
-    for kind in ("moe", "pad"):
-        models[kind] = convert_to_moe(copy.deepcopy(dense), kind, num_experts=num_experts, top_k=top_k)
-    pad.iterative_mode_partition(models["pad"], [], None, dynamic_ratio, iterations=1, criterion="random",
-                                 scope="local", generator=torch.Generator().manual_seed(seed))
+    models = {"dense": dense, "moe": convert_to_moe(copy.deepcopy(dense), "moe", num_experts=num_experts, top_k=top_k)}
+    for name, granularity in PAD_VARIANTS.items():
+        models[name] = convert_to_moe(copy.deepcopy(dense), "pad", num_experts=num_experts, top_k=top_k,
+                                      partition_granularity=granularity)
+        pad.iterative_mode_partition(models[name], [], None, dynamic_ratio, iterations=1, criterion="random",
+                                     scope="local", generator=torch.Generator().manual_seed(seed),
+                                     granularity=granularity)
     return models
 
 
@@ -121,7 +128,7 @@ def forward_flops(model, inputs) -> int:
 def run_benchmark(dense, batch_size: int, seq_length: int, num_experts: int = 8, top_k: int = 2,
                   dynamic_ratio: float = 0.5, min_run_time: float = 1.0, device: str = "cpu",
                   rounds: int = 3) -> dict:
-    """Builds the three models from ``dense`` and measures them; returns a JSON-ready dict."""
+    """Builds the four models from ``dense`` and measures them; returns a JSON-ready dict."""
     check_moe_settings("pad", num_experts=num_experts, top_k=top_k)
     models = {kind: model.to(device) for kind, model in build_models(dense, num_experts, top_k, dynamic_ratio).items()}
     inputs = make_inputs(dense.config, batch_size, seq_length, device)
@@ -136,6 +143,7 @@ def run_benchmark(dense, batch_size: int, seq_length: int, num_experts: int = 8,
     for row in rows.values():
         for key in ("forward_s", "forward_backward_s", "forward_flops"):
             row[f"{key}_relative"] = row[key] / rows["dense"][key]
+            row[f"{key}_relative_to_moe"] = row[key] / rows["moe"][key]
     return {"settings": dict(batch_size=batch_size, seq_length=seq_length, num_experts=num_experts, top_k=top_k,
                              dynamic_ratio=dynamic_ratio, min_run_time=min_run_time, rounds=rounds, device=device,
                              threads=torch.get_num_threads()),
@@ -146,12 +154,15 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     lines = [f"MoE benchmark: batch {s['batch_size']}, sequence {s['seq_length']}, E={s['num_experts']}, "
              f"top-{s['top_k']}, PAD ratio {s['dynamic_ratio']}, {s['device']} ({s['threads']} threads)",
-             f"{'model':<6} {'fwd ms':>9} {'rel':>6} {'fwd+bwd ms':>11} {'rel':>6} {'GFLOPs':>8} {'rel':>6} "
-             f"{'FFN params dense':>17} {'compact':>11} {'ratio':>6}"]
+             "rel: to the dense model; /moe: to the fully dynamic MoE",
+             f"{'model':<8} {'fwd ms':>9} {'rel':>6} {'/moe':>6} {'fwd+bwd ms':>11} {'rel':>6} {'/moe':>6} "
+             f"{'GFLOPs':>8} {'rel':>6} {'FFN params dense':>17} {'compact':>11} {'ratio':>6}"]
     for kind, r in result["models"].items():
         ratio = "-" if r["dynamic_ratio"] is None else f"{r['dynamic_ratio']:.3f}"
-        lines.append(f"{kind:<6} {1e3 * r['forward_s']:>9.1f} {r['forward_s_relative']:>6.2f} "
+        lines.append(f"{kind:<8} {1e3 * r['forward_s']:>9.1f} {r['forward_s_relative']:>6.2f} "
+                     f"{r['forward_s_relative_to_moe']:>6.2f} "
                      f"{1e3 * r['forward_backward_s']:>11.1f} {r['forward_backward_s_relative']:>6.2f} "
+                     f"{r['forward_backward_s_relative_to_moe']:>6.2f} "
                      f"{r['forward_flops'] / 1e9:>8.2f} {r['forward_flops_relative']:>6.2f} "
                      f"{r['ffn_params_dense']:>17,} {r['ffn_params_compact']:>11,} {ratio:>6}")
     return "\n".join(lines)
@@ -171,7 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds per timing (default 1.0, 0.2 with --mini)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds over the three models; the median over rounds is reported")
+                        help="interleaved rounds over the four models; the median over rounds is reported")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)

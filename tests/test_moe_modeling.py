@@ -500,7 +500,7 @@ def test_public_constants():
 
 # ---------------------------------------------------------------- benchmark CLI (no timing assertions)
 
-def test_bench_cli_measures_the_three_models_with_the_given_settings(tiny_bert_dir, tmp_path, capsys):
+def test_bench_cli_measures_the_four_models_with_the_given_settings(tiny_bert_dir, tmp_path, capsys):
     from moe import bench
     out = tmp_path / "bench.json"
     rc = bench.main(["--model", str(tiny_bert_dir), "--batch-size", "2", "--seq-length", "8", "--num-experts", "3",
@@ -511,17 +511,24 @@ def test_bench_cli_measures_the_three_models_with_the_given_settings(tiny_bert_d
     assert result["settings"] == dict(batch_size=2, seq_length=8, num_experts=3, top_k=2, dynamic_ratio=0.25,
                                       min_run_time=0.01, rounds=2, device="cpu", threads=torch.get_num_threads())
     rows = result["models"]
-    assert set(rows) == {"dense", "moe", "pad"} and "pad" in capsys.readouterr().out
+    assert list(rows) == ["dense", "moe", "pad", "pad-unit"] and "pad-unit" in capsys.readouterr().out
     for row in rows.values():
         for key in ("forward_s", "forward_backward_s"):
             assert len(row[f"{key}_rounds"]) == 2 and row[key] == pytest.approx(np.median(row[f"{key}_rounds"]))
         for key in ("forward_s", "forward_backward_s", "forward_flops"):
             assert row[f"{key}_relative"] == pytest.approx(row[key] / rows["dense"][key])
+            assert row[f"{key}_relative_to_moe"] == pytest.approx(row[key] / rows["moe"][key])
     hidden, inner, layers, tokens, experts, k = 32, 64, 2, 16, 3, 2
     ffn_flops = layers * 2 * tokens * 2 * hidden * inner
     gate_flops = layers * 2 * tokens * experts * (hidden + inner)
     assert rows["moe"]["forward_flops"] - rows["dense"]["forward_flops"] == (k - 1) * ffn_flops + gate_flops
     assert rows["pad"]["forward_flops"] == rows["moe"]["forward_flops"]
+    # unit rows: the 75% static rows once per token instead of once per routed expert, plus gates @ bias
+    static_rows_flops = layers * 2 * tokens * (hidden * 0.75 * inner + inner * 0.75 * hidden)
+    bias_flops = layers * 2 * tokens * experts * (inner + hidden)
+    assert rows["pad-unit"]["forward_flops"] == rows["moe"]["forward_flops"] - (k - 1) * static_rows_flops + bias_flops
+    assert rows["pad-unit"]["dynamic_ratio"] == 0.25
+    assert rows["pad-unit"]["ffn_params_compact"] == rows["pad"]["ffn_params_compact"]
     assert rows["pad"]["dynamic_ratio"] == 0.25 and rows["dense"]["dynamic_ratio"] is None
     weight = hidden * inner
     rest = layers * experts * (hidden + inner) + layers * 2 * experts * (hidden + inner) + 2 * layers
