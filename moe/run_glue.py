@@ -334,7 +334,8 @@ def partition_summary(record: dict) -> dict:
                                                              "iterations", "batches", "step")}
     # reports written before granularities and BatchNorm modes were recorded: the defaults of then
     summary["partition_granularity"] = record.get("granularity", "element")
-    summary["partition_batchnorm"] = record.get("batchnorm", "batch")
+    # (a data-free criterion scores without BatchNorm statistics: None in the report; HF cannot print None)
+    summary["partition_batchnorm"] = record.get("batchnorm", "batch") or "unused"
     return summary
 
 

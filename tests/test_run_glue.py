@@ -206,9 +206,9 @@ def test_moe_flags_change_the_run(sst2_pad_run, tiny_bert_dir, glue_dir, tmp_pat
                           "--partition_scope", "local", "--partition_iterations", "2")) == 0
     default, changed = read_json(sst2_pad_run / "config.json")["moe"], read_json(out / "config.json")["moe"]
     assert default == dict(moe="pad", num_experts=4, top_k=2, moe_layers="both", aux_loss_coef=0.01,
-                           scale_factors="both")
+                           scale_factors="both", partition_granularity="element")
     assert changed == dict(moe="pad", num_experts=2, top_k=1, moe_layers="intermediate", aux_loss_coef=0.0,
-                           scale_factors="none")
+                           scale_factors="none", partition_granularity="element")
     state, default_state = load_file(str(out / "model.safetensors")), load_file(str(sst2_pad_run / "model.safetensors"))
     # --num_experts: the kernel banks; --moe_layers: output.dense stays a plain linear layer
     assert state["bert.encoder.layer.0.intermediate.dense.experts.kernels"].shape[0] == 2
