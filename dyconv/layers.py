@@ -29,6 +29,14 @@ break-even ``(C/g) k^2 = K H' W'``).  Each choice is recorded in ``chosen_scheme
 :func:`restore_conv_schemes`, so a resumed or re-evaluated run computes with the same
 schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
 
+**Unit-structured PAD.**  When a PAD bank's mask is structured by output filters
+(granularity ``unit``, :meth:`_RoutedConv2d.unit_split`), the static filters are one ordinary
+conv with ``lambda_s W_s[static]`` and only the dynamic filters run through the scheme, over
+``lambda_d W_k[dynamic]`` (ODConv: with those filters' attention); the two outputs are put
+back in channel order.  Exactly the element-path output and gradients for the same mask.
+Depthwise convs slice the input channels alike; other grouped convs, ``kernel`` granularity
+(storage only) and layers whose every filter is dynamic take the element path.
+
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
 mixed; the models never use them (every conv is followed by BatchNorm).
 """
