@@ -140,23 +140,25 @@ class MoELinear(nn.Module):
         return outputs.new_zeros(tokens.shape[0], weights.shape[1]).index_add_(0, token_of, outputs)
 
     def unit_split(self) -> pad.UnitSplit | None:
-        """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`) when its mask is
-        ``unit``-structured and some row is static; else ``None`` (the element path, same output)."""
+        """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) when its
+        mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output)."""
         bank = self.experts
         if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit":
             return None
         if bank.unit_indices()[1].numel() == 0:
             return None
-        return bank.unit_split()
+        return bank.unit_split(scaled=False)
 
     def _unit_forward(self, tokens: torch.Tensor, routing, split: pad.UnitSplit) -> torch.Tensor:
         """A ``unit``-structured PAD layer, exactly: every expert's static rows are
         ``lambda_s W_s[static]`` and the top-k gates sum to 1, so the static rows are one dense
         matmul per token; only the dynamic rows go through the experts.  The per-expert biases of
         all rows are ``gates (T, E) @ bias (E, out)``.  ``(T, in) -> (T, out)``."""
-        static_out = F.linear(tokens, split.weight)                           # (T, O_s)
+        # the scale factors multiply the outputs (T x O), not the weights (E x O x in): fewer numbers
+        lambda_d, lambda_s = self.experts.scale()
+        static_out = F.linear(tokens, split.weight) * lambda_s                # (T, O_s)
         if split.dynamic.numel():
-            dynamic_out = self._mix_experts(tokens, routing, split.kernels, None)  # (T, O_d)
+            dynamic_out = self._mix_experts(tokens, routing, split.kernels, None) * lambda_d  # (T, O_d)
             result = torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
         else:  # kernels unused: a zero ties them in, so they get zero gradients, not none (DDP)
             result = static_out.index_select(1, split.order) + 0.0 * split.kernels.sum()

@@ -224,13 +224,17 @@ class PartiallyDynamicWeights(DynamicWeights):
             self.__dict__["_unit_index_cache"] = (key, indices)
         return indices
 
-    def unit_split(self) -> UnitSplit:
+    def unit_split(self, scaled: bool = True) -> UnitSplit:
         """The bank cut by output units (:class:`UnitSplit`); exact for any mask structured by output
-        units, whatever :attr:`granularity` says."""
+        units, whatever :attr:`granularity` says.  ``scaled=False``: ``W_k[dynamic]`` and
+        ``W_s[static]`` without the scale factors, for a layer that scales its (smaller) outputs
+        by ``lambda_d`` and ``lambda_s`` instead."""
         dynamic, static, order = self.unit_indices()
-        lambda_d, lambda_s = self.scale()
-        return UnitSplit(dynamic, static, order, lambda_d * self.kernels.index_select(1, dynamic),
-                         lambda_s * self.static_weight.index_select(0, static))
+        kernels, weight = self.kernels.index_select(1, dynamic), self.static_weight.index_select(0, static)
+        if scaled:
+            lambda_d, lambda_s = self.scale()
+            kernels, weight = lambda_d * kernels, lambda_s * weight
+        return UnitSplit(dynamic, static, order, kernels, weight)
 
     def dynamic_units(self, granularity: str | None = None) -> torch.Tensor:
         """Indices ``(n_dynamic_units,)`` (int64, on the mask's device) of the dynamic units in the
