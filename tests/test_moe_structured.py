@@ -89,3 +89,25 @@ def test_kernel_granularity_is_refused_for_moe_layers():
     with pytest.raises(ValueError, match=r"unknown partition granularity 'kernel' for MoE layers; expected one of "
                                          r"\('element', 'unit'\) \(a linear layer has no kernel slices\)"):
         check_moe_settings("pad", partition_granularity="kernel")
+
+
+def test_unit_model_round_trips_through_the_compact_export(tmp_path):
+    """Saved compact (one mask bit per row, granularity in the metadata and in config.moe) and reloaded:
+    the same logits, computed with the unit path."""
+    from moe.modeling import convert_to_moe, load_model, save_compact_model
+    from test_moe_modeling import batch, tiny_bert
+    model = convert_to_moe(tiny_bert(), "pad", num_experts=3, top_k=2, partition_granularity="unit")
+    pad.iterative_mode_partition(model, [], None, 0.5, iterations=1, criterion="random", scope="local",
+                                 generator=torch.Generator().manual_seed(0), granularity="unit")
+    with torch.no_grad():
+        for _, bank in pad.weight_banks(model):
+            bank.kernels.normal_()
+    model.config.save_pretrained(tmp_path)
+    save_compact_model(model, tmp_path)
+    counts = pad.parameter_counts(model)
+    assert counts["mask_entries"] == sum(b.shape[0] for _, b in pad.weight_banks(model))
+    loaded = load_model(tmp_path, model.config).to(torch.float64).eval()
+    assert {b.granularity for _, b in pad.weight_banks(loaded)} == {"unit"}
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-10, atol=1e-10)
