@@ -429,14 +429,14 @@ def resume_args(folder, output, workers: int) -> list[str]:
 
 
 def comparable(output: Path) -> tuple[dict, dict, dict]:
-    """checkpoint.pt and best.pt without the command line (paths differ), summary.json without wall time."""
+    """checkpoint.pt and best.pt without the command line (paths differ), summary.json without wall times."""
     states = []
     for name in ("checkpoint.pt", "best.pt"):
         state = engine.load_checkpoint(output / name)
         state.pop("args")
         states.append(state)
     summary = json.loads((output / "summary.json").read_text())
-    summary.pop("wall_seconds")
+    summary.pop("wall_seconds"), summary.pop("train_seconds_per_step")
     return states[0], states[1], summary
 
 
