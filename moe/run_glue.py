@@ -117,10 +117,6 @@ class MoEArguments:
         "choices": list(MOE_GRANULARITIES),
         "help": "PAD: what IMP makes static: single positions (the paper's) or whole output rows of every "
                 "expert (unit: the static rows then run as one dense matmul per token)"})
-    partition_batchnorm: str = field(default="batch", metadata={
-        "choices": list(pad.BATCHNORM_MODES),
-        "help": "PAD: BatchNorm statistics while IMP scores (batch or running); only models with BatchNorm "
-                "layers score differently (BERT has none)"})
     partition_warmup_steps: int = field(default=0, metadata={
         "help": "PAD: optimizer steps of the fully dynamic model before IMP (0: IMP before training). Upcycled "
                 "experts equal the static weight at step 0, where the taylor score is zero everywhere"})
@@ -332,10 +328,10 @@ def partition_summary(record: dict) -> dict:
     """The results-file view of a partition record (``partition.json``): ``partition_<key>``."""
     summary = {f"partition_{key}": record[key] for key in ("target", "achieved", "criterion", "schedule", "scope",
                                                              "iterations", "batches", "step")}
-    # reports written before granularities and BatchNorm modes were recorded: the defaults of then
+    # reports written before granularities were recorded: the default of then
     summary["partition_granularity"] = record.get("granularity", "element")
-    # (a data-free criterion scores without BatchNorm statistics: None in the report; HF cannot print None)
-    summary["partition_batchnorm"] = record.get("batchnorm", "batch") or "unused"
+    # what really decided the partition: the criterion, or the share tie-broken at random (pad.PartitionReport)
+    summary["partition_decided_by"] = record.get("decided_by") or "not recorded"
     return summary
 
 
@@ -438,7 +434,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
             settings = dict(dynamic_ratio=moe_args.dynamic_ratio, iterations=moe_args.partition_iterations,
                             criterion=moe_args.partition_criterion, schedule=moe_args.partition_schedule,
                             scope=moe_args.partition_scope, num_batches=moe_args.partition_batches,
-                            granularity=moe_args.partition_granularity, batchnorm=moe_args.partition_batchnorm)
+                            granularity=moe_args.partition_granularity)
             if moe_args.partition_warmup_steps > 0:
                 trainer.add_callback(PartitionAtStep(trainer, moe_args.partition_warmup_steps, **settings))
             elif checkpoint is None:

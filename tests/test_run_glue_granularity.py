@@ -1,4 +1,4 @@
-"""moe/run_glue.py --partition_granularity / --partition_batchnorm: the masks IMP makes, what the run records
+"""moe/run_glue.py --partition_granularity: the masks IMP makes, what the run records
 (all_results.json, partition.json, config.json), and reload / resume keeping the recorded granularity."""
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ def structured_by_rows(mask: torch.Tensor) -> bool:
 @pytest.fixture(scope="module")
 def runs(tiny_bert_dir, glue_dir, tmp_path_factory):
     out = {}
-    for name, extra in (("element", ()), ("unit", ("--partition_granularity", "unit")),
-                        ("running", ("--partition_batchnorm", "running"))):
+    for name, extra in (("element", ()), ("unit", ("--partition_granularity", "unit"))):
         out[name] = tmp_path_factory.mktemp(name)
         assert main(pad_args(tiny_bert_dir, glue_dir, out[name], *extra)) == 0
     return out
@@ -53,12 +52,16 @@ def test_granularity_flag_structures_the_masks_and_is_recorded(runs):
         assert read_json(run / "partition.json")["granularity"] == granularity
         assert read_json(run / "config.json")["moe"]["partition_granularity"] == granularity
         assert read_json(run / "all_results.json")["dynamic_ratio"] == pytest.approx(0.5, abs=0.05)
+        assert read_json(run / "all_results.json")["partition_decided_by"] == \
+            read_json(run / "partition.json")["decided_by"]
+        assert read_json(run / "partition.json")["decided_by"].startswith("taylor")
 
 
-def test_batchnorm_flag_is_passed_to_imp_and_recorded(runs):
-    assert read_json(runs["element"] / "partition.json")["batchnorm"] == "batch"
-    assert read_json(runs["running"] / "partition.json")["batchnorm"] == "running"
-    assert read_json(runs["running"] / "all_results.json")["partition_batchnorm"] == "running"
+def test_batchnorm_has_no_flag_for_bert(tiny_bert_dir, glue_dir, tmp_path, capfd):
+    """BERT has no BatchNorm, so IMP's BatchNorm mode cannot change a GLUE partition: no flag for it."""
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, tmp_path / "out", "--partition_batchnorm", "running")) == 2
+    assert "--partition_batchnorm" in capfd.readouterr().err
 
 
 def test_reloaded_model_keeps_the_granularity(runs, glue_dir, tmp_path):
@@ -98,8 +101,6 @@ def test_saved_masks_that_do_not_match_the_recorded_granularity_are_refused(runs
 @pytest.mark.parametrize("flag, value, message", [
     ("--partition_granularity", "kernel", "error: argument --partition_granularity/--partition-granularity: "
                                           "invalid choice: 'kernel' (choose from 'element', 'unit')"),
-    ("--partition_batchnorm", "rows", "error: argument --partition_batchnorm/--partition-batchnorm: "
-                                      "invalid choice: 'rows' (choose from 'batch', 'running')"),
 ])
 def test_bad_values_are_one_error_line(flag, value, message, tiny_bert_dir, glue_dir, tmp_path, capfd):
     capfd.readouterr()
