@@ -304,7 +304,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     torch.save(state, buffer)
     payload = buffer.getbuffer()
     wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+               "payload": torch.frombuffer(payload, dtype=torch.uint8)}  # a view of the buffer, not a copy
     _write_durably(lambda f: torch.save(wrapper, f), Path(path))
 
 
