@@ -268,21 +268,34 @@ OPTIONAL_KEY_TYPES = {"optimizer": dict, "scaler": dict, "rng": list, "metrics":
                       "best_top1": (int, float), "train_loss": (int, float), "temperature": (int, float)}
 
 
-def _write_durably(data, path: Path) -> None:
-    """Writes ``data`` (bytes, or a callable writing to a binary file) to ``path.tmp``, flushes it to disk
-    (fsync), then renames it over ``path`` and syncs the folder: a crash leaves the old file or the new one."""
+def _temporary(path: Path) -> Path:
+    """``path.tmp``, with any stale file of that name removed: never written through, since a stale
+    temporary file may be a hard link to a live checkpoint (:func:`link_checkpoint` killed half-way)."""
     tmp = path.with_name(path.name + CHECKPOINT_TEMPORARY_SUFFIX)
-    with open(tmp, "wb") as f:
-        data(f) if callable(data) else f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    tmp.unlink(missing_ok=True)
+    return tmp
+
+
+def _sync_folder(folder: Path) -> None:
+    """Makes the renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _write_durably(data, path: Path) -> None:
+    """Writes ``data`` (bytes, or a callable writing to a binary file) to ``path.tmp``, flushes it to disk
+    (fsync), then renames it over ``path`` and syncs the folder: a crash leaves the old file or the new one."""
+    tmp = _temporary(path)
+    with open(tmp, "xb") as f:
+        data(f) if callable(data) else f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_folder(path.parent)
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
@@ -291,13 +304,29 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     torch.save(state, buffer)
     payload = buffer.getbuffer()
     wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+               "payload": torch.frombuffer(payload, dtype=torch.uint8)}  # a view of the buffer, not a copy
     _write_durably(lambda f: torch.save(wrapper, f), Path(path))
 
 
 def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Copies a checkpoint file atomically and durably (``best.pt`` from ``checkpoint.pt``)."""
     _write_durably(Path(source).read_bytes(), Path(target))
+
+
+def link_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Gives the checkpoint file ``source`` the second name ``target``, atomically and durably, without
+    writing it again: a hard link under ``target.tmp`` renamed over ``target``.  Checkpoints are only
+    ever replaced by rename, never written in place, so replacing one name later leaves the other's
+    contents intact.  Falls back to :func:`copy_checkpoint` where the file system cannot link."""
+    source, target = Path(source), Path(target)
+    tmp = _temporary(target)
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links here (FAT, some network file systems, another device)
+        copy_checkpoint(source, target)
+        return
+    os.replace(tmp, target)
+    _sync_folder(target.parent)
 
 
 def _deserialize(data, path: Path, map_location):

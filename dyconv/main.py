@@ -58,7 +58,7 @@ import pad
 from pad.compact import model_granularity
 from dyconv.data import DATASETS, DataError, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, TrainingDiverged, TrainSettings,
-                           check_compatible, copy_checkpoint, evaluate, load_checkpoint, nonfinite_tensors,
+                           check_compatible, evaluate, link_checkpoint, load_checkpoint, nonfinite_tensors,
                            parameter_groups, random_states, restore_random_states, save_checkpoint, train_one_epoch)
 from dyconv.inference import to_inference
 from dyconv.layers import CONVS, conv_schemes, get_temperature, restore_conv_schemes, set_temperature
@@ -496,7 +496,7 @@ def save_epoch(state: dict, output: Path, is_best: bool) -> None:
     order could leave a newest-best epoch in ``checkpoint.pt`` only, never to be copied to ``best.pt``."""
     if is_best:
         save_checkpoint(state, output / "best.pt")
-        copy_checkpoint(output / "best.pt", output / "checkpoint.pt")
+        link_checkpoint(output / "best.pt", output / "checkpoint.pt")  # one write for both names
     else:
         save_checkpoint(state, output / "checkpoint.pt")
 

@@ -345,6 +345,11 @@ def _check_finite(banks: dict[str, PartiallyDynamicWeights], scores: dict[str, t
                          f"(first in {first!r}); the partition would be arbitrary")
 
 
+def _prefix_count(kept_positions: torch.Tensor, keep: float) -> int:
+    """Index of the entry of ``kept_positions`` (ascending int64) closest to ``keep``, the first on a tie."""
+    return int((kept_positions.to(torch.float64) - keep).abs().argmin())  # float64: exact to 2**53 positions
+
+
 def _select_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.Tensor, keep: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, Selection]:
     """Keeps the best candidate units, ``keep`` positions in all, to within half the boundary unit.
@@ -357,13 +362,52 @@ def _select_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.T
     Returns:
         ``(kept (U,) bool, Selection)``; every tensor on ``density``'s device.
     """
+    n_candidates = int(candidate.sum())
+    candidate_sizes = sizes[candidate]
+    if n_candidates == 0:
+        return torch.zeros_like(candidate), Selection()
+    if bool((candidate_sizes == candidate_sizes[0]).all()):
+        return _select_equal_units(density, int(candidate_sizes[0]), candidate, n_candidates, keep, generator)
+    return _select_ranked_units(density, sizes, candidate, n_candidates, keep, generator)
+
+
+def _select_equal_units(density: torch.Tensor, size: int, candidate: torch.Tensor, n_candidates: int,
+                        keep: float, generator: torch.Generator | None) -> tuple[torch.Tensor, Selection]:
+    """:func:`_select_units` when every candidate unit has ``size`` positions, in O(U) without a sort.
+
+    The kept count follows from ``keep`` alone; the ``count``-th best score is the boundary value:
+    units above it are kept, and the rest of the count is drawn at random among the units
+    exactly equal to it (the only place where the order of tied units matters).
+    """
+    device = density.device
+    closest = round(keep / size)
+    counts = torch.tensor([min(max(c, 0), n_candidates) for c in range(closest - 2, closest + 3)],
+                          dtype=torch.int64, device=device)
+    count = int(counts[_prefix_count(counts * size, keep)])
+    kept = torch.zeros(density.numel(), dtype=torch.bool, device=device)
+    if count == 0:
+        return kept, Selection(made_static=n_candidates * size)
+    scores = density[candidate]
+    boundary = scores.kthvalue(n_candidates - count + 1).values  # the count-th largest score
+    kept = candidate & (density > boundary)
+    tied = (candidate & (density == boundary)).nonzero().flatten()
+    missing = count - int(kept.sum())
+    tied_and_dropped = tied.numel() - missing
+    if tied_and_dropped:  # the boundary tie is split: the kept ones are drawn at random among the tied
+        tied = tied[_permutation(tied.numel(), generator, device)[:missing]]
+    kept[tied] = True
+    return kept, Selection(made_static=(n_candidates - count) * size, tie_broken=tied_and_dropped * size)
+
+
+def _select_ranked_units(density: torch.Tensor, sizes: torch.Tensor, candidate: torch.Tensor, n_candidates: int,
+                         keep: float, generator: torch.Generator | None) -> tuple[torch.Tensor, Selection]:
+    """:func:`_select_units` for units of several sizes: a full ranking, ties in random order."""
     device = density.device
     shuffle = _permutation(density.numel(), generator, device)
     order = torch.sort(torch.where(candidate, density, float("-inf"))[shuffle], descending=True, stable=True)
     ranked = shuffle[order.indices]
-    n_candidates = int(candidate.sum())
     kept_positions = torch.cat([sizes.new_zeros(1), sizes[ranked[:n_candidates]].cumsum(0)])
-    count = int((kept_positions.to(torch.float64) - keep).abs().argmin())  # float64: exact to 2**53 positions
+    count = _prefix_count(kept_positions, keep)
     kept = torch.zeros(density.numel(), dtype=torch.bool, device=device)
     kept[ranked[:count]] = True
     selection = Selection(made_static=int(kept_positions[-1] - kept_positions[count]))

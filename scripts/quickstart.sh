@@ -18,7 +18,7 @@ CONFIG=configs/dyconv/fashion_mnist_quick.yaml
 run_dyconv() {  # ROW [flags]
   local row=$1; shift
   echo "== dyconv: $row"
-  "$PY" dyconv/main.py --config "$CONFIG" "$@" --output "$RUNS/$row"
+  "$PY" dyconv/main.py --config "$CONFIG" "$@" --output "$RUNS/$row" --overwrite-output-dir  # a rerun replaces its run
 }
 run_dyconv resnet10-static --conv static
 run_dyconv resnet10-dyconv --conv dyconv
