@@ -78,3 +78,23 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+def write_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """An ImageNet-layout folder ``root/{train,val}/c<k>/<i>.png`` of random ``size`` x ``size`` RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """``write_image_folder`` with its defaults: 3 classes, 8 train and 4 val random 32x32 images per class."""
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"))

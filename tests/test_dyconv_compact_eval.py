@@ -1,10 +1,8 @@
 """dyconv/main.py: --conv-scheme, schemes recorded in and restored from checkpoints, --evaluate from the compact file."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dyconv.engine import load_checkpoint, save_checkpoint
 from dyconv.main import main
@@ -13,16 +11,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """DIR/{train,val}/c{0,1,2}/*.png: 8 train and 4 val random 32x32 images per class."""
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(3):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
-    return root
+def folder(image_folder) -> Path:
+    return image_folder
 
 
 def pad_args(folder, output, *extra):
