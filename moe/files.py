@@ -13,11 +13,18 @@ A file is checked by its kind, never trusted by its name:
   pass their CRC check, which rejects truncated, overwritten and random-byte files
   without unpickling anything.
 
+A folder that :class:`moe.trainer.MoETrainer` saved also holds ``checksums.json`` (file name ->
+SHA-256 of every weight file it wrote, :func:`write_checksums`); :func:`check_folder` verifies
+each listed file against it, so bytes overwritten inside ``model.safetensors`` (same size, still a
+valid file) are reported instead of loaded.  A folder without the manifest (a hub model, a run saved
+before manifests were written) is checked as above only.
+
 Files that are absent are not checked here; whoever needs them reports their absence.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import zipfile
@@ -26,6 +33,8 @@ JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special
               "added_tokens.json", "generation_config.json", "partition.json", "trainer_state.json",
               "model.safetensors.index.json", "pytorch_model.bin.index.json")
 TEXT_FILES = ("vocab.txt", "merges.txt")
+CHECKSUMS_FILE = "checksums.json"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 TORCH_PATTERNS = ("pytorch_model*.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
                   "training_args.bin")
 
@@ -89,6 +98,51 @@ def check_torch_file(path: str) -> None:
         raise ValueError(f"{path}: damaged torch.save file (member {bad} fails its CRC check)")
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of the bytes of ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: str) -> None:
+    """Writes ``folder/checksums.json`` = ``{file name: sha256}`` for the weight files
+    (:data:`WEIGHT_PATTERNS`) in ``folder``, atomically (temporary file, flushed, then renamed)."""
+    names = sorted({os.path.basename(p) for pattern in WEIGHT_PATTERNS
+                    for p in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(p)})
+    manifest = {name: file_sha256(os.path.join(folder, name)) for name in names}
+    path = os.path.join(folder, CHECKSUMS_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify_checksums(folder: str) -> None:
+    """``ValueError`` naming the file unless every file listed in ``folder/checksums.json`` exists and
+    hashes to its recorded SHA-256; nothing to verify without the manifest."""
+    path = os.path.join(folder, CHECKSUMS_FILE)
+    if not os.path.lexists(path):
+        return
+    manifest = read_json(path)
+    for name, recorded in sorted(manifest.items()):
+        if not isinstance(recorded, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ValueError(f"{path}: entry {name!r} is not a file name with a SHA-256 string")
+        listed = os.path.join(folder, name)
+        if not os.path.isfile(listed):
+            raise ValueError(f"{listed}: listed in {CHECKSUMS_FILE} but missing")
+        try:
+            actual = file_sha256(listed)
+        except OSError as err:
+            raise ValueError(f"{listed}: cannot read ({err.strerror or err})") from None
+        if actual != recorded:
+            raise ValueError(f"{listed}: checksum does not match {CHECKSUMS_FILE} (damaged file)")
+
+
 def check_folder(folder: str) -> None:
     """Checks every file of a model folder or Trainer checkpoint that transformers may read
     (see the module docstring); ``ValueError`` for the first bad one."""
@@ -107,3 +161,4 @@ def check_folder(folder: str) -> None:
     for pattern in TORCH_PATTERNS:
         for path in sorted(glob.glob(os.path.join(folder, pattern))):
             check_torch_file(path)
+    verify_checksums(folder)

@@ -33,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 import pad
+from moe import files
 from moe.modeling import aux_loss, expert_load, moe_layers, save_compact_model
 
 logger = logging.getLogger(__name__)
@@ -82,11 +83,16 @@ class MoETrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``, plus ``model_compact.safetensors`` (:func:`moe.modeling.save_compact_model`)
-        for a PAD-MoE model when called from outside (checkpoints stay as they are)."""
+        for a PAD-MoE model when called from outside (checkpoints stay as they are), then
+        ``checksums.json`` over the weight files written (:func:`moe.files.write_checksums`), in final
+        folders and ``checkpoint-N/`` folders alike."""
         super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         if not _internal_call and self.args.should_save and next(pad.weight_banks(model), None) is not None:
-            save_compact_model(model, output_dir if output_dir is not None else self.args.output_dir)
+            save_compact_model(model, output_dir)
+        if self.args.should_save:
+            files.write_checksums(output_dir)
 
     def _reset_running_means(self) -> None:
         self._task_loss_sum = self._aux_loss_sum = self._load_sum = None

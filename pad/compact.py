@@ -11,12 +11,15 @@ For every :class:`~pad.PartiallyDynamicWeights` at ``name`` the compact state ho
 and every other entry of the state dict unchanged.  :func:`save_compact` records the
 granularity in the safetensors metadata (``pad_granularity``) and :func:`load_compact_file`
 declares it again (:func:`pad.set_granularity`), so a reloaded model computes with the same
-structure.  Loading scatters the values back into a dense model of the same architecture,
+structure.  It also records a SHA-256 of the tensors (:func:`state_digest`, metadata key
+``pad_sha256``) that :func:`load_compact_file` verifies, so bytes overwritten inside the file
+(same size, still a valid safetensors file) are reported instead of evaluated.  Loading scatters the values back into a dense model of the same architecture,
 with zeros at unused positions, which the mask multiplies away: the loaded model computes
 what the exported did.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -26,6 +29,7 @@ from torch import nn
 from .mixing import check_granularity, set_granularity, unit_grid, unit_view, weight_banks
 
 GRANULARITY_KEY = "pad_granularity"
+CHECKSUM_KEY = "pad_sha256"
 
 
 def model_granularity(model: nn.Module) -> str:
@@ -92,20 +96,51 @@ def load_compact(model: nn.Module, state: dict[str, torch.Tensor], granularity: 
     set_granularity(model, granularity)
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's contents: for each entry in sorted name order, its name, dtype,
+    shape and raw bytes (native order, C-contiguous), each field length-prefixed so that no two
+    different states hash the same byte stream."""
+    digest = hashlib.sha256()
+
+    def field(data: bytes) -> None:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        field(name.encode("utf-8"))
+        field(str(tensor.dtype).encode())
+        field(repr(tuple(tensor.shape)).encode())
+        field(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_compact(model: nn.Module, path: str | os.PathLike) -> None:
-    """Writes :func:`export_compact` to a safetensors file (atomically), the granularity in its metadata."""
+    """Writes :func:`export_compact` to a safetensors file (atomically), the granularity and the
+    :func:`state_digest` of the tensors in its metadata."""
     from safetensors.torch import save_file
+    state = export_compact(model)
     tmp = f"{path}.tmp"
-    save_file(export_compact(model), tmp, metadata={GRANULARITY_KEY: model_granularity(model)})
+    save_file(state, tmp, metadata={GRANULARITY_KEY: model_granularity(model), CHECKSUM_KEY: state_digest(state)})
     os.replace(tmp, path)
 
 
 def load_compact_file(model: nn.Module, path: str | os.PathLike) -> str:
     """Loads a :func:`save_compact` file into ``model``; returns the granularity it recorded (``element``
-    for files written before granularities were recorded)."""
+    for files written before granularities were recorded).
+
+    ``ValueError`` naming the file when the tensors do not hash to the recorded ``pad_sha256``.  A file
+    without that key was written before checksums were recorded and loads unverified: refusing it would
+    strand every earlier export, and its structure is still checked by the safetensors reader and
+    :func:`load_compact`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), framework="pt") as handle:
-        granularity = (handle.metadata() or {}).get(GRANULARITY_KEY, "element")
-    load_compact(model, load_file(str(path)), granularity)
+        metadata = handle.metadata() or {}
+    granularity = metadata.get(GRANULARITY_KEY, "element")
+    state = load_file(str(path))
+    recorded = metadata.get(CHECKSUM_KEY)
+    if recorded is not None and recorded != state_digest(state):
+        raise ValueError(f"{path}: checksum does not match its contents (damaged file)")
+    load_compact(model, state, granularity)
     return granularity
