@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe import files
 from moe.run_glue import main
 from test_run_glue import base_args, make_glue_dir, write_tsv
 
@@ -150,6 +151,7 @@ def test_non_finite_weights_rejected(pad_dir, glue_dir, tmp_path, capfd):
     state = load_file(str(model / "model.safetensors"))
     state["classifier.bias"][1] = float("nan")
     save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    files.write_checksums(str(model))  # a consistent folder: only the values are bad
     code, errors = run_cli(eval_args(model, glue_dir, tmp_path / "o"), capfd)
     assert code == 2 and errors == [f"error: {model}: non-finite values in classifier.bias"]
 
