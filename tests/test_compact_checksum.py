@@ -159,13 +159,31 @@ def test_intact_saved_folder_evaluates_and_folder_without_manifest_too(pad_dir, 
 def test_damaged_manifest_is_reported(pad_dir, glue_dir, tmp_path, capfd):
     cases = {"[1, 2]": "checksums.json: expected a JSON object, got list",
              '{"model.safetensors": 3}': "checksums.json: entry 'model.safetensors' is not a file name",
-             '{"gone.bin": "00"}': "gone.bin: listed in checksums.json but missing"}
+             '{"../model.safetensors": "00"}': "entry '../model.safetensors' is not a file name"}
     for i, (content, message) in enumerate(cases.items()):
         model = tmp_path / f"m{i}"
         shutil.copytree(pad_dir, model, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
         (model / "checksums.json").write_text(content)
         code, errors = run_cli(eval_args(model, glue_dir, tmp_path / f"out{i}"), capfd)
         assert code == 2 and len(errors) == 1 and message in errors[0], errors
+
+
+def test_listed_file_removed_on_purpose_is_not_an_error(pad_dir, glue_dir, tmp_path, capfd):
+    """Only config.json and the compact export kept (README): the manifest still lists
+    model.safetensors; the folder loads from the compact file, and the compact file is still verified."""
+    model = tmp_path / "compact_only"
+    shutil.copytree(pad_dir, model, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "model.safetensors"))
+    code, errors = run_cli(eval_args(model, glue_dir, tmp_path / "out"), capfd)
+    assert code == 0 and errors == []
+    compact = model / "model_compact.safetensors"
+    original = compact.read_bytes()
+    compact.write_bytes(overwritten(original, data_offsets(original)[1]))
+    code, errors = run_cli(eval_args(model, glue_dir, tmp_path / "out2"), capfd)
+    assert code == 2 and errors == [f"error: {compact}: checksum does not match checksums.json (damaged file)"]
+    (model / "checksums.json").unlink()  # no manifest: the checksum inside the compact file still catches it
+    code, errors = run_cli(eval_args(model, glue_dir, tmp_path / "out3"), capfd)
+    assert code == 2 and len(errors) == 1 and errors[0].endswith(
+        f"{compact}: checksum does not match its contents (damaged file)"), errors
 
 
 def test_resume_from_checkpoint_with_overwritten_weights(pad_dir, glue_dir, tiny_bert_dir, tmp_path, capfd):
