@@ -20,11 +20,10 @@ from torch import nn
 
 import pad
 from dyconv.main import main as dyconv_main
-from moe.run_glue import main as glue_main
 from pad.compact import CHECKSUM_KEY, GRANULARITY_KEY, export_compact, state_digest
 from test_dyconv_compact_eval import pad_args
-from test_run_glue import base_args
 from test_pad import RoutedLinear, batches, loss_fn, tiny_model
+from test_run_glue import base_args
 from test_run_glue_files import eval_args, glue_dir, pad_dir, run_cli, tree_digest  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
