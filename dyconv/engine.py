@@ -407,9 +407,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
+# Model fields added after checkpoints were first written: what an older checkpoint without them holds.
+META_DEFAULTS = {"resnet_width": 64}
+
+
 def check_compatible(checkpoint_meta: dict, run_meta: dict, path: str | os.PathLike = "checkpoint") -> None:
     """CheckpointError naming the first field where the checkpoint's model differs from the run's."""
     for key, value in run_meta.items():
-        if checkpoint_meta.get(key) != value:
-            raise CheckpointError(f"checkpoint {path} holds a model with {key}={checkpoint_meta.get(key)!r}, "
+        held = checkpoint_meta.get(key, META_DEFAULTS.get(key))
+        if held != value:
+            raise CheckpointError(f"checkpoint {path} holds a model with {key}={held!r}, "
                                   f"but this run builds {key}={value!r}")

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", choices=ARCHS, default="resnet18")
     g.add_argument("--conv", choices=CONVS, default="dyconv")
     g.add_argument("--pad", action=argparse.BooleanOptionalAction, default=False, help="partially dynamic (PAD) convs")
+    g.add_argument("--resnet-width", type=_bounded(int, 1), default=64,
+                   help="a ResNet's stem and first-stage channels (the paper's 64; each stage doubles it)")
     g.add_argument("--kernels", type=_bounded(int, 1), default=4, help="K kernels per dynamic conv")
     g.add_argument("--reduction", type=_bounded(int, 1), default=4, help="attention reduction r")
     g.add_argument("--scale-factors", choices=pad.SCALE_FACTOR_VARIANTS, default="both")
@@ -220,6 +222,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.image_size = 224 if args.dataset == "imagenet" else 28
     if args.pad and args.conv == "static":
         raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
+    if args.resnet_width != 64 and not args.arch.startswith("resnet"):
+        raise UsageError(f"--resnet-width applies to the ResNets only; {args.arch} takes its width from its name")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate needs --resume CHECKPOINT")
     if args.resume and args.resume.endswith(".safetensors") and not (args.evaluate and args.pad):
@@ -332,7 +336,7 @@ def model_metadata(args: argparse.Namespace, num_classes: int, in_channels: int,
     """What a checkpoint must match to be loaded into this run's model."""
     return {"arch": args.arch, "conv": args.conv, "pad": args.pad, "kernels": args.kernels,
             "reduction": args.reduction, "scale_factors": args.scale_factors, "num_classes": num_classes,
-            "in_channels": in_channels, "small_input": small_input}
+            "in_channels": in_channels, "small_input": small_input, "resnet_width": args.resnet_width}
 
 
 def make_loaders(train_set, val_set, args, ctx: Distributed) -> tuple[DataLoader, DataLoader]:
@@ -534,7 +538,7 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
         "dynamic_ratio": pad.dynamic_ratio(model),
         "params_dense": counts["dense"], "params_compact": counts["compact"], "mask_entries": counts["mask_entries"],
         "flops": count_flops(model, (info.in_channels, info.image_size, info.image_size)),
-        "arch": args.arch, "conv": args.conv, "pad": args.pad, "kernels": args.kernels,
+        "arch": args.arch, "resnet_width": args.resnet_width, "conv": args.conv, "pad": args.pad, "kernels": args.kernels,
         "scale_factor_variant": args.scale_factors, "dataset": info.name, "image_size": info.image_size,
         "num_classes": info.num_classes, "seed": args.seed,
         "scale_factors": {name: {"lambda_d": d, "lambda_s": s} for name, (d, s) in pad.scale_factors(model).items()},
@@ -582,7 +586,7 @@ def evaluate_compact(args: argparse.Namespace, ctx: Distributed, output: Path, s
         model = build_model(args.arch, conv=args.conv, pad=True, num_classes=info.num_classes,
                             small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
                             reduction=args.reduction, scale_factors=args.scale_factors, temperature=1.0,
-                            conv_scheme=args.conv_scheme)
+                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width)
         pad.load_compact_file(model, args.resume)
     except FileNotFoundError:
         raise UsageError(f"compact file {args.resume} does not exist") from None
@@ -621,7 +625,7 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
         model = build_model(args.arch, conv=args.conv, pad=args.pad, num_classes=info.num_classes,
                             small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
                             reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init,
-                            conv_scheme=args.conv_scheme)
+                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if checkpoint is not None:

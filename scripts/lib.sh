@@ -99,30 +99,54 @@ finish_runs() {
   fi
 }
 
+# same_run OUT DONE_FILE KIND CLI-ARGS...: a row several scripts share (e.g. PAD-DY-Conv at ratio 0.3 with
+# every default) runs once. When a finished run (holding DONE_FILE) with the same settings, as resolved by
+# scripts/run_key.py, already exists under the runs root, OUT becomes a relative link to it and this returns
+# 0; otherwise OUT is recorded as the run of those settings (in $SHARED) and this returns 1. A folder OUT that
+# holds a run of its own is never replaced. Not with --smoke (its runs are replaced each time).
+SHARED=${RUNS_ROOT:-runs}/.shared-$SCALE
+same_run() {
+  local out=$1 done_file=$2 kind=$3; shift 3
+  [ "$SMOKE" = 0 ] || return 1
+  local key owner
+  key=$("$PY" scripts/run_key.py "$kind" "$@") || exit 2
+  mkdir -p "$SHARED"
+  owner=$(cat "$SHARED/$key" 2>/dev/null || true)
+  if [ -n "$owner" ] && [ "$owner" != "$out" ] && [ -f "$owner/$done_file" ] && { [ -L "$out" ] || [ ! -e "$out" ]; }; then
+    rm -f "$out"
+    mkdir -p "$(dirname "$out")"
+    ln -s "$(realpath -m --relative-to="$(dirname "$out")" "$owner")" "$out"
+    echo "== $SCRIPT: $out is the same run as $owner (linked)"
+    return 0
+  fi
+  [ -L "$out" ] && [ ! -e "$out" ] && rm -f "$out"  # a link to a run that was deleted
+  if [ -z "$owner" ] || [ ! -e "$owner" ]; then echo "$out" > "$SHARED/$key"; fi
+  return 1
+}
+
 # dyconv_run ROW CONFIG [main.py flags...]: full scale trains configs/dyconv/CONFIG.yaml (a paper row) on
-# ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml);
+# ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST (configs/dyconv/fashion_mnist_mini.yaml);
 # --smoke trains CONFIG for one step. One run per seed in $RUNS/ROW/seed<k>.
 dyconv_run() {
   local row=$1 config=$2; shift 2
   ROWS+=("$RUNS/$row")
-  local k out resume
+  local k out resume args
   for ((k = 0; k < SEEDS; k++)); do
     out=$RUNS/$row/seed$k
     [ -f "$out/summary.json" ] && continue
-    resume=()
-    [ -f "$out/checkpoint.pt" ] && resume=(--resume "$out/checkpoint.pt")
-    echo "== $SCRIPT: $row seed $k"
     if [ "$MINI" = 1 ]; then
-      launch "$out" "$PY" dyconv/main.py --config configs/dyconv/fashion_mnist_quick.yaml "$@" --seed "$k" \
-        --output "$out" "${resume[@]}"
+      args=(--config configs/dyconv/fashion_mnist_mini.yaml "$@" --seed "$k" --output "$out")
     elif [ "$SMOKE" = 1 ]; then
-      launch "$out" "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" \
-        "${SMOKE_DYCONV[@]}" --seed "$k" --output "$out"
+      args=(--config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" "${SMOKE_DYCONV[@]}" --seed "$k" --output "$out")
     else
       [ -n "${IMAGENET:-}" ] || { echo "error: set IMAGENET to an ImageNet folder with train/ and val/ (or pass --mini)" >&2; exit 2; }
-      launch "$out" "$PY" dyconv/main.py --config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" \
-        --seed "$k" --output "$out" "${resume[@]}"
+      args=(--config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" --seed "$k" --output "$out")
     fi
+    same_run "$out" summary.json dyconv "${args[@]}" && continue
+    resume=()
+    [ "$SMOKE" = 0 ] && [ -f "$out/checkpoint.pt" ] && resume=(--resume "$out/checkpoint.pt")
+    echo "== $SCRIPT: $row seed $k"
+    launch "$out" "$PY" dyconv/main.py "${args[@]}" "${resume[@]}"
   done
 }
 
@@ -132,29 +156,29 @@ dyconv_run() {
 glue_run() {
   local row=$1 task=$2 moe=$3; shift 3
   ROWS+=("$RUNS/$row")
-  local config k out
+  local config k out args
   config=configs/glue/bert_base_$([ "$moe" = none ] && echo dense || echo "$moe").json
   for ((k = 0; k < SEEDS; k++)); do
     out=$RUNS/$row/seed$k
     [ -f "$out/all_results.json" ] && continue
-    echo "== $SCRIPT: $row seed $k"
     if [ "$MINI" = 1 ]; then
-      launch "$out" "$PY" moe/run_glue.py configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" \
-        --moe "$moe" "$@" --seed "$k" --output_dir "$out" --overwrite_output_dir
+      args=(configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" --moe "$moe" "$@" --seed "$k"
+            --output_dir "$out" --overwrite_output_dir)
     elif [ "$SMOKE" = 1 ]; then
       local warmup
       warmup=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("partition_warmup_steps", 0))' "$config")
       local steps=()
       [ "$warmup" -gt 0 ] && steps=(--partition_warmup_steps 1 --max_steps 2)
-      launch "$out" "$PY" moe/run_glue.py "$config" --model_name_or_path "$SMOKE_MODEL" --glue_dir "$GLUE_DIR" \
-        --task_name "$task" --moe "$moe" "$@" "${SMOKE_GLUE[@]}" "${steps[@]}" --seed "$k" --output_dir "$out" \
-        --overwrite_output_dir
+      args=("$config" --model_name_or_path "$SMOKE_MODEL" --glue_dir "$GLUE_DIR" --task_name "$task" --moe "$moe" "$@"
+            "${SMOKE_GLUE[@]}" "${steps[@]}" --seed "$k" --output_dir "$out" --overwrite_output_dir)
     elif [ -n "${GLUE_DIR:-}" ]; then
-      launch "$out" "$PY" moe/run_glue.py "$config" --glue_dir "$GLUE_DIR" --task_name "$task" --moe "$moe" "$@" \
-        --seed "$k" --output_dir "$out"
+      args=("$config" --glue_dir "$GLUE_DIR" --task_name "$task" --moe "$moe" "$@" --seed "$k" --output_dir "$out")
     else
-      launch "$out" "$PY" moe/run_glue.py "$config" --task_name "$task" --moe "$moe" "$@" --seed "$k" --output_dir "$out"
+      args=("$config" --task_name "$task" --moe "$moe" "$@" --seed "$k" --output_dir "$out")
     fi
+    same_run "$out" all_results.json glue "${args[@]}" && continue
+    echo "== $SCRIPT: $row seed $k"
+    launch "$out" "$PY" moe/run_glue.py "${args[@]}"
   done
 }
 

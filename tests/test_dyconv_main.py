@@ -297,6 +297,30 @@ def test_yaml_config_and_command_line_override(tmp_path):
     assert (parse_args(["--data", "x"]).dataset, parse_args(["--data", "x"]).image_size) == ("imagenet", 224)
 
 
+def test_resnet_width_builds_narrow_stages_and_must_match_on_resume(folder, tmp_path, capsys):
+    """--resnet-width 8: stem and stages 8/16/32/64 channels, recorded in summary and checkpoint; a resume
+    with another width is refused by name, and a checkpoint without the field (written before it existed)
+    counts as the paper's 64."""
+    out = tmp_path / "narrow"
+    assert main(static_args(folder, out, "--resnet-width", "8")) == 0
+    summary = read_json(out / "summary.json")
+    assert summary["resnet_width"] == 8
+    state = engine.load_checkpoint(out / "checkpoint.pt")
+    assert state["meta"]["resnet_width"] == 8
+    assert [state["model"][f"layer{i}.0.conv1.weight"].shape[0] for i in (1, 2, 3, 4)] == [8, 16, 32, 64]
+    assert state["model"]["conv1.weight"].shape[0] == 8
+    err = run_failing(static_args(folder, out, "--resnet-width", "16", "--epochs", "2",
+                                  "--resume", str(out / "checkpoint.pt")), capsys)
+    assert "resnet_width=8, but this run builds resnet_width=16" in err
+    wide = tmp_path / "wide"
+    assert main(static_args(folder, wide)) == 0
+    state = engine.load_checkpoint(wide / "checkpoint.pt")
+    del state["meta"]["resnet_width"]
+    engine.save_checkpoint(state, wide / "checkpoint.pt")
+    assert main(static_args(folder, wide, "--epochs", "2", "--resume", str(wide / "checkpoint.pt"))) == 0
+    assert read_json(wide / "summary.json")["resnet_width"] == 64
+
+
 def test_shipped_configs_parse():
     configs = sorted((REPO / "configs" / "dyconv").glob("*.yaml"))
     assert configs
@@ -324,6 +348,8 @@ def run_failing(argv, capsys) -> str:
     (["--kernels", "0"], "argument --kernels: must be >= 1, got 0"),
     (["--conv", "static", "--pad"], "--pad needs a dynamic --conv"),
     (["--evaluate"], "--evaluate needs --resume"),
+    (["--resnet-width", "0"], "argument --resnet-width: must be >= 1, got 0"),
+    (["--arch", "mobilenetv2_050", "--resnet-width", "16"], "--resnet-width applies to the ResNets only"),
 ])
 def test_bad_flags(extra, message, folder, tmp_path, capsys):
     err = run_failing(base_args(folder, tmp_path, *extra), capsys)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -295,3 +296,65 @@ def test_mini_suite_resumes_and_writes_tables_and_figures(tmp_path):
 def test_mini_suite_bad_flags(args, message):
     result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), *args], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr == message + "\n"
+
+
+# ---------------------------------------------------------------- rows shared by several scripts
+
+def run_key(kind, *args) -> str:
+    result = subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(REPO / "scripts" / "run_key.py"), kind, *args],
+                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_run_key_resolves_defaults_and_ignores_where_a_run_writes():
+    mini = ["--config", "configs/dyconv/fashion_mnist_mini.yaml", "--arch", "resnet10", "--conv", "dyconv", "--pad"]
+    key = run_key("dyconv", *mini, "--seed", "0", "--output", "a")
+    assert run_key("dyconv", *mini, "--dynamic-ratio", "0.3", "--scale-factors", "both", "--seed", "0",
+                   "--output", "b", "--resume", "b/checkpoint.pt") == key
+    assert run_key("dyconv", *mini, "--seed", "1", "--output", "a") != key
+    assert run_key("dyconv", *mini, "--scale-factors", "s", "--seed", "0", "--output", "a") != key
+    glue = ["configs/glue/minilm_quick.json", "--glue_dir", "data/glue", "--task_name", "rte", "--moe", "pad"]
+    key = run_key("glue", *glue, "--seed", "0", "--output_dir", "x")
+    assert run_key("glue", *glue, "--dynamic_ratio", "0.5", "--seed", "0", "--output_dir", "y",
+                   "--overwrite_output_dir") == key
+    assert run_key("glue", *glue, "--dynamic_ratio", "0.7", "--seed", "0", "--output_dir", "x") != key
+
+
+def test_run_key_bad_arguments_are_one_error_line():
+    result = subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(REPO / "scripts" / "run_key.py"), "dyconv",
+                             "--conv", "static", "--pad"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and result.stderr == "error: --pad needs a dynamic --conv (condconv, dyconv or odconv)\n"
+
+
+def test_a_row_shared_by_two_scripts_runs_once_and_is_linked(tmp_path):
+    """table_dynamic_convs' resnet10-dyconv-pad0.3 is table1's PAD row with the same resolved settings: when
+    table1's run of it is finished, table_dynamic_convs links to it instead of training; a deleted owner
+    makes the link go and the row run again."""
+    root, results = tmp_path / "runs", tmp_path / "results"
+    owner = root / "table1_imagenet_dyconv-mini" / "resnet10-dyconv-pad0.3" / "seed0"
+    score = fake_run(owner, "resnet10-dyconv-pad0.3", 0)
+    key = run_key("dyconv", "--config", "configs/dyconv/fashion_mnist_mini.yaml", "--arch", "resnet10", "--conv",
+                  "dyconv", "--pad", "--dynamic-ratio", "0.3", "--seed", "0", "--output", str(owner))
+    (root / ".shared-mini").mkdir()
+    (root / ".shared-mini" / key).write_text(f"{owner}\n")
+    folder = root / "table_dynamic_convs-mini"
+    for row in SCRIPTS["table_dynamic_convs"][1]:
+        if row != "resnet10-dyconv-pad0.3":
+            fake_run(folder / row / "seed0", row, 0)
+    env = {"RUNS_ROOT": str(root), "RESULTS": str(results)}
+    result = run_script("table_dynamic_convs", "--mini", "--seeds", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    link = folder / "resnet10-dyconv-pad0.3" / "seed0"
+    assert link.is_symlink() and link.resolve() == owner.resolve()
+    assert "is the same run as" in result.stdout and "== table_dynamic_convs: resnet10-dyconv-pad0.3 seed 0" not in result.stdout
+    assert f"| resnet10-dyconv-pad0.3 | {score:.2f}" in (results / "table_dynamic_convs-mini.md").read_text()
+    shutil.rmtree(owner)  # the owner gone: the dangling link goes and the row becomes this script's to run
+    args = ["--config", "configs/dyconv/fashion_mnist_mini.yaml", "--arch", "resnet10", "--conv", "dyconv", "--pad",
+            "--seed", "0", "--output", str(link)]
+    result = subprocess.run(["bash", "-c", 'source scripts/lib.sh --mini; if same_run "$@"; then echo rc=0; else echo rc=1; fi', "lib",
+                             str(link), "summary.json", "dyconv", *args], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, **env})
+    assert result.stdout.strip().endswith("rc=1"), result.stdout + result.stderr
+    assert not link.is_symlink() and not link.exists()
+    assert (root / ".shared-mini" / key).read_text().strip() == str(link)

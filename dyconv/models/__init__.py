@@ -16,15 +16,18 @@ _MOBILENET_WIDTHS = {"mobilenetv2_050": 0.5, "mobilenetv2_075": 0.75, "mobilenet
 
 def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes: int = 1000,
                 small_input: bool = False, in_channels: int = 3, kernels: int = 4, reduction: int = 4,
-                scale_factors: str = "both", temperature: float = 30.0, conv_scheme: str = "auto") -> nn.Module:
+                scale_factors: str = "both", temperature: float = 30.0, conv_scheme: str = "auto",
+                resnet_width: int = 64) -> nn.Module:
     """Builds ``arch`` with every block conv made by :func:`dyconv.layers.conv_factory`.
 
     ``conv_scheme``: the execution scheme of every dynamic conv, ``auto`` (chosen per
     layer, see :mod:`dyconv.schemes`) or one scheme forced wherever it is exact.
+    ``resnet_width``: a ResNet's stem and first-stage channels (64 = the paper's ResNets; the
+    stages double it); MobileNetV2 takes its width from the arch name and refuses another value.
 
     ``forward`` maps ``(B, in_channels, H, W)`` to logits ``(B, num_classes)``.
     Raises ``ValueError`` for an unknown arch or conv, a bad factory argument, or
-    non-positive ``num_classes`` / ``in_channels``.
+    non-positive ``num_classes`` / ``in_channels`` / ``resnet_width``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -34,7 +37,9 @@ def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes:
                         temperature=temperature, scheme=conv_scheme)
     if arch in RESNET_SPECS:
         block, layers = RESNET_SPECS[arch]
-        return ResNet(make, block, layers, num_classes, small_input, in_channels)
+        return ResNet(make, block, layers, num_classes, small_input, in_channels, resnet_width)
+    if resnet_width != 64:
+        raise ValueError(f"resnet_width applies to the ResNets only; {arch} takes its width from its name")
     return MobileNetV2(make, _MOBILENET_WIDTHS[arch], num_classes, small_input, in_channels)
 
 

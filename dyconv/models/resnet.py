@@ -72,23 +72,27 @@ class ResNet(nn.Module):
 
     ``small_input=False``: ImageNet stem, 7x7 stride-2 conv + 3x3 stride-2 max-pool (224 px).
     ``small_input=True``: 3x3 stride-1 conv, no max-pool (28-32 px images).
+    ``width``: channels of the stem and the first stage (64 in the paper's ResNets); each later
+    stage doubles it, so ``width=16`` keeps the depth and costs about 1/16 of the MACs.
     """
 
     def __init__(self, make: ConvMaker, block: str, layers: tuple[int, ...], num_classes: int = 1000,
-                 small_input: bool = False, in_channels: int = 3):
+                 small_input: bool = False, in_channels: int = 3, width: int = 64):
         super().__init__()
+        if width < 1:
+            raise ValueError(f"ResNet width must be >= 1, got {width}")
         block_cls = BasicBlock if block == "basic" else Bottleneck
         if small_input:
-            self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        in_planes = 64
+        in_planes = width
         stages = []
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             stride = 1 if i == 0 else 2
             stage = []
             for j in range(blocks):

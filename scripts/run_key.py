@@ -1,0 +1,72 @@
+"""The key of a training run: a hash of every setting that decides what it computes.
+
+    python scripts/run_key.py dyconv [dyconv/main.py arguments...]
+    python scripts/run_key.py glue   [moe/run_glue.py arguments...]
+
+Prints 16 hex digits. The arguments are resolved by the CLI's own parser (config file, defaults,
+flags), so ``--dynamic-ratio 0.3`` and the config's ``dynamic-ratio: 0.3`` give the same key. Where
+the run writes (output folder, resume checkpoint, logging folder) is not part of the key. The table
+and ablation scripts (`scripts/lib.sh`) use it to run a row that several scripts share once and link
+the others to it. Bad arguments: the CLI's own ``error:`` line and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Where a run writes, not what it computes.
+DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config")
+GLUE_WHERE = ("output_dir", "overwrite_output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
+
+
+def dyconv_settings(argv: list[str]) -> dict:
+    from dyconv.main import UsageError, parse_args
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return {key: value for key, value in vars(args).items() if key not in DYCONV_WHERE}
+
+
+def glue_settings(argv: list[str]) -> dict:
+    from moe.run_glue import parse_arguments
+    try:
+        parts = parse_arguments(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    settings = {}
+    for part in parts:
+        fields = part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part)
+        settings.update({f"{type(part).__name__}.{key}": value for key, value in fields.items()
+                         if key not in GLUE_WHERE})
+    return settings
+
+
+def run_key(kind: str, argv: list[str]) -> str:
+    if kind == "dyconv":
+        settings = dyconv_settings(argv)
+    elif kind == "glue":
+        settings = glue_settings(argv)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected dyconv or glue")
+    text = json.dumps({"kind": kind, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("dyconv", "glue"):
+        print("error: usage: run_key.py dyconv|glue [the CLI's arguments...]", file=sys.stderr)
+        return 2
+    print(run_key(argv[0], argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
