@@ -21,3 +21,23 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def machine_description() -> str:
+    """One line naming where a run computes, recorded with its results, e.g.
+    ``"cpu: Intel(R) Xeon(R) ... (2 cores, 2 torch threads), torch 2.14.1"`` or
+    ``"cuda: NVIDIA H100 80GB HBM3 x1, torch 2.14.1"``."""
+    import os
+    import platform
+
+    import torch
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}"
+    model = platform.processor() or platform.machine() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu: {model} ({cores} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}"

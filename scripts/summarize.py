@@ -51,6 +51,7 @@ class Row:
     metrics: dict[str, list[float]] = field(default_factory=dict)
     score: list[float] = field(default_factory=list)
     info: dict[str, str] = field(default_factory=dict)
+    machines: list[str] = field(default_factory=list)  # per seed, as the run recorded it ("" = not recorded)
 
 
 # ---------------------------------------------------------------- reading runs
@@ -145,6 +146,7 @@ def load_row(row_dir: Path, seeds: int | None) -> Row:
             raise InputError(f"{path}: its metrics ({', '.join(metrics)}) differ from the row's other seeds")
         row.seeds.append(seed)
         row.score.append(score)
+        row.machines.append(str(results.get("machine", "")))
     return row
 
 
@@ -245,6 +247,15 @@ def comparison_table(comparisons: list[Comparison]) -> str:
     return markdown(table)
 
 
+def machines_line(rows: list[Row]) -> str:
+    """``Machine: <as recorded> (n runs); ...`` over every run of the rows, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for machine in row.machines:
+            counts[machine or "not recorded"] = counts.get(machine or "not recorded", 0) + 1
+    return "Machine: " + "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in counts.items())
+
+
 def report(rows: list[Row], averages: list[Row], comparisons: list[Comparison]) -> str:
     parts = [row_table(rows)]
     if averages:
@@ -252,6 +263,7 @@ def report(rows: list[Row], averages: list[Row], comparisons: list[Comparison]) 
     if comparisons:
         parts.append("Paired differences of the scores (top-1 or task score), by seed:\n\n"
                      + comparison_table(comparisons))
+    parts.append(machines_line(rows))
     return "\n\n".join(parts)
 
 

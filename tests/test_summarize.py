@@ -150,3 +150,28 @@ def test_seeds_that_do_not_pair(tmp_path):
     result = run_cli(tmp_path / "a", tmp_path / "b", "--compare", "a", "b")
     assert result.returncode == 2
     assert result.stderr == "error: compare a b: seeds [0] and [1] do not pair up\n"
+
+
+def test_machine_line_counts_runs_per_recorded_machine(tmp_path):
+    """Each run's recorded machine is counted; runs written before the record say so."""
+    for k, machine in enumerate(["cpu: A (2 cores, 1 torch threads), torch 2", "cpu: A (2 cores, 1 torch threads), torch 2",
+                                 None]):
+        write_dyconv(tmp_path / "row" / f"seed{k}", 70.0 + k, k)
+        if machine is not None:
+            path = tmp_path / "row" / f"seed{k}" / "summary.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "machine": machine}))
+    result = run_cli(tmp_path / "row", "--seeds", 3, "--output", tmp_path / "t.md")
+    assert result.returncode == 0, result.stderr
+    line = "Machine: cpu: A (2 cores, 1 torch threads), torch 2 (2 runs); not recorded (1 run)"
+    assert line in result.stdout and line in (tmp_path / "t.md").read_text()
+
+
+def test_machine_description_names_the_device_and_torch():
+    import torch
+
+    import pad
+    text = pad.machine_description()
+    assert text.startswith("cuda: " if torch.cuda.is_available() else "cpu: ")
+    assert text.endswith(f"torch {torch.__version__}")
+    if not torch.cuda.is_available():
+        assert f"{torch.get_num_threads()} torch threads" in text
