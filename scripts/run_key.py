@@ -24,25 +24,25 @@ DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config")
 GLUE_WHERE = ("output_dir", "overwrite_output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
 
 
-def dyconv_settings(argv: list[str]) -> dict:
-    from dyconv.main import UsageError, parse_args
+def _parsed(parse, argv: list[str], errors: tuple[type[Exception], ...]):
+    """``parse(argv)``; the CLI's bad-input errors become one ``error:`` line and exit 2."""
     try:
-        args = parse_args(argv)
-    except UsageError as err:
+        return parse(argv)
+    except errors as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def dyconv_settings(argv: list[str]) -> dict:
+    from dyconv.main import UsageError, parse_args
+    args = _parsed(parse_args, argv, (UsageError,))
     return {key: value for key, value in vars(args).items() if key not in DYCONV_WHERE}
 
 
 def glue_settings(argv: list[str]) -> dict:
     from moe.run_glue import parse_arguments
-    try:
-        parts = parse_arguments(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     settings = {}
-    for part in parts:
+    for part in _parsed(parse_arguments, argv, (ValueError,)):
         fields = part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part)
         settings.update({f"{type(part).__name__}.{key}": value for key, value in fields.items()
                          if key not in GLUE_WHERE})
