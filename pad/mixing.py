@@ -102,28 +102,30 @@ def unit_order(dynamic_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 class _PadKernels(torch.autograd.Function):
     """``lambda_d M W_k + lambda_s (1 - M) W_s`` (or ``lambda_d M W_k`` without ``W_s``), see :func:`pad_kernels`.
 
-    Forward: one fused pass over the ``K |W|`` kernels (``addcmul``; the ``|W|``-sized
-    coefficients ``lambda_d M`` and ``lambda_s (1 - M) W_s`` first).  Saves only its inputs.
-    Backward, with ``G`` the ``(K, *S)`` output gradient: ``dW_k = lambda_d M G`` (one pass),
-    ``dW_s = lambda_s (1 - M) sum_k G_k`` and ``dlambda_s = sum (1 - M) W_s sum_k G_k`` (one
-    read of ``G``), ``dlambda_d = sum M sum_k G_k W_k`` (one read of ``G`` and ``W_k``,
-    accumulated per kernel into ``|W|``); each only when its input needs a gradient.
-    The backward is made of differentiable ops on the saved inputs, so it can itself be
-    differentiated (the mask gets no gradient: :func:`pad_kernels` does not use this
+    Every op is one pass over its operands; the ``|W|``-sized ones are cheap next to the
+    ``K |W|`` ones, but there are several, so both kinds are kept few.  Forward: ``lambda_d M``
+    and ``(1 - M) lambda_s W_s`` (as ``x - x M``, ``x = lambda_s W_s``), then one fused
+    ``K |W|`` pass (``addcmul``).  Saves only its inputs.  Backward, ``G`` the ``(K, *S)``
+    output gradient, each term only when its input needs a gradient: ``dW_k = lambda_d M G``
+    (one ``K |W|`` pass); ``u = (1 - M) sum_k G_k`` (one read of ``G``), ``dW_s = lambda_s u``,
+    ``dlambda_s = <u, W_s>``; ``dlambda_d = <M, sum_k G_k W_k>`` (one read of ``G`` and
+    ``W_k``, accumulated kernel by kernel into ``|W|``).  A factor given as a float 1.0 costs
+    no op.  The backward is made of differentiable ops on the saved inputs, so it can itself
+    be differentiated (the mask gets no gradient: :func:`pad_kernels` does not use this
     Function when the mask requires one).
     """
 
     @staticmethod
     def forward(ctx, kernels, mask, lambda_d, static_weight, lambda_s):
-        dynamic_scale = lambda_d * mask                                      # (*S) or broadcastable to it
-        if static_weight is None:
-            out = kernels * dynamic_scale
-        else:
-            out = torch.addcmul((lambda_s * (1.0 - mask)) * static_weight, kernels, dynamic_scale)
         ctx.fixed = tuple(None if isinstance(v, torch.Tensor) else v for v in (lambda_d, lambda_s))
         ctx.save_for_backward(kernels, mask, static_weight,
                               *(v for v in (lambda_d, lambda_s) if isinstance(v, torch.Tensor)))
-        return out
+        dynamic_scale = _scaled(mask, lambda_d)                              # (*S) or broadcastable to it
+        if static_weight is None:
+            return kernels * dynamic_scale
+        scaled_static = _scaled(static_weight, lambda_s)
+        static_part = torch.addcmul(scaled_static, scaled_static, mask, value=-1)   # (1 - M) lambda_s W_s
+        return torch.addcmul(static_part, kernels, dynamic_scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -133,20 +135,32 @@ class _PadKernels(torch.autograd.Function):
         need_kernels, _, need_lambda_d, need_static, need_lambda_s = ctx.needs_input_grad
         grad_kernels = grad_lambda_d = grad_static = grad_lambda_s = None
         if need_kernels:
-            grad_kernels = grad * (lambda_d * mask)
+            grad_kernels = grad * _scaled(mask, lambda_d)
         if need_lambda_d:
             per_position = grad[0] * kernels[0]                              # sum_k G_k W_k, (*S)
             for k in range(1, kernels.shape[0]):
                 per_position = per_position.addcmul_(grad[k], kernels[k])
-            grad_lambda_d = (per_position * mask).sum()
+            grad_lambda_d = _dot(per_position, mask)
         if static_weight is not None and (need_static or need_lambda_s):
             grad_sum = grad.sum(0)
-            static_mask = 1.0 - mask
+            static_grad_sum = torch.addcmul(grad_sum, grad_sum, mask, value=-1)  # (1 - M) sum_k G_k
             if need_static:
-                grad_static = grad_sum * (lambda_s * static_mask)
+                grad_static = _scaled(static_grad_sum, lambda_s)
             if need_lambda_s:
-                grad_lambda_s = (grad_sum * static_mask * static_weight).sum()
+                grad_lambda_s = _dot(static_grad_sum, static_weight)
         return grad_kernels, None, grad_lambda_d, grad_static, grad_lambda_s
+
+
+def _scaled(tensor: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """``factor * tensor``, without an op for the fixed factor 1."""
+    return tensor if not isinstance(factor, torch.Tensor) and factor == 1.0 else factor * tensor
+
+
+def _dot(tensor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``sum(tensor * other)`` (``other`` broadcast to ``tensor``), one pass without a temporary when the shapes match."""
+    if tensor.shape == other.shape:
+        return torch.dot(tensor.flatten(), other.flatten())
+    return (tensor * other).sum()
 
 
 def pad_kernels(kernels: torch.Tensor, mask: torch.Tensor, lambda_d: torch.Tensor | float,
