@@ -123,9 +123,7 @@ class _PadKernels(torch.autograd.Function):
         dynamic_scale = _scaled(mask, lambda_d)                              # (*S) or broadcastable to it
         if static_weight is None:
             return kernels * dynamic_scale
-        scaled_static = _scaled(static_weight, lambda_s)
-        static_part = torch.addcmul(scaled_static, scaled_static, mask, value=-1)   # (1 - M) lambda_s W_s
-        return torch.addcmul(static_part, kernels, dynamic_scale)
+        return torch.addcmul(static_part(static_weight, mask, lambda_s), kernels, dynamic_scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -149,6 +147,12 @@ class _PadKernels(torch.autograd.Function):
             if need_lambda_s:
                 grad_lambda_s = _dot(static_grad_sum, static_weight)
         return grad_kernels, None, grad_lambda_d, grad_static, grad_lambda_s
+
+
+def static_part(static_weight: torch.Tensor, mask: torch.Tensor, lambda_s: torch.Tensor | float) -> torch.Tensor:
+    """``lambda_s (1 - M) W_s`` ``(*S)`` in two ``|W|`` ops (one without ``lambda_s``): ``x - x M``, ``x = lambda_s W_s``."""
+    scaled = _scaled(static_weight, lambda_s)
+    return torch.addcmul(scaled, scaled, mask, value=-1)
 
 
 def _scaled(tensor: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
@@ -180,7 +184,7 @@ def pad_kernels(kernels: torch.Tensor, mask: torch.Tensor, lambda_d: torch.Tenso
     """
     if mask.requires_grad:
         out = (lambda_d * mask) * kernels
-        return out if static_weight is None else out + (lambda_s * (1.0 - mask)) * static_weight
+        return out if static_weight is None else out + static_part(static_weight, mask, lambda_s)
     return _PadKernels.apply(kernels, mask, lambda_d, static_weight, lambda_s)
 
 
@@ -276,12 +280,12 @@ class PartiallyDynamicWeights(DynamicWeights):
     def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(lambda_d * M * W_k  (K, *S),  lambda_s * (1 - M) * W_s  (*S))``; with ``fold``
         (for routings that sum to 1) ``(W'_k = lambda_d M W_k + lambda_s (1 - M) W_s  (K, *S), None)``.
-        Both by :func:`pad_kernels`."""
+        By :func:`pad_kernels` and :func:`static_part`."""
         lambda_d, lambda_s = self.scale()
         mask = self.mask
         if fold:
             return pad_kernels(self.kernels, mask, lambda_d, self.static_weight, lambda_s), None
-        return pad_kernels(self.kernels, mask, lambda_d), (lambda_s * (1.0 - mask)) * self.static_weight
+        return pad_kernels(self.kernels, mask, lambda_d), static_part(self.static_weight, mask, lambda_s)
 
     def mode_contrast(self) -> torch.Tensor:
         """``lambda_d * W_k - lambda_s * W_s`` per kernel, ``(K, *S)``: how much turning a
