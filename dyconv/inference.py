@@ -54,9 +54,13 @@ class InferenceWeights(nn.Module):
     def shape(self) -> torch.Size:
         return self.kernels.shape[1:]
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(kernels, static)``; ``fold``: ``(kernels + static, None)`` (the layer folds only where its
+        routing sums to 1, and :func:`to_inference` stores DY-Conv's kernels folded already)."""
         if self.training:
             raise RuntimeError("an inference-form model is eval only; train the PAD model it was made from")
+        if fold and self.static is not None:
+            return self.kernels + self.static, None
         return self.kernels, self.static
 
 

@@ -11,7 +11,8 @@ The kernels live in a :mod:`pad` bank:
 
 **PAD folded.**  Where the routing sums to 1 (DY-Conv's softmax), the static part is
 folded into the kernels once per forward pass, ``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``
-(``O(K |W|)``), and the layer runs exactly as a fully dynamic one over ``W'_k``:
+(``bank(fold=True)``, :func:`pad.pad_kernels`: one ``K |W|`` pass, nothing of that size kept
+for backward), and the layer runs exactly as a fully dynamic one over ``W'_k``:
 ``sum_k pi_k W'_k = Omega``.  CondConv's sigmoids do not sum to 1, and ODConv's channel,
 filter and spatial attentions scale ``W~`` but not the static part, so there the static
 part stays a separate term: one more kernel with routing 1 (CondConv) or one static conv
@@ -196,7 +197,8 @@ class _RoutedConv2d(nn.Module):
 
     Attributes:
         bank: :class:`pad.DynamicWeights` or :class:`PartiallyDynamicWeights` of static
-            shape ``(out, in // groups, k, k)`` (or any module returning ``(kernels, static)``,
+            shape ``(out, in // groups, k, k)`` (or any module whose ``forward(fold=False)``
+            returns ``(kernels, static)`` and ``forward(fold=True)`` ``(kernels + static, None)``,
             e.g. the inference bank of :mod:`dyconv.inference`).
         bias: ``(out,)`` static bias or ``None``.
         attention: the routing submodule (set by subclasses).
@@ -279,14 +281,7 @@ class _RoutedConv2d(nn.Module):
         return super().train(mode)
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        dynamic, static = self.bank()
-        if static is None or not self.routing_sums_to_one:
-            return dynamic, static
-        if isinstance(self.bank, PartiallyDynamicWeights):
-            # the bank's lambda_d M W_k is a fresh product that its backward does not need:
-            # fold in place, one K |W| temporary instead of two
-            return dynamic.add_(static), None
-        return dynamic + static, None
+        return self.bank(fold=self.routing_sums_to_one)
 
     def conv_terms(self, attention) -> ConvTerms:
         """The :class:`ConvTerms` of a batch from the attention's output (routing ``(B, K)``)."""

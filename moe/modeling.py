@@ -100,9 +100,9 @@ class MoELinear(nn.Module):
         return layer
 
     def expert_weights(self) -> torch.Tensor:
-        """``(E, out, in)``: every expert's effective weight (one call of the bank)."""
-        dynamic, static = self.experts()
-        return dynamic if static is None else dynamic + static
+        """``(E, out, in)``: every expert's effective weight (one call of the bank; PAD: the folded
+        ``lambda_d M W_e + lambda_s (1 - M) W_s``, :func:`pad.pad_kernels`)."""
+        return self.experts(fold=True)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., in) -> (..., out)``; sets ``last_aux_loss`` and ``last_expert_counts``

@@ -8,7 +8,7 @@ Knows nothing of convolutions, BERT, datasets or command lines.
 """
 from .compact import export_compact, load_compact, load_compact_file, save_compact
 from .mixing import (GRANULARITIES, SCALE_FACTOR_VARIANTS, DynamicWeights, PartiallyDynamicWeights, ScaleFactors,
-                     UnitSplit, set_granularity, unit_grid, unit_view, weight_banks)
+                     UnitSplit, pad_kernels, set_granularity, unit_grid, unit_view, weight_banks)
 from .partition import (BATCHNORM_MODES, CANNOT_RANK_SHARE, CRITERIA, SCHEDULES, SCOPES, PartitionReport, Selection,
                         check_dynamic_ratio, iterative_mode_partition, ratio_schedule, score_positions,
                         scoring_state, select_dynamic)
@@ -17,7 +17,7 @@ from .stats import dynamic_ratio, parameter_counts, scale_factors, unused_parame
 
 __all__ = [
     "DynamicWeights", "PartiallyDynamicWeights", "ScaleFactors", "SCALE_FACTOR_VARIANTS", "weight_banks",
-    "GRANULARITIES", "unit_grid", "unit_view", "set_granularity", "UnitSplit",
+    "pad_kernels", "GRANULARITIES", "unit_grid", "unit_view", "set_granularity", "UnitSplit",
     "iterative_mode_partition", "score_positions", "select_dynamic", "ratio_schedule", "check_dynamic_ratio",
     "scoring_state", "PartitionReport", "Selection", "CRITERIA", "SCHEDULES", "SCOPES", "BATCHNORM_MODES",
     "CANNOT_RANK_SHARE",

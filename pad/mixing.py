@@ -19,7 +19,11 @@ PAD (partially dynamic) mixing, with a binary mask ``M`` of shape ``S``
 
 Because ``W~(x)`` is linear in the kernels, ``M * W~(x)`` is the same sum over
 the masked kernels ``M * W_k``, which is what :class:`PartiallyDynamicWeights`
-returns.
+returns.  Where the routing sums to 1, ``bank(fold=True)`` returns the folded
+kernels ``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s`` instead (the static part
+inside every kernel), so the layer runs as a fully dynamic one.  Both are computed
+by :func:`pad_kernels`: one pass over the ``K |W|`` kernels forward, nothing of
+size ``K |W|`` kept for backward.
 
 Granularity.  The mask is always a full float buffer of shape ``S``; its
 *granularity* says which blocks of it move together (see :func:`unit_view`):
@@ -95,6 +99,95 @@ def unit_order(dynamic_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return dynamic, static, order
 
 
+class _PadKernels(torch.autograd.Function):
+    """``lambda_d M W_k + lambda_s (1 - M) W_s`` (or ``lambda_d M W_k`` without ``W_s``), see :func:`pad_kernels`.
+
+    Every op is one pass over its operands; the ``|W|``-sized ones are cheap next to the
+    ``K |W|`` ones, but there are several, so both kinds are kept few.  Forward: ``lambda_d M``
+    and ``(1 - M) lambda_s W_s`` (as ``x - x M``, ``x = lambda_s W_s``), then one fused
+    ``K |W|`` pass (``addcmul``).  Saves only its inputs.  Backward, ``G`` the ``(K, *S)``
+    output gradient, each term only when its input needs a gradient: ``dW_k = lambda_d M G``
+    (one ``K |W|`` pass); ``u = (1 - M) sum_k G_k`` (one read of ``G``), ``dW_s = lambda_s u``,
+    ``dlambda_s = <u, W_s>``; ``dlambda_d = <M, sum_k G_k W_k>`` (one read of ``G`` and
+    ``W_k``, accumulated kernel by kernel into ``|W|``).  A factor given as a float 1.0 costs
+    no op.  The backward is made of differentiable ops on the saved inputs, so it can itself
+    be differentiated (the mask gets no gradient: :func:`pad_kernels` does not use this
+    Function when the mask requires one).
+    """
+
+    @staticmethod
+    def forward(ctx, kernels, mask, lambda_d, static_weight, lambda_s):
+        ctx.fixed = tuple(None if isinstance(v, torch.Tensor) else v for v in (lambda_d, lambda_s))
+        ctx.save_for_backward(kernels, mask, static_weight,
+                              *(v for v in (lambda_d, lambda_s) if isinstance(v, torch.Tensor)))
+        dynamic_scale = _scaled(mask, lambda_d)                              # (*S) or broadcastable to it
+        if static_weight is None:
+            return kernels * dynamic_scale
+        return torch.addcmul(static_part(static_weight, mask, lambda_s), kernels, dynamic_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kernels, mask, static_weight, *learned = ctx.saved_tensors
+        lambda_d = learned.pop(0) if ctx.fixed[0] is None else ctx.fixed[0]
+        lambda_s = learned.pop(0) if ctx.fixed[1] is None else ctx.fixed[1]
+        need_kernels, _, need_lambda_d, need_static, need_lambda_s = ctx.needs_input_grad
+        grad_kernels = grad_lambda_d = grad_static = grad_lambda_s = None
+        if need_kernels:
+            grad_kernels = grad * _scaled(mask, lambda_d)
+        if need_lambda_d:
+            per_position = grad[0] * kernels[0]                              # sum_k G_k W_k, (*S)
+            for k in range(1, kernels.shape[0]):
+                per_position = per_position.addcmul_(grad[k], kernels[k])
+            grad_lambda_d = _dot(per_position, mask)
+        if static_weight is not None and (need_static or need_lambda_s):
+            grad_sum = grad.sum(0)
+            static_grad_sum = torch.addcmul(grad_sum, grad_sum, mask, value=-1)  # (1 - M) sum_k G_k
+            if need_static:
+                grad_static = _scaled(static_grad_sum, lambda_s)
+            if need_lambda_s:
+                grad_lambda_s = _dot(static_grad_sum, static_weight)
+        return grad_kernels, None, grad_lambda_d, grad_static, grad_lambda_s
+
+
+def static_part(static_weight: torch.Tensor, mask: torch.Tensor, lambda_s: torch.Tensor | float) -> torch.Tensor:
+    """``lambda_s (1 - M) W_s`` ``(*S)`` in two ``|W|`` ops (one without ``lambda_s``): ``x - x M``, ``x = lambda_s W_s``."""
+    scaled = _scaled(static_weight, lambda_s)
+    return torch.addcmul(scaled, scaled, mask, value=-1)
+
+
+def _scaled(tensor: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """``factor * tensor``, without an op for the fixed factor 1."""
+    return tensor if not isinstance(factor, torch.Tensor) and factor == 1.0 else factor * tensor
+
+
+def _dot(tensor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``sum(tensor * other)`` (``other`` broadcast to ``tensor``), one pass without a temporary when the shapes match."""
+    if tensor.shape == other.shape:
+        return torch.dot(tensor.flatten(), other.flatten())
+    return (tensor * other).sum()
+
+
+def pad_kernels(kernels: torch.Tensor, mask: torch.Tensor, lambda_d: torch.Tensor | float,
+                static_weight: torch.Tensor | None = None, lambda_s: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``lambda_d M W_k + lambda_s (1 - M) W_s`` for every kernel, ``(K, *S)``: the folded kernels
+    ``W'_k``; with ``static_weight=None`` the masked kernels ``lambda_d M W_k`` alone.
+
+    Args:
+        kernels: ``W_k``, ``(K, *S)``.
+        mask: ``M``, 0/1, of shape ``S`` or broadcastable to it.
+        lambda_d, lambda_s: 0-d tensors or floats (a fixed factor, e.g. 1.0).
+        static_weight: ``W_s``, ``(*S)``, or ``None``.
+
+    Where the mask requires a gradient (IMP scores ``dL/dM``, GraSP differentiates that
+    again) this is the same formula in library ops; otherwise one custom autograd Function
+    (see :class:`_PadKernels`): one ``K |W|`` pass forward, only its inputs saved.
+    """
+    if mask.requires_grad:
+        out = (lambda_d * mask) * kernels
+        return out if static_weight is None else out + static_part(static_weight, mask, lambda_s)
+    return _PadKernels.apply(kernels, mask, lambda_d, static_weight, lambda_s)
+
+
 class ScaleFactors(nn.Module):
     """The two scale factors of one PAD layer.
 
@@ -153,8 +246,8 @@ class DynamicWeights(nn.Module):
     def shape(self) -> torch.Size:
         return self.kernels.shape[1:]
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``(dynamic (K, *S), None)``."""
+    def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(dynamic (K, *S), None)`` (``fold`` changes nothing: there is no static part)."""
         return self.kernels, None
 
 
@@ -184,11 +277,15 @@ class PartiallyDynamicWeights(DynamicWeights):
         self.register_buffer("mask", torch.ones(*shape, dtype=dtype if dtype is not None else torch.get_default_dtype()))
         self.scale = ScaleFactors(scale_factors)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(lambda_d * M * W_k  (K, *S),  lambda_s * (1 - M) * W_s  (*S))``."""
+    def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(lambda_d * M * W_k  (K, *S),  lambda_s * (1 - M) * W_s  (*S))``; with ``fold``
+        (for routings that sum to 1) ``(W'_k = lambda_d M W_k + lambda_s (1 - M) W_s  (K, *S), None)``.
+        By :func:`pad_kernels` and :func:`static_part`."""
         lambda_d, lambda_s = self.scale()
         mask = self.mask
-        return (lambda_d * mask) * self.kernels, (lambda_s * (1.0 - mask)) * self.static_weight
+        if fold:
+            return pad_kernels(self.kernels, mask, lambda_d, self.static_weight, lambda_s), None
+        return pad_kernels(self.kernels, mask, lambda_d), static_part(self.static_weight, mask, lambda_s)
 
     def mode_contrast(self) -> torch.Tensor:
         """``lambda_d * W_k - lambda_s * W_s`` per kernel, ``(K, *S)``: how much turning a
