@@ -544,7 +544,7 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
         "scale_factors": {name: {"lambda_d": d, "lambda_s": s} for name, (d, s) in pad.scale_factors(model).items()},
         "temperature": get_temperature(model),
         "partition_granularity": model_granularity(model) if args.pad else None,
-        "machine": pad.machine_description(),
+        "machine": pad.machine_description(), "commit": pad.code_version(),
         **extra,
     }
 

@@ -298,12 +298,13 @@ def check_finite_weights(model, source: str) -> None:
 
 
 def moe_summary(model) -> dict:
-    """What every results file carries: moe type, dynamic ratio, the machine, stored FFN parameters."""
+    """What every results file carries: moe type, dynamic ratio, the machine and commit, stored FFN parameters."""
     settings = getattr(model.config, "moe", None) or {"moe": "none"}
     ratio = pad.dynamic_ratio(model)
     if ratio is None:  # fully dynamic experts: every position dynamic; dense: none
         ratio = 1.0 if settings["moe"] == "moe" else 0.0
-    summary = {"moe": settings["moe"], "dynamic_ratio": ratio, "machine": pad.machine_description()}
+    summary = {"moe": settings["moe"], "dynamic_ratio": ratio, "machine": pad.machine_description(),
+               "commit": pad.code_version()}
     try:
         counts = ffn_parameter_counts(model)
         summary.update(ffn_params_dense=counts["dense"], ffn_params_compact=counts["compact"])

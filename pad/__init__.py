@@ -12,7 +12,7 @@ from .mixing import (GRANULARITIES, SCALE_FACTOR_VARIANTS, DynamicWeights, Parti
 from .partition import (BATCHNORM_MODES, CANNOT_RANK_SHARE, CRITERIA, SCHEDULES, SCOPES, PartitionReport, Selection,
                         check_dynamic_ratio, iterative_mode_partition, ratio_schedule, score_positions,
                         scoring_state, select_dynamic)
-from .runtime import keep_freed_memory, machine_description
+from .runtime import code_version, keep_freed_memory, machine_description
 from .stats import dynamic_ratio, parameter_counts, scale_factors, unused_parameters
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "scoring_state", "PartitionReport", "Selection", "CRITERIA", "SCHEDULES", "SCOPES", "BATCHNORM_MODES",
     "CANNOT_RANK_SHARE",
     "dynamic_ratio", "parameter_counts", "scale_factors", "unused_parameters",
+    "code_version",
     "keep_freed_memory",
     "machine_description",
     "export_compact", "load_compact", "save_compact", "load_compact_file",

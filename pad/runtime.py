@@ -41,3 +41,21 @@ def machine_description() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"cpu: {model} ({cores} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
+
+
+def code_version() -> str:
+    """The git commit of this repository's code, recorded with a run's results: ``"da95647"``, with
+    ``"+modified"`` when tracked files differ from it, or ``"unknown"`` outside a git checkout."""
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=30)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0 or status.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+modified" if status.stdout.strip() else "")

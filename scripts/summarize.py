@@ -52,6 +52,7 @@ class Row:
     score: list[float] = field(default_factory=list)
     info: dict[str, str] = field(default_factory=dict)
     machines: list[str] = field(default_factory=list)  # per seed, as the run recorded it ("" = not recorded)
+    commits: list[str] = field(default_factory=list)   # per seed, the code's git commit ("" = not recorded)
 
 
 # ---------------------------------------------------------------- reading runs
@@ -147,6 +148,7 @@ def load_row(row_dir: Path, seeds: int | None) -> Row:
         row.seeds.append(seed)
         row.score.append(score)
         row.machines.append(str(results.get("machine", "")))
+        row.commits.append(str(results.get("commit", "")))
     return row
 
 
@@ -247,13 +249,12 @@ def comparison_table(comparisons: list[Comparison]) -> str:
     return markdown(table)
 
 
-def machines_line(rows: list[Row]) -> str:
-    """``Machine: <as recorded> (n runs); ...`` over every run of the rows, in order of first appearance."""
+def recorded_line(label: str, values: list[str]) -> str:
+    """``<label>: <value> (n runs); ...`` over the runs' recorded values, in order of first appearance."""
     counts: dict[str, int] = {}
-    for row in rows:
-        for machine in row.machines:
-            counts[machine or "not recorded"] = counts.get(machine or "not recorded", 0) + 1
-    return "Machine: " + "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in counts.items())
+    for value in values:
+        counts[value or "not recorded"] = counts.get(value or "not recorded", 0) + 1
+    return f"{label}: " + "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in counts.items())
 
 
 def report(rows: list[Row], averages: list[Row], comparisons: list[Comparison]) -> str:
@@ -263,7 +264,8 @@ def report(rows: list[Row], averages: list[Row], comparisons: list[Comparison]) 
     if comparisons:
         parts.append("Paired differences of the scores (top-1 or task score), by seed:\n\n"
                      + comparison_table(comparisons))
-    parts.append(machines_line(rows))
+    parts.append(recorded_line("Machine", [m for row in rows for m in row.machines]) + "  \n"
+                 + recorded_line("Commit", [c for row in rows for c in row.commits]))
     return "\n\n".join(parts)
 
 

@@ -307,6 +307,7 @@ def test_resnet_width_builds_narrow_stages_and_must_match_on_resume(folder, tmp_
     summary = read_json(out / "summary.json")
     assert summary["resnet_width"] == 8
     assert summary["machine"] == pad.machine_description()  # where it ran, for the tables
+    assert summary["commit"] == pad.code_version()
     state = engine.load_checkpoint(out / "checkpoint.pt")
     assert state["meta"]["resnet_width"] == 8
     assert [state["model"][f"layer{i}.0.conv1.weight"].shape[0] for i in (1, 2, 3, 4)] == [8, 16, 32, 64]

@@ -140,6 +140,7 @@ def test_sst2_pad_end_to_end(sst2_pad_run, glue_dir, tmp_path):
     assert train["partition_achieved"] == results["dynamic_ratio"] and train["partition_target"] == 0.5
     assert read_json(out / "all_results.json")["eval_accuracy"] == results["eval_accuracy"]
     assert read_json(out / "all_results.json")["machine"] == pad.machine_description()  # where it ran
+    assert read_json(out / "all_results.json")["commit"] == pad.code_version()
     # GLUE's submission file: SST-2.tsv, the test file's index, labels 0/1
     predictions = (out / "SST-2.tsv").read_text().splitlines()
     assert predictions[0] == "index\tprediction" and len(predictions) == 1 + 4

@@ -152,18 +152,29 @@ def test_seeds_that_do_not_pair(tmp_path):
     assert result.stderr == "error: compare a b: seeds [0] and [1] do not pair up\n"
 
 
-def test_machine_line_counts_runs_per_recorded_machine(tmp_path):
-    """Each run's recorded machine is counted; runs written before the record say so."""
-    for k, machine in enumerate(["cpu: A (2 cores, 1 torch threads), torch 2", "cpu: A (2 cores, 1 torch threads), torch 2",
-                                 None]):
+def test_machine_and_commit_lines_count_runs_per_recorded_value(tmp_path):
+    """Each run's recorded machine and commit are counted; runs written before the records say so."""
+    records = [("cpu: A (2 cores, 1 torch threads), torch 2", "abc1234"),
+               ("cpu: A (2 cores, 1 torch threads), torch 2", "def5678+modified"), (None, None)]
+    for k, (machine, commit) in enumerate(records):
         write_dyconv(tmp_path / "row" / f"seed{k}", 70.0 + k, k)
         if machine is not None:
             path = tmp_path / "row" / f"seed{k}" / "summary.json"
-            path.write_text(json.dumps({**json.loads(path.read_text()), "machine": machine}))
+            path.write_text(json.dumps({**json.loads(path.read_text()), "machine": machine, "commit": commit}))
     result = run_cli(tmp_path / "row", "--seeds", 3, "--output", tmp_path / "t.md")
     assert result.returncode == 0, result.stderr
-    line = "Machine: cpu: A (2 cores, 1 torch threads), torch 2 (2 runs); not recorded (1 run)"
-    assert line in result.stdout and line in (tmp_path / "t.md").read_text()
+    for line in ("Machine: cpu: A (2 cores, 1 torch threads), torch 2 (2 runs); not recorded (1 run)",
+                 "Commit: abc1234 (1 run); def5678+modified (1 run); not recorded (1 run)"):
+        assert line in result.stdout and line in (tmp_path / "t.md").read_text()
+
+
+def test_code_version_is_this_checkout_commit():
+    import pad
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        assert pad.code_version() == "unknown"
+    else:
+        assert pad.code_version().split("+")[0] == head.stdout.strip()
 
 
 def test_machine_description_names_the_device_and_torch():
