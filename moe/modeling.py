@@ -141,9 +141,11 @@ class MoELinear(nn.Module):
 
     def unit_split(self) -> pad.UnitSplit | None:
         """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) when its
-        mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output)."""
+        mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output).
+        A mask that requires grad is being scored (IMP's ``dL/dM``), which the unit path, not multiplying
+        by the mask, would not give: the element path then."""
         bank = self.experts
-        if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit":
+        if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit" or bank.mask.requires_grad:
             return None
         if bank.unit_indices()[1].numel() == 0:
             return None

@@ -111,3 +111,17 @@ def test_unit_model_round_trips_through_the_compact_export(tmp_path):
     inputs = batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_imp_scores_a_unit_structured_layer_through_its_mask():
+    """While IMP scores (the mask requires grad) the layer takes the element path, so dL/dM exists; the same
+    scores as the element-granularity layer with the same mask."""
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(2))
+    scores = {}
+    for granularity in ("unit", "element"):
+        layer = build(granularity).eval()
+        scores[granularity] = pad.score_positions(layer, [x], lambda m, b: m(b).square().sum(), "taylor")["experts"]
+        assert not layer.experts.mask.requires_grad
+    torch.testing.assert_close(scores["unit"], scores["element"], rtol=1e-10, atol=1e-12)
+    assert (scores["unit"][DYNAMIC_ROWS] > 0).all()
+    assert build("unit").unit_split() is not None
