@@ -45,8 +45,11 @@ def outputs_and_gradients(layer, x, training):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("rows", [DYNAMIC_ROWS, []], ids=["some_dynamic", "none_dynamic"])
-def test_unit_path_equals_element_path(training, bias, top_k, rows):
-    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("tokens", [(1, 4), (3, 5), (5, 6)], ids=["4", "15", "30"])
+def test_unit_path_equals_element_path(training, bias, top_k, rows, tokens):
+    """Scale factors on the outputs (4 tokens < in = 6), on the static weight only (15 < E in = 24) or on both
+    weights (30 tokens): the element path's outputs and gradients."""
+    x = torch.randn(*tokens, 6, generator=torch.Generator().manual_seed(2))
     element = build("element", rows, bias, top_k)
     assert element.unit_split() is None
     expected = outputs_and_gradients(element, x, training)
