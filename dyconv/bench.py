@@ -12,7 +12,8 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
   ``torch.cuda.max_memory_allocated``; on CPU the peak of the bytes held by torch's
   allocator, summed at operator boundaries from ``torch.profiler`` (``profile_memory=True``),
   so a temporary allocated and freed inside one operator is not seen;
-* the execution scheme every dynamic conv chose (``--scheme`` forces one);
+* the execution scheme every dynamic conv chose at each size (``--scheme`` forces one), and the
+  path every layer of ``pad-unit`` took (:func:`dyconv.schemes.prefers_unit_path`);
 * stored parameters of DY-Conv dense vs PAD compact (``pad.parameter_counts``)
   with a random mask at ``--dynamic-ratio`` (``pad.select_dynamic`` on random scores).
 
@@ -20,8 +21,9 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
 part folded into the kernels in every forward pass); ``pad-folded`` is its inference form
 (:func:`dyconv.inference.to_inference`: folded kernels, no mask), timed in inference only.
 ``pad-unit`` is PAD-DY-Conv with a random *output-unit* mask at the same ratio (whole filters
-static: they run as one ordinary conv per layer, only the dynamic filters through the dynamic
-scheme) and ``unit-folded`` its inference form (static filters stored as one static weight).
+static: where the layer takes the unit path they run as one ordinary conv, only the dynamic filters
+through the dynamic scheme) and ``unit-folded`` its inference form (static filters stored as one
+static weight).
 
 Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224] ...``
 """
@@ -41,7 +43,7 @@ from tqdm import tqdm
 
 import pad
 from .inference import to_inference
-from .layers import conv_schemes, dynamic_convs
+from .layers import conv_schemes, dynamic_convs, set_conv_scheme
 from .models import ARCHS, build_model
 from .schemes import POLICIES
 
@@ -139,7 +141,7 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
             kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False) -> tuple[list[dict], dict]:
     """One row per (arch, size, variant): median seconds and peak bytes of each pass.
 
-    Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD model's :func:`scheme_rows`.
+    Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD models' :func:`scheme_rows` at that size.
     """
     rows, schemes = [], {}
     progress = tqdm(total=len(archs) * len(sizes), desc="bench", file=sys.stderr, leave=False)
@@ -147,6 +149,8 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
         models = build_variants(arch, kernels, dynamic_ratio, scheme, device)
         for size in sizes:
             x = torch.randn(batch_size, 3, size, size, device=device)
+            for model in models.values():  # only this size's choices recorded (made again alike: same rule)
+                set_conv_scheme(model, scheme)
             runs = {(name, label): make(model, inputs, amp) for name, model in models.items()
                     for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
                                                 ("infer1", forward_pass, x[:1]))
@@ -164,7 +168,7 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
                 for label in ("train", "infer"):
                     row[f"{label}_bytes"] = peak_bytes(runs[(name, label)], device) if (name, label) in runs else None
                 rows.append(row)
-            schemes[(arch, size)] = scheme_rows(models["pad-dyconv"])
+            schemes[(arch, size)] = scheme_rows(models["pad-dyconv"], models["pad-unit"])
             progress.update()
         del models
     progress.close()
@@ -204,29 +208,38 @@ def format_timing(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def scheme_rows(model: nn.Module) -> list[dict]:
-    """Every dynamic conv of ``model``: name, shape, and the schemes it chose (:func:`conv_schemes`)."""
-    recorded = conv_schemes(model)
-    return [{"name": name, "chosen": recorded[name]["chosen"],
+def scheme_rows(model: nn.Module, unit_model: nn.Module) -> list[dict]:
+    """Every dynamic conv of ``model``: name, shape, the schemes it chose and the paths the same layer of
+    ``unit_model`` (a unit mask) took (:func:`conv_schemes`)."""
+    recorded, unit = conv_schemes(model), conv_schemes(unit_model)
+    return [{"name": name, "chosen": recorded[name]["chosen"], "paths": unit[name]["paths"],
              "shape": f"{layer.kernel_size}x{layer.kernel_size} {layer.in_channels}->{layer.out_channels}"
                       + (" dw" if layer.groups > 1 else "") + (f" /{layer.stride}" if layer.stride > 1 else "")}
             for name, layer in dynamic_convs(model)]
 
 
 def format_schemes(schemes: dict) -> str:
-    """Per (arch, size): every dynamic conv's shape, input size and scheme at batch > 1 / at batch 1."""
-    lines = ["execution scheme per layer of PAD-DY-Conv (DY-Conv chooses the same): batch > 1 / batch 1"]
+    """Per (arch, size): every dynamic conv's shape, input size, scheme and ``pad-unit``'s path (``-`` for
+    a layer without a unit split: every filter dynamic), each at batch > 1 / at batch 1."""
+    lines = ["execution scheme per layer of PAD-DY-Conv (DY-Conv chooses the same) and path of pad-unit: "
+             "batch > 1 / batch 1"]
     for (arch, size), layers in schemes.items():
         counts: dict[str, int] = {}
+        path_counts: dict[str, int] = {}
         body = []
         for layer in layers:
-            chosen = layer["chosen"]
-            batch = next((s for k, s in chosen.items() if k.startswith("batch@")), "-")
-            single = next((s for k, s in chosen.items() if k.startswith("single@")), "-")
-            where = next(iter(chosen), "@?").split("@")[1]
+            def at(choices: dict, batch_class: str) -> str:
+                return next((s for k, s in choices.items() if k.startswith(batch_class + "@")), "-")
+
+            batch, single = at(layer["chosen"], "batch"), at(layer["chosen"], "single")
+            path, path_single = at(layer["paths"], "batch"), at(layer["paths"], "single")
+            where = next(iter(layer["chosen"]), "@?").split("@")[1]
             counts[batch] = counts.get(batch, 0) + 1
-            body.append(f"  {layer['name']:<28} {layer['shape']:<20} in {where:<8} {batch} / {single}")
-        lines.append(f"{arch} {size} px: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            path_counts[path] = path_counts.get(path, 0) + 1
+            body.append(f"  {layer['name']:<28} {layer['shape']:<20} in {where:<8} {batch:>7} / {single:<7}  "
+                        f"path {path:>7} / {path_single}")
+        lines.append(f"{arch} {size} px: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                     + "; pad-unit paths: " + ", ".join(f"{k} {v}" for k, v in sorted(path_counts.items())))
         lines += body
     return "\n".join(lines)
 

@@ -13,7 +13,10 @@ holding, as buffers, exactly what the forward pass convolves:
   :meth:`dyconv.layers._RoutedConv2d.unit_split`): an :class:`InferenceUnitWeights` holding
   ``lambda_d W_k[dynamic units]`` ``(K, O_d, ...)`` and the static units as one static weight
   ``lambda_s W_s[static units]`` ``(O_s, ...)``, ``K O_d + O_s`` filters, fewer than the compact
-  export stores; the layer convolves the static units with it in one ordinary conv.
+  export stores; where the layer takes the unit path it convolves the static units with it in one
+  ordinary conv.  The path is the trained layer's choice (``chosen_paths``, copied with the model;
+  :func:`dyconv.schemes.prefers_unit_path` for inputs it has not seen); on the element path the
+  bank rebuilds the element form (``forward``), once while the model is evaluated without autograd.
 
 Nothing is recomputed per forward pass beyond what a fully dynamic layer computes: no
 mask multiply, no scale factors, no fold.  It stores ``K |W|`` weights per DY-Conv layer
@@ -66,7 +69,9 @@ class InferenceWeights(nn.Module):
 
 class InferenceUnitWeights(nn.Module):
     """Fixed split of one unit-structured PAD conv (buffers of a :class:`dyconv.layers.UnitSplit`):
-    ``unit_split()`` returns it; ``forward`` is never needed and raises."""
+    ``unit_split()`` returns it (the unit path); ``forward()`` the element form, ``(lambda_d M W_k
+    (K, *S), lambda_s (1 - M) W_s (*S))`` with zeros where the other part's units are (the element
+    path; the layer folds them for DY-Conv as it folds a PAD bank's)."""
 
     def __init__(self, split: UnitSplit, shape: torch.Size):
         super().__init__()
@@ -87,8 +92,12 @@ class InferenceUnitWeights(nn.Module):
             raise RuntimeError("an inference-form model is eval only; train the PAD model it was made from")
         return UnitSplit(*(getattr(self, field) for field in UnitSplit._fields))
 
-    def forward(self):
-        raise RuntimeError("a unit-structured inference bank is read through unit_split()")
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = self.unit_split()
+        kernels = split.kernels.new_zeros(self.num_kernels, *self.static_shape).index_copy_(1, split.dynamic,
+                                                                                           split.kernels)
+        static = split.weight.new_zeros(self.static_shape).index_copy_(0, split.static, split.weight)
+        return kernels, static
 
 
 @torch.no_grad()

@@ -36,7 +36,11 @@ conv with ``lambda_s W_s[static]`` and only the dynamic filters run through the 
 ``lambda_d W_k[dynamic]`` (ODConv: with those filters' attention); the two outputs are put
 back in channel order.  Exactly the element-path output and gradients for the same mask.
 Depthwise convs slice the input channels alike; other grouped convs, ``kernel`` granularity
-(storage only) and layers whose every filter is dynamic take the element path.
+(storage only), layers whose every filter is dynamic and masks being scored (``requires_grad``,
+IMP) take the element path.  Otherwise the layer picks the path per batch class and input size by
+:func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs clearly more
+than a static conv (the split saves nothing on 1x1 ``bmm`` or depthwise layers, or at batch 1);
+the choice is recorded in ``chosen_paths`` and saved with the schemes.
 
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
 mixed; the models never use them (every conv is followed by BatchNorm).
@@ -53,8 +57,8 @@ from torch import nn
 from pad import SCALE_FACTOR_VARIANTS, DynamicWeights, PartiallyDynamicWeights
 from pad.mixing import UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
 
-from .schemes import (POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes, choose_scheme,
-                      per_sample_weight)
+from .schemes import (PATHS, POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes,
+                      choose_scheme, per_sample_weight, prefers_unit_path)
 
 CONVS = ("static", "condconv", "dyconv", "odconv")
 
@@ -204,6 +208,8 @@ class _RoutedConv2d(nn.Module):
         attention: the routing submodule (set by subclasses).
         scheme: ``auto`` or the name of a scheme to force (see :mod:`dyconv.schemes`).
         chosen_schemes: ``{scheme_key: scheme}``, the scheme used per batch class and input size.
+        chosen_paths: ``{scheme_key: "unit" | "element"}``, the path a unit-structured PAD layer
+            took per batch class and input size (empty for other layers).
 
     Scheme choice (``scheme="auto"``, :func:`dyconv.schemes.choose_scheme`): ``grouped`` at
     batch 1 (one plain conv), ``bmm`` for 1x1 kernels, otherwise the cheaper, in static-conv
@@ -213,6 +219,17 @@ class _RoutedConv2d(nn.Module):
     ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 10 K H' W'``) lies above it,
     so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (issue 7's
     single-layer timings); ``scheme=<name>`` forces one where it is exact.
+
+    Path choice of a unit-structured PAD layer (:meth:`unit_split` not ``None``),
+    :func:`dyconv.schemes.prefers_unit_path`: the *element* path runs the whole layer by its scheme,
+    ``c`` static convs (the cost above; ``grouped`` at batch 1 is one plain conv, ``c = 1``); the
+    *unit* path runs the static filters as one ordinary conv and only the dynamic ones by the
+    scheme, saving ``(static share) (c - 1)`` but adding an ``index_select`` and a ``cat`` of the
+    outputs (and, depthwise, of the inputs) and a second call's fixed costs.  So the unit path is
+    taken where ``c >= 1.5`` (``stacked``, or ``grouped`` with ``(C/g) k^2 >= 5 H' W'``), never on
+    1x1 ``bmm`` or depthwise layers (``c ~ 1``) nor at batch 1 under ``auto`` (a forced ``stacked``
+    still costs ``K + 1`` there).  A layer without dynamic filters is one static conv: unit path.
+    The scheme is the same on both paths (the cost model does not depend on the filter count).
     """
 
     routing_sums_to_one = False  # True where PAD's static part folds into the kernels
@@ -227,7 +244,9 @@ class _RoutedConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.scheme = _check_policy(scheme)
         self.chosen_schemes: dict[str, str] = {}
+        self.chosen_paths: dict[str, str] = {}
         self._fold_cache: tuple | None = None
+        self._split_cache: tuple | None = None
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         self.bank = PartiallyDynamicWeights(kernels, shape, scale_factors) if pad else DynamicWeights(kernels, shape)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -257,8 +276,9 @@ class _RoutedConv2d(nn.Module):
         the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``).
 
         In eval mode without autograd the result is cached until a bank tensor changes (its
-        version counter or storage), so evaluating a PAD model folds once, not once per batch
-        (``eval()`` keeps it); ``train()`` drops the cache.
+        version counter or storage), so evaluating a PAD model (or an inference form rebuilding
+        the element form from a unit split) folds once, not once per batch (``eval()`` keeps it);
+        ``train()`` drops the cache.
         """
         key = self._fold_cache_key()
         if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
@@ -270,14 +290,14 @@ class _RoutedConv2d(nn.Module):
 
     def _fold_cache_key(self) -> tuple | None:
         if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or not isinstance(self.bank, PartiallyDynamicWeights)):
+                or type(self.bank) is DynamicWeights):  # (a plain bank returns its parameter: nothing to cache)
             return None
-        tensors = [*self.bank.parameters(), self.bank.mask]
+        tensors = [*self.bank.parameters(), *self.bank.buffers()]
         return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def train(self, mode: bool = True):
         if mode:  # (eval() keeps a cache: its key still tells whether it is stale)
-            self._fold_cache = None
+            self._fold_cache = self._split_cache = None
         return super().train(mode)
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -295,28 +315,49 @@ class _RoutedConv2d(nn.Module):
         """``Omega`` per sample, ``(B, out, in // groups, k, k)`` (what the ``grouped`` scheme convolves)."""
         return per_sample_weight(self.conv_terms(routing))
 
-    def scheme_for(self, x: torch.Tensor, terms: ConvTerms) -> str:
+    def has_spatial_attention(self, attention) -> bool:
+        """Whether the attention's output scales kernel positions (ODConv's spatial attention)."""
+        return False
+
+    def _out_pixels(self, x: torch.Tensor) -> int:
+        extent = self.dilation * (self.kernel_size - 1) + 1
+        return (((x.shape[-2] + 2 * self.padding - extent) // self.stride + 1)
+                * ((x.shape[-1] + 2 * self.padding - extent) // self.stride + 1))
+
+    def scheme_for(self, x: torch.Tensor, has_spatial: bool) -> str:
         """The scheme for input ``x`` ``(B, C, H, W)``: the recorded one, else chosen now (and recorded)."""
         key = scheme_key(x)
         chosen = self.chosen_schemes.get(key)
         if chosen is None:
-            applicable = applicable_schemes(self.kernel_size, terms.spatial is not None)
-            out_height = (x.shape[-2] + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
-            out_width = (x.shape[-1] + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+            applicable = applicable_schemes(self.kernel_size, has_spatial)
             chosen = choose_scheme(self.scheme, applicable, x.shape[0], self.num_kernels,
-                                   self.in_channels // self.groups, self.kernel_size, out_height * out_width)
+                                   self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
             if not torch.compiler.is_compiling():
                 self.chosen_schemes[key] = chosen
         return chosen
 
+    def path_for(self, x: torch.Tensor, scheme: str, split: UnitSplit) -> str:
+        """``"unit"`` or ``"element"`` for input ``x`` of a layer with a unit split: the recorded path,
+        else chosen now by :func:`dyconv.schemes.prefers_unit_path` (see the class docstring) and recorded."""
+        key = scheme_key(x)
+        chosen = self.chosen_paths.get(key)
+        if chosen is None:
+            unit = split.dynamic.numel() == 0 or prefers_unit_path(
+                scheme, x.shape[0], self.num_kernels, self.in_channels // self.groups, self.kernel_size,
+                self._out_pixels(x))
+            chosen = "unit" if unit else "element"
+            if not torch.compiler.is_compiling():
+                self.chosen_paths[key] = chosen
+        return chosen
+
     def weighted_conv(self, x: torch.Tensor, attention) -> torch.Tensor:
         """The conv of ``x`` ``(B, C, H, W)`` with the kernels the attention's output selects."""
+        scheme = self.scheme_for(x, self.has_spatial_attention(attention))
         split = self.unit_split()
-        if split is None:
-            terms = self.conv_terms(attention)
-            out = SCHEME_FUNCTIONS[self.scheme_for(x, terms)](x, terms, self.geometry)
+        if split is not None and self.path_for(x, scheme, split) == "unit":
+            out = self._unit_conv(x, attention, split, scheme)
         else:
-            out = self._unit_conv(x, attention, split)
+            out = SCHEME_FUNCTIONS[scheme](x, self.conv_terms(attention), self.geometry)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     # ------------------------------------------------------------ unit-structured PAD
@@ -330,26 +371,29 @@ class _RoutedConv2d(nn.Module):
 
         A PAD bank whose granularity is ``unit`` (or an inference bank holding a split) is split
         when the layer's groups allow one ordinary conv per side (``groups`` 1 or depthwise) and
-        both sides hold units; otherwise (other grouped convs, ``kernel`` or ``element``
-        granularity, every unit dynamic) the element path computes the same output.  Cached
-        like the fold (eval mode without autograd) and the unit indices until the mask changes.
+        some unit is static; otherwise (other grouped convs, ``kernel`` or ``element``
+        granularity, every unit dynamic) the element path computes the same output.  A mask
+        that requires grad is being scored (IMP's ``dL/dM``): the unit path does not multiply by
+        it, so such a layer takes the element path.  A split does not mean the unit path is
+        taken: :meth:`path_for` decides.  Cached like the fold (eval mode without autograd) and
+        the unit indices until the mask changes.
         """
         bank = self.bank
         if not isinstance(bank, PartiallyDynamicWeights):
             return bank.unit_split() if hasattr(bank, "unit_split") else None  # the inference form's
-        if bank.granularity != "unit" or not (self.groups == 1 or self.depthwise):
+        if bank.granularity != "unit" or not (self.groups == 1 or self.depthwise) or bank.mask.requires_grad:
             return None
         if bank.unit_indices()[1].numel() == 0:
             return None  # fully dynamic: the element path costs the same
         key = self._fold_cache_key()
-        if key is not None and self._fold_cache is not None and self._fold_cache[0] == ("unit", key):
-            return self._fold_cache[1]
+        if key is not None and self._split_cache is not None and self._split_cache[0] == key:
+            return self._split_cache[1]
         split = bank.unit_split()
         if key is not None:
-            self._fold_cache = (("unit", key), split)
+            self._split_cache = (key, split)
         return split
 
-    def _unit_conv(self, x: torch.Tensor, attention, split: UnitSplit) -> torch.Tensor:
+    def _unit_conv(self, x: torch.Tensor, attention, split: UnitSplit, scheme: str) -> torch.Tensor:
         """Static units by one ordinary conv with ``lambda_s W_s[static]``, dynamic units by the layer's
         scheme over ``lambda_d W_k[dynamic]``; outputs put back in channel order (no bias)."""
         geometry = self.geometry
@@ -370,7 +414,7 @@ class _RoutedConv2d(nn.Module):
             geometry = geometry._replace(groups=split.dynamic.numel())
             if terms.in_scale is not None:
                 terms = terms._replace(in_scale=terms.in_scale.index_select(1, split.dynamic))
-        dynamic_out = SCHEME_FUNCTIONS[self.scheme_for(x, terms)](dynamic_in, terms, geometry)
+        dynamic_out = SCHEME_FUNCTIONS[scheme](dynamic_in, terms, geometry)
         return torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -425,6 +469,9 @@ class ODConv2d(_RoutedConv2d):
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
                                          temperature)
 
+    def has_spatial_attention(self, attention: ODConvAttentionWeights) -> bool:
+        return attention.spatial is not None
+
     def routed_terms(self, attention: ODConvAttentionWeights, kernels: torch.Tensor,
                      static: torch.Tensor | None) -> ConvTerms:
         batch = attention.channel.shape[0]
@@ -441,22 +488,26 @@ def dynamic_convs(model: nn.Module):
 
 
 def set_conv_scheme(model: nn.Module, scheme: str) -> None:
-    """Sets every dynamic conv's scheme policy (``auto`` or a scheme's name) and forgets past choices."""
+    """Sets every dynamic conv's scheme policy (``auto`` or a scheme's name) and forgets past choices
+    (schemes and unit/element paths)."""
     _check_policy(scheme)
     for _, layer in dynamic_convs(model):
         layer.scheme = scheme
         layer.chosen_schemes = {}
+        layer.chosen_paths = {}
 
 
 def conv_schemes(model: nn.Module) -> dict[str, dict]:
-    """``{layer name: {"policy": ..., "chosen": {scheme_key: scheme}}}``: what a checkpoint records."""
-    return {name: {"policy": layer.scheme, "chosen": dict(layer.chosen_schemes)}
+    """``{layer name: {"policy": ..., "chosen": {scheme_key: scheme}, "paths": {scheme_key: path}}}``:
+    what a checkpoint records (``paths``: the unit/element path of a unit-structured PAD layer)."""
+    return {name: {"policy": layer.scheme, "chosen": dict(layer.chosen_schemes), "paths": dict(layer.chosen_paths)}
             for name, layer in dynamic_convs(model)}
 
 
 def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> None:
     """Restores :func:`conv_schemes` output; ``None`` (a checkpoint written before schemes
-    were recorded) keeps the model's own policy, whose choices are then made afresh."""
+    were recorded) keeps the model's own policy, whose choices are then made afresh; an entry
+    without ``paths`` (written before paths were chosen) chooses its paths afresh."""
     if recorded is None:
         return
     layers = dict(dynamic_convs(model))
@@ -467,8 +518,13 @@ def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> 
         unknown = [s for s in chosen.values() if s not in SCHEME_FUNCTIONS]
         if unknown:
             raise ValueError(f"recorded conv scheme {unknown[0]!r} of layer {name!r} is unknown")
+        paths = dict(entry.get("paths", {}))
+        unknown = [p for p in paths.values() if p not in PATHS]
+        if unknown:
+            raise ValueError(f"recorded conv path {unknown[0]!r} of layer {name!r} is unknown; expected one of {PATHS}")
         layers[name].scheme = _check_policy(entry.get("policy", "auto"))
         layers[name].chosen_schemes = chosen
+        layers[name].chosen_paths = paths
 
 
 # ---------------------------------------------------------------- factory and temperature

@@ -141,9 +141,11 @@ class MoELinear(nn.Module):
 
     def unit_split(self) -> pad.UnitSplit | None:
         """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) when its
-        mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output)."""
+        mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output).
+        A mask that requires grad is being scored (IMP's ``dL/dM``), which the unit path, not multiplying
+        by the mask, would not give: the element path then."""
         bank = self.experts
-        if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit":
+        if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit" or bank.mask.requires_grad:
             return None
         if bank.unit_indices()[1].numel() == 0:
             return None
@@ -153,18 +155,32 @@ class MoELinear(nn.Module):
         """A ``unit``-structured PAD layer, exactly: every expert's static rows are
         ``lambda_s W_s[static]`` and the top-k gates sum to 1, so the static rows are one dense
         matmul per token; only the dynamic rows go through the experts.  The per-expert biases of
-        all rows are ``gates (T, E) @ bias (E, out)``.  ``(T, in) -> (T, out)``."""
-        # the scale factors multiply the outputs (T x O), not the weights (E x O x in): fewer numbers
+        all rows are ``gates (T, E) @ bias (E, out)``.  ``(T, in) -> (T, out)``.
+
+        Each scale factor multiplies whichever holds fewer numbers, the weights (``(O_s, in)``,
+        ``(E, O_d, in)``) or the outputs (``(T, O_s)``, ``(T, O_d)``), and both parts are added into
+        the bias term (zeros without biases) in place by ``index_add_`` along the output axis: no
+        concatenation, no permutation copy and no separate bias add (forward or backward).
+        """
         lambda_d, lambda_s = self.experts.scale()
-        static_out = F.linear(tokens, split.weight) * lambda_s                # (T, O_s)
-        if split.dynamic.numel():
-            dynamic_out = self._mix_experts(tokens, routing, split.kernels, None) * lambda_d  # (T, O_d)
-            result = torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
-        else:  # kernels unused: a zero ties them in, so they get zero gradients, not none (DDP)
-            result = static_out.index_select(1, split.order) + 0.0 * split.kernels.sum()
+        count = tokens.shape[0]
+        if self.in_features <= count:
+            static_out = F.linear(tokens, split.weight * lambda_s)            # (T, O_s)
+        else:
+            static_out = F.linear(tokens, split.weight) * lambda_s
         if self.bias is not None:
-            result = result + routing.gates.to(result.dtype) @ self.bias
-        return result
+            result = routing.gates.to(tokens.dtype) @ self.bias               # (T, O)
+        else:
+            result = tokens.new_zeros(count, self.out_features)
+        if split.dynamic.numel():
+            if self.num_experts * self.in_features <= count:
+                dynamic_out = self._mix_experts(tokens, routing, split.kernels * lambda_d, None)  # (T, O_d)
+            else:
+                dynamic_out = self._mix_experts(tokens, routing, split.kernels, None) * lambda_d
+            result = result.index_add_(1, split.dynamic, dynamic_out)
+        else:  # kernels unused: a zero ties them in, so they get zero gradients, not none (DDP)
+            result = result + 0.0 * split.kernels.sum()
+        return result.index_add_(1, split.static, static_out)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, moe={self.moe!r}, "

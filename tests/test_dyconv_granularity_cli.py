@@ -107,3 +107,28 @@ def test_unknown_values_are_refused(flag, choices, folder, tmp_path, capsys):
     listed = ", ".join(repr(c) for c in choices)
     assert rc == 2
     assert capsys.readouterr().err.splitlines() == [f"error: argument {flag}: invalid choice: 'rows' (choose from {listed})"]
+
+
+def test_checkpoint_records_the_unit_paths_and_a_resumed_run_keeps_them(runs, folder, tmp_path, capsys):
+    checkpoint = engine.load_checkpoint(runs["unit"] / "checkpoint.pt")
+    recorded = checkpoint["conv_schemes"]
+    paths = {p for entry in recorded.values() for p in entry["paths"].values()}
+    assert paths <= {"unit", "element"} and paths  # some layers split (most have static filters)
+    assert all(entry["paths"] == {} for entry in engine.load_checkpoint(runs["element"] / "checkpoint.pt")
+               ["conv_schemes"].values())  # element masks: nothing to choose
+    flipped = {key: "element" if path == "unit" else "unit"
+               for key, path in recorded["layer4.0.conv2"]["paths"].items()}
+    assert flipped
+    recorded["layer4.0.conv2"]["paths"] = flipped  # not what the rule chooses: a restored run must keep it
+    engine.save_checkpoint(checkpoint, tmp_path / "flipped.pt")
+    assert main(pad_args(folder, tmp_path / "resumed", "--epochs", "2", "--resume", str(tmp_path / "flipped.pt"))) == 0
+    resumed = engine.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["conv_schemes"]
+    assert flipped.items() <= resumed["layer4.0.conv2"]["paths"].items()
+
+    recorded["layer4.0.conv2"]["paths"] = {"batch@2x2": "split"}
+    engine.save_checkpoint(checkpoint, tmp_path / "bad.pt")
+    capsys.readouterr()
+    assert main(pad_args(folder, tmp_path / "bad", "--evaluate", "--resume", str(tmp_path / "bad.pt"))) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: checkpoint {tmp_path / 'bad.pt'}: recorded conv path 'split' of layer 'layer4.0.conv2' is unknown; "
+        "expected one of ('element', 'unit')"]

@@ -282,15 +282,15 @@ def table_rows(out, first_column):
 
 
 def test_bench_flags_change_what_is_measured(capsys):
-    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "resnet10",
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "64", "--archs", "resnet10",
                              "--param-archs", "resnet10", "--dynamic-ratio", "0.5", "--kernels", "2")
     assert code == 0
     assert ("resnet10, batch 2, 1 repeats, device cpu (cpu, 1 threads), K=2, PAD dynamic ratio 0.5, scheme auto, "
             "default allocator") in out
-    timing = table_rows(out, "resnet10")[:6]
-    assert [r[2] for r in timing] == ["static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
-    for row in timing:
-        assert row[1] == "40"
+    timing = table_rows(out, "resnet10")[:12]
+    assert [r[2] for r in timing] == 2 * ["static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
+    for index, row in enumerate(timing):
+        assert row[1] == ("40" if index < 6 else "64")
         cells = row[3:]
         folded = row[2].endswith("-folded")
         if folded:  # inference form: no training columns
@@ -299,10 +299,26 @@ def test_bench_flags_change_what_is_measured(capsys):
         assert len(values) == (6 if folded else 10) and all(v > 0 for v in values)
         if row[2] == "static":
             assert values[1::2] == [1.0] * 5
-    # the scheme table names every dynamic conv with the scheme it chose (40 px, ImageNet stem: layer4 at 2x2)
-    assert "resnet10 40 px: bmm 3, grouped 2, stacked 6" in out  # K = 2: stacked costs 3 static convs
-    assert any(line.split()[:2] == ["layer4.0.conv2", "3x3"] and line.split()[-3:] == ["stacked", "/", "grouped"]
-               for line in out.splitlines())
+    # the scheme table names every dynamic conv with the scheme it chose and pad-unit's path, per size
+    # (ImageNet stem: layer1 at 10x10 of 40 px, 16x16 of 64 px; layer4 at 2x2); K = 2: stacked costs 3 static convs
+    listing = out.split("execution scheme per layer")[1].split("stored parameters")[0]
+    at_40, at_64 = listing.split("resnet10 64 px:")
+    assert "resnet10 40 px: bmm 3, grouped 2, stacked 6; pad-unit paths: element 3, unit 8" in at_40
+    assert at_64.startswith(" bmm 3, grouped 4, stacked 4; pad-unit paths: element 5, unit 6")
+
+    def layer_line(part, name):
+        (line,) = [line.split() for line in part.splitlines() if line.split()[:1] == [name]]
+        return line
+
+    assert layer_line(at_40, "layer4.0.conv2")[2:] == ["512->512", "in", "2x2", "stacked", "/", "grouped",
+                                                       "path", "unit", "/", "element"]
+    # layer1: 64 channels, (C/g) k^2 = 576 >= 5 H'W' = 500 at 10x10, not at 16x16
+    assert layer_line(at_40, "layer1.0.conv1")[4:] == ["10x10", "grouped", "/", "grouped", "path", "unit", "/",
+                                                       "element"]
+    assert layer_line(at_64, "layer1.0.conv1")[4:] == ["16x16", "grouped", "/", "grouped", "path", "element", "/",
+                                                       "element"]
+    assert layer_line(at_64, "layer2.0.downsample.0")[6:] == ["bmm", "/", "grouped", "path", "element", "/",
+                                                              "element"]
     (params,) = [r for r in table_rows(out, "resnet10") if r[1].replace(",", "").isdigit() and "," in r[1]]
     static, dyconv, dense, compact = (int(v.replace(",", "")) for v in params[1:5])
     static_model = build_model("resnet10")
@@ -324,7 +340,8 @@ def test_bench_forced_scheme_and_allocator_flags(capsys):
     assert "scheme stacked, pad.keep_freed_memory(), amp" in out
     # stacked is forced wherever it is exact (every MobileNetV2 conv), grouped at batch 1 stays forced too
     (summary,) = [line for line in out.splitlines() if line.startswith("mobilenetv2_050 40 px:")]
-    assert summary == f"mobilenetv2_050 40 px: stacked {expected_block_conv_count('mobilenetv2_050')}"
+    layers = expected_block_conv_count("mobilenetv2_050")
+    assert summary == f"mobilenetv2_050 40 px: stacked {layers}; pad-unit paths: unit {layers}"  # K + 1: unit
     assert [r[2] for r in table_rows(out, "mobilenetv2_050")[:6]] == [
         "static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
 

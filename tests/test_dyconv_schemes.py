@@ -191,7 +191,8 @@ def test_schemes_recorded_and_restored():
         model(torch.randn(2, 1, 28, 28))
         model(torch.randn(1, 1, 28, 28))
     recorded = conv_schemes(model)
-    assert recorded["layer4.0.conv2"] == {"policy": "auto", "chosen": {"batch@4x4": "stacked", "single@4x4": "grouped"}}
+    assert recorded["layer4.0.conv2"] == {"policy": "auto", "chosen": {"batch@4x4": "stacked", "single@4x4": "grouped"},
+                                          "paths": {}}  # element masks: no unit/element choice
     assert recorded["layer1.0.conv1"]["chosen"] == {"batch@28x28": "grouped", "single@28x28": "grouped"}
     assert recorded["layer2.0.downsample.0"]["chosen"]["batch@28x28"] == "bmm"
     fresh = build_model("resnet10", "dyconv", pad=True, small_input=True, in_channels=1, num_classes=10,
@@ -206,7 +207,7 @@ def test_schemes_recorded_and_restored():
     with pytest.raises(ValueError, match="name other layers"):
         restore_conv_schemes(fresh, {"layer1.0.conv1": recorded["layer1.0.conv1"]})
     set_conv_scheme(fresh, "stacked")
-    assert all(e == {"policy": "stacked", "chosen": {}} for e in conv_schemes(fresh).values())
+    assert all(e == {"policy": "stacked", "chosen": {}, "paths": {}} for e in conv_schemes(fresh).values())
 
 
 @pytest.mark.usefixtures("float64")

@@ -1,13 +1,15 @@
 """Unit-structured PAD convs: static output units by one ordinary conv, dynamic ones by the scheme, exactly
-the element-mask computation with the same mask (outputs and every gradient, float64)."""
+the element-mask computation with the same mask (outputs and every gradient, float64); which of the two paths
+a layer takes (dyconv.schemes.prefers_unit_path), recorded and restored."""
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
-from dyconv.layers import CondConv2d, DynamicConv2d, ODConv2d, UnitSplit, unit_order
-from dyconv.schemes import POLICIES
+from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, UnitSplit, conv_schemes, dynamic_convs,
+                           restore_conv_schemes, scheme_key, set_conv_scheme, unit_order)
+from dyconv.schemes import POLICIES, UNIT_PATH_MIN_COST, prefers_unit_path
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("float64")
@@ -53,6 +55,22 @@ def outputs_and_gradients(layer, x):
     return out.detach(), x.grad, grads
 
 
+def on_path(layer, x=None, path=None):
+    """Records ``path`` as the layer's choice for its input ``x`` (unless ``None``) and counts the unit
+    path's calls (``layer.unit_calls``), so a test can check which path ran."""
+    if path is not None:
+        layer.chosen_paths[scheme_key(x)] = path
+    layer.unit_calls = 0
+    unit_conv = layer._unit_conv
+
+    def counted(*args):
+        layer.unit_calls += 1
+        return unit_conv(*args)
+
+    layer._unit_conv = counted
+    return layer
+
+
 def assert_same(got, expected):
     torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-10)
@@ -66,16 +84,19 @@ def assert_same(got, expected):
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_unit_path_equals_element_path(kind, geometry, batch, training):
+    """Whichever path a unit-structured layer takes, under every scheme: the element mask's outputs and gradients."""
     x = torch.randn(batch, GEOMETRIES[geometry][0], 7, 7, generator=torch.Generator().manual_seed(1))
     element = build(kind, geometry, granularity="element").train(training)
     assert element.unit_split() is None
     expected = outputs_and_gradients(element, x)
     assert {"bank.kernels", "bank.static_weight", "bank.scale.phi", "bias"} <= set(expected[2])
     for policy in POLICIES:
-        layer = build(kind, geometry, policy).train(training)
-        split = layer.unit_split()
-        assert split.dynamic.tolist() == DYNAMIC_UNITS and split.weight.shape[0] == layer.out_channels - 3
-        assert_same(outputs_and_gradients(layer, x), expected)
+        for path in ("unit", "element"):
+            layer = on_path(build(kind, geometry, policy).train(training), x, path)
+            split = layer.unit_split()
+            assert split.dynamic.tolist() == DYNAMIC_UNITS and split.weight.shape[0] == layer.out_channels - 3
+            assert_same(outputs_and_gradients(layer, x), expected)
+            assert layer.unit_calls == (path == "unit") and layer.chosen_paths == {scheme_key(x): path}
 
 
 class _ConvShapes(TorchDispatchMode):
@@ -94,10 +115,15 @@ class _ConvShapes(TorchDispatchMode):
 @pytest.mark.parametrize("scheme, dynamic_weight", [("stacked", (9, 6, 3, 3)), ("grouped", (6, 6, 3, 3))])
 def test_static_units_are_one_ordinary_conv(scheme, dynamic_weight):
     """3 of 8 units dynamic: one conv with the 5 static filters, the dynamic scheme over the 3 dynamic ones only."""
-    layer = build("dyconv", "3x3_stride1", scheme)
+    x = torch.randn(2, 6, 7, 7)
+    layer = on_path(build("dyconv", "3x3_stride1", scheme), x, "unit")
     with _ConvShapes() as shapes, torch.no_grad():
-        layer(torch.randn(2, 6, 7, 7))
+        layer(x)
     assert sorted(shapes.weights) == sorted([(5, 6, 3, 3), dynamic_weight])
+    layer = on_path(build("dyconv", "3x3_stride1", scheme), x, "element")
+    with _ConvShapes() as shapes, torch.no_grad():
+        layer(x)
+    assert shapes.weights == [(24, 6, 3, 3) if scheme == "stacked" else (16, 6, 3, 3)]  # all 8 filters, folded
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -228,3 +254,176 @@ def test_bench_unit_variant_has_a_unit_structured_mask_at_the_ratio():
     assert sum(int((~b.unit_mask()).sum()) for b in banks) > 0  # unit_mask() raises unless unit-structured
     assert any(isinstance(m, InferenceUnitWeights) for m in models["unit-folded"].modules())
     assert not any(isinstance(m, InferenceUnitWeights) for m in models["pad-folded"].modules())
+
+
+# ---------------------------------------------------------------- which path: the rule, models, records
+
+@pytest.mark.parametrize("scheme, batch, in_per_group, kernel_size, out_pixels, unit", [
+    ("bmm", 32, 512, 1, 49, False),          # 1x1 as a batched matmul: costs a static conv
+    ("grouped", 32, 1, 3, 49, False),        # depthwise 3x3 (MobileNetV2), even at 7x7
+    ("grouped", 32, 1, 3, 4, False),         # ... and at 2x2: 1 + 0.9 / 4 < 1.5
+    ("grouped", 32, 64, 3, 56 * 56, False),  # shallow 3x3 (ResNet layer1 at 224 px): ~1.02
+    ("grouped", 32, 128, 3, 28 * 28, False), # ResNet layer2 at 224 px: ~1.15
+    ("grouped", 32, 256, 3, 14 * 14, True),  # deep 3x3 (ResNet layer3 at 224 px): ~2.2
+    ("grouped", 32, 128, 3, 14 * 14, True),  # (C/g) k^2 = 1152 >= 5 H'W' = 980
+    ("stacked", 32, 512, 3, 49, True),       # K + 1 = 5
+    ("grouped", 1, 512, 3, 49, False),       # batch 1: one plain conv
+    ("stacked", 1, 512, 3, 49, True),        # a forced stacked costs K + 1 at batch 1 too
+    ("stacked", 32, 6, 1, 49, True),         # ... and on 1x1 convs
+])
+def test_unit_path_only_where_the_scheme_costs_clearly_more_than_a_static_conv(scheme, batch, in_per_group,
+                                                                               kernel_size, out_pixels, unit):
+    assert prefers_unit_path(scheme, batch, 4, in_per_group, kernel_size, out_pixels) is unit
+    assert UNIT_PATH_MIN_COST == 1.5
+
+
+def unit_model(arch, scheme="auto", seed=0):
+    """``arch`` (small-input stem, 1 channel) with a random unit mask: 30% of positions dynamic, some static
+    filters in every layer."""
+    from dyconv.models import build_model
+    torch.manual_seed(seed)
+    model = build_model(arch, "dyconv", pad=True, small_input=True, in_channels=1, num_classes=5, conv_scheme=scheme,
+                        temperature=2.0)
+    banks = dict(pad.weight_banks(model))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pad.select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
+                           0.3, "local", granularity="unit")
+        for i, bank in enumerate(banks.values()):
+            bank.scale.phi.fill_(0.1 * (i % 5) - 0.2)
+    return model.eval()
+
+
+def recorded_paths(model):
+    return {name: entry["paths"] for name, entry in conv_schemes(model).items()}
+
+
+def test_models_take_the_unit_path_where_the_rule_says():
+    resnet = unit_model("resnet10")
+    with torch.no_grad():
+        resnet(torch.randn(2, 1, 28, 28))
+        resnet(torch.randn(1, 1, 28, 28))
+    paths = recorded_paths(resnet)
+    unit_layers = {"layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2", "layer3.0.conv1", "layer3.0.conv2",
+                   "layer4.0.conv1", "layer4.0.conv2"}  # 128+ input channels at 14x14 or less (ResNet-10: one block)
+    unit_layers = {n for n in unit_layers if n in paths}
+    assert unit_layers == {"layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2", "layer4.0.conv1", "layer4.0.conv2"}
+    for name, chosen in paths.items():
+        assert set(chosen) == {"batch@" + chosen_key(name, resnet), "single@" + chosen_key(name, resnet)}
+        assert chosen["batch@" + chosen_key(name, resnet)] == ("unit" if name in unit_layers else "element"), name
+        assert chosen["single@" + chosen_key(name, resnet)] == "element", name  # batch 1: grouped, one plain conv
+    mobilenet = unit_model("mobilenetv2_050")
+    with torch.no_grad():
+        mobilenet(torch.randn(2, 1, 28, 28))
+        mobilenet(torch.randn(1, 1, 28, 28))
+    paths = recorded_paths(mobilenet)
+    assert len(paths) == len(list(dynamic_convs(mobilenet))) and all(paths.values())
+    assert {p for chosen in paths.values() for p in chosen.values()} == {"element"}  # 1x1 bmm and depthwise only
+
+
+def chosen_key(name, model):
+    """The input size a layer recorded its scheme under (``"HxW"``)."""
+    (key,) = {k.split("@")[1] for k in conv_schemes(model)[name]["chosen"]}
+    return key
+
+
+def test_forced_schemes_keep_working_and_decide_the_path():
+    stacked = unit_model("resnet10", scheme="stacked")
+    with torch.no_grad():
+        stacked(torch.randn(1, 1, 28, 28))
+    entries = conv_schemes(stacked)
+    assert {s for e in entries.values() for s in e["chosen"].values()} == {"stacked"}
+    assert {p for e in entries.values() for p in e["paths"].values()} == {"unit"}  # K + 1, also at batch 1
+    set_conv_scheme(stacked, "grouped")
+    assert all(e["chosen"] == {} and e["paths"] == {} for e in conv_schemes(stacked).values())
+    with torch.no_grad():
+        stacked(torch.randn(2, 1, 28, 28))
+    paths = recorded_paths(stacked)
+    assert paths["layer4.0.conv2"] == {"batch@4x4": "unit"}  # grouped, 512 ch at 4x4 out: ~30 static convs
+    assert paths["layer1.0.conv1"] == {"batch@28x28": "element"}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_model_outputs_and_gradients_do_not_depend_on_the_paths(training):
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for path in ("unit", "element", None):  # every layer forced to one path, or the rule's choice
+        model = unit_model("resnet10").train(training)
+        if path is not None:
+            with torch.no_grad():
+                model(x)  # records the keys
+            for _, layer in dynamic_convs(model):
+                layer.chosen_paths = {key: path for key in layer.chosen_paths}
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results[path] = (out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        if path is not None:
+            assert {p for chosen in recorded_paths(model).values() for p in chosen.values()} == {path}
+    for path in ("unit", None):
+        torch.testing.assert_close(results[path][0], results["element"][0], rtol=1e-10, atol=1e-10)
+        assert results[path][1].keys() == results["element"][1].keys()
+        for name, grad in results["element"][1].items():
+            torch.testing.assert_close(results[path][1][name], grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_inference_form_follows_the_recorded_paths():
+    from dyconv.inference import InferenceUnitWeights, to_inference
+    model = unit_model("resnet10")
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(x)
+        expected_single = model(x[:1])
+    inference = to_inference(model)
+    assert conv_schemes(inference) == conv_schemes(model)
+    layers = dict(dynamic_convs(inference))
+    assert all(isinstance(layer.bank, InferenceUnitWeights) for layer in layers.values())
+    for layer in layers.values():
+        on_path(layer)  # a call counter; the recorded paths unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), expected, rtol=1e-10, atol=1e-10)
+        assert {n for n, layer in layers.items() if layer.unit_calls} == {
+            n for n, chosen in recorded_paths(model).items() if chosen["batch@" + chosen_key(n, model)] == "unit"}
+        torch.testing.assert_close(inference(x[:1]), expected_single, rtol=1e-10, atol=1e-10)
+        for layer in layers.values():  # the other path of every layer: same logits from the same buffers
+            layer.chosen_paths = {k: "element" if p == "unit" else "unit" for k, p in layer.chosen_paths.items()}
+        torch.testing.assert_close(inference(x), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(inference(x[:1]), expected_single, rtol=1e-10, atol=1e-10)
+
+
+def test_paths_are_recorded_and_restored():
+    model = unit_model("resnet10")
+    with torch.no_grad():
+        model(torch.randn(2, 1, 28, 28))
+    recorded = conv_schemes(model)
+    assert recorded["layer4.0.conv2"]["paths"] == {"batch@4x4": "unit"}
+    fresh = unit_model("resnet10", scheme="grouped")
+    restore_conv_schemes(fresh, recorded)
+    assert conv_schemes(fresh) == recorded
+    old = {name: {k: v for k, v in entry.items() if k != "paths"} for name, entry in recorded.items()}
+    restore_conv_schemes(fresh, old)  # recorded before paths were chosen: chosen afresh
+    assert all(entry["paths"] == {} for entry in conv_schemes(fresh).values())
+    with pytest.raises(ValueError, match="recorded conv path 'split' of layer 'layer1.0.conv1' is unknown"):
+        restore_conv_schemes(fresh, {**recorded, "layer1.0.conv1": {"policy": "auto", "chosen": {},
+                                                                    "paths": {"batch@2x2": "split"}}})
+
+
+def test_imp_scores_a_unit_structured_model_through_its_mask():
+    """While IMP scores (the mask requires grad) a unit-structured layer takes the element path: dL/dM exists."""
+    import torch.nn.functional as F
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(3, 1, 12, 12, generator=generator), torch.randint(0, 5, (3,), generator=generator))]
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    unit = unit_model("resnet10").train()
+    element = unit_model("resnet10").train()
+    pad.set_granularity(element, "element")
+    scores = pad.score_positions(unit, batches, loss_fn, "taylor")
+    for name, value in pad.score_positions(element, batches, loss_fn, "taylor").items():
+        torch.testing.assert_close(scores[name], value, rtol=1e-8, atol=1e-14)
+    dynamic = [s[b.mask > 0] for (n, b) in pad.weight_banks(unit) for s in (scores[n],)]
+    assert all(float(d.abs().sum()) > 0 for d in dynamic)
+    assert not any(b.mask.requires_grad for _, b in pad.weight_banks(unit))
+    assert all(layer.unit_split() is not None for _, layer in dynamic_convs(unit))  # after scoring: split again

@@ -45,8 +45,11 @@ def outputs_and_gradients(layer, x, training):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("rows", [DYNAMIC_ROWS, []], ids=["some_dynamic", "none_dynamic"])
-def test_unit_path_equals_element_path(training, bias, top_k, rows):
-    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("tokens", [(1, 4), (3, 5), (5, 6)], ids=["4", "15", "30"])
+def test_unit_path_equals_element_path(training, bias, top_k, rows, tokens):
+    """Scale factors on the outputs (4 tokens < in = 6), on the static weight only (15 < E in = 24) or on both
+    weights (30 tokens): the element path's outputs and gradients."""
+    x = torch.randn(*tokens, 6, generator=torch.Generator().manual_seed(2))
     element = build("element", rows, bias, top_k)
     assert element.unit_split() is None
     expected = outputs_and_gradients(element, x, training)
@@ -111,3 +114,17 @@ def test_unit_model_round_trips_through_the_compact_export(tmp_path):
     inputs = batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_imp_scores_a_unit_structured_layer_through_its_mask():
+    """While IMP scores (the mask requires grad) the layer takes the element path, so dL/dM exists; the same
+    scores as the element-granularity layer with the same mask."""
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(2))
+    scores = {}
+    for granularity in ("unit", "element"):
+        layer = build(granularity).eval()
+        scores[granularity] = pad.score_positions(layer, [x], lambda m, b: m(b).square().sum(), "taylor")["experts"]
+        assert not layer.experts.mask.requires_grad
+    torch.testing.assert_close(scores["unit"], scores["element"], rtol=1e-10, atol=1e-12)
+    assert (scores["unit"][DYNAMIC_ROWS] > 0).all()
+    assert build("unit").unit_split() is not None
