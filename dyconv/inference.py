@@ -92,12 +92,13 @@ class InferenceUnitWeights(nn.Module):
             raise RuntimeError("an inference-form model is eval only; train the PAD model it was made from")
         return UnitSplit(*(getattr(self, field) for field in UnitSplit._fields))
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(kernels (K, *S), static (*S))``; ``fold``: ``(kernels + static, None)``."""
         split = self.unit_split()
         kernels = split.kernels.new_zeros(self.num_kernels, *self.static_shape).index_copy_(1, split.dynamic,
                                                                                            split.kernels)
         static = split.weight.new_zeros(self.static_shape).index_copy_(0, split.static, split.weight)
-        return kernels, static
+        return (kernels + static, None) if fold else (kernels, static)
 
 
 @torch.no_grad()

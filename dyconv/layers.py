@@ -39,7 +39,7 @@ Depthwise convs slice the input channels alike; other grouped convs, ``kernel`` 
 (storage only), layers whose every filter is dynamic and masks being scored (``requires_grad``,
 IMP) take the element path.  Otherwise the layer picks the path per batch class and input size by
 :func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs clearly more
-than a static conv (the split saves nothing on 1x1 ``bmm`` or depthwise layers, or at batch 1);
+than a static conv (the split saves nothing on 1x1 ``bmm`` or depthwise layers), at every batch size;
 the choice is recorded in ``chosen_paths`` and saved with the schemes.
 
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
@@ -222,13 +222,15 @@ class _RoutedConv2d(nn.Module):
 
     Path choice of a unit-structured PAD layer (:meth:`unit_split` not ``None``),
     :func:`dyconv.schemes.prefers_unit_path`: the *element* path runs the whole layer by its scheme,
-    ``c`` static convs (the cost above; ``grouped`` at batch 1 is one plain conv, ``c = 1``); the
+    ``c`` static convs (the cost above, at every batch size: at batch 1 ``grouped`` is one plain conv but
+    still mixes all ``K`` kernels of every filter into its weight); the
     *unit* path runs the static filters as one ordinary conv and only the dynamic ones by the
     scheme, saving ``(static share) (c - 1)`` but adding an ``index_select`` and a ``cat`` of the
     outputs (and, depthwise, of the inputs) and a second call's fixed costs.  So the unit path is
     taken where ``c >= 1.5`` (``stacked``, or ``grouped`` with ``(C/g) k^2 >= 5 H' W'``), never on
-    1x1 ``bmm`` or depthwise layers (``c ~ 1``) nor at batch 1 under ``auto`` (a forced ``stacked``
-    still costs ``K + 1`` there).  A layer without dynamic filters is one static conv: unit path.
+    1x1 ``bmm`` or depthwise layers (``c ~ 1``).  The path does not depend on the batch size, so the
+    eval caches of a batch-32 and a batch-1 call are the same.  A layer without dynamic filters is
+    one static conv: unit path.
     The scheme is the same on both paths (the cost model does not depend on the filter count).
     """
 
@@ -343,8 +345,7 @@ class _RoutedConv2d(nn.Module):
         chosen = self.chosen_paths.get(key)
         if chosen is None:
             unit = split.dynamic.numel() == 0 or prefers_unit_path(
-                scheme, x.shape[0], self.num_kernels, self.in_channels // self.groups, self.kernel_size,
-                self._out_pixels(x))
+                scheme, self.num_kernels, self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
             chosen = "unit" if unit else "element"
             if not torch.compiler.is_compiling():
                 self.chosen_paths[key] = chosen

@@ -231,28 +231,20 @@ def choose_scheme(policy: str, applicable: tuple[str, ...], batch: int, kernels:
     return best
 
 
-def scheme_cost(scheme: str, batch: int, kernels: int, in_per_group: int, kernel_size: int,
-                out_pixels: int) -> float:
-    """:func:`modelled_cost` of ``scheme`` at ``batch``: ``grouped`` at batch 1 is one plain conv (1)."""
-    if scheme == "grouped" and batch == 1:
-        return 1.0
-    return modelled_cost(scheme, kernels, in_per_group, kernel_size, out_pixels)
-
-
-def prefers_unit_path(scheme: str, batch: int, kernels: int, in_per_group: int, kernel_size: int,
-                      out_pixels: int) -> bool:
+def prefers_unit_path(scheme: str, kernels: int, in_per_group: int, kernel_size: int, out_pixels: int) -> bool:
     """Whether a unit-structured PAD layer running ``scheme`` should take the unit path.
 
-    The element path runs the whole layer by ``scheme``: ``c`` static convs (:func:`scheme_cost`).
+    The element path runs the whole layer by ``scheme``: ``c`` static convs (:func:`modelled_cost`, at
+    every batch size: at batch 1 ``grouped`` is one plain conv, but its per-sample weight still mixes
+    all ``K`` kernels of every filter, the part of ``c`` the static filters save).
     The unit path runs its static share ``s`` of the filters as one ordinary conv and the rest by
     the scheme, ``s + (1 - s) c``, plus work of its own (an ``index_select`` and a ``cat`` of the
     outputs, forward and backward, the input's channels gathered twice for depthwise convs, the
     scheme's fixed per-call costs).  It saves ``s (c - 1)``: nothing where ``c ~ 1`` (1x1 convs by
-    ``bmm``, depthwise and other grouped convs with many output pixels, ``grouped`` at batch 1,
-    which is one plain conv) while its own work remains.  So it is taken only where the scheme
+    ``bmm``, depthwise and other grouped convs with many output pixels) while its own work remains.  So it is taken only where the scheme
     costs clearly more than a static conv, ``c >= UNIT_PATH_MIN_COST`` (1.5): ``stacked``, or
     ``grouped`` with ``(C/g) k^2 >= 5 H' W'`` (ResNet-18's 3x3 convs with 128 or more input
     channels in ``layer3`` and ``layer4`` at 224 px, also in ``layer2`` at 112 px; no MobileNetV2
     layer).  Both paths are exact.
     """
-    return scheme_cost(scheme, batch, kernels, in_per_group, kernel_size, out_pixels) >= UNIT_PATH_MIN_COST
+    return modelled_cost(scheme, kernels, in_per_group, kernel_size, out_pixels) >= UNIT_PATH_MIN_COST
