@@ -16,6 +16,17 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
 * stored parameters of DY-Conv dense vs PAD compact (``pad.parameter_counts``)
   with a random mask at ``--dynamic-ratio`` (``pad.select_dynamic`` on random scores).
 
+``--compile [BACKEND]`` (default backend ``inductor``) times every model, the static one included,
+as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic). Each
+model's first call of each pass compiles it; those seconds (compile plus one run) are reported in a
+table of their own, with the graphs dynamo compiled and the graph breaks it hit per model (from
+``torch._dynamo.utils.counters``), and the graphs compiled during the timed rounds (0 when no call
+recompiles). The PAD model is also called once uncompiled first, so that the scheme table lists the
+schemes its layers choose (the same choice: a compiled layer runs the same cost model but records
+nothing). Memory on CPU is not measured when compiled ("-"): the profiler accounting above sums
+allocations at aten operator boundaries, and inductor's generated code allocates and reuses its
+buffers outside such operators, so the sum would not be the peak; on CUDA it is measured as above.
+
 ``pad-dyconv`` is the dense training form (all kernels stored, mask applied and the static
 part folded into the kernels in every forward pass); ``pad-folded`` is its inference form
 (:func:`dyconv.inference.to_inference`: folded kernels, no mask), timed in inference only.
@@ -36,6 +47,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
@@ -50,6 +62,12 @@ VARIANTS = (("static", "static", False, None), ("dyconv", "dyconv", False, None)
             ("pad-dyconv", "dyconv", True, "element"), ("pad-unit", "dyconv", True, "unit"))
 INFERENCE_VARIANTS = {"pad-folded": "pad-dyconv", "unit-folded": "pad-unit"}  # inference form: of which model
 PASSES = ("train", "infer", "infer1")
+VARIANT_NAMES = tuple(name for variant in VARIANTS for name in
+                      (variant[0], *(n for n, source in INFERENCE_VARIANTS.items() if source == variant[0])))
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# every variant's forward is one code object to dynamo, compiled once per model and pass (mode, grad,
+# batch 1 are guarded): more than torch's default limit of 8 graphs per code object
+RECOMPILE_LIMIT = 64
 
 
 def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0, granularity: str = "element") -> None:
@@ -135,34 +153,82 @@ def build_variants(arch: str, kernels: int, dynamic_ratio: float, scheme: str, d
     return models
 
 
+def pass_runs(models: dict, x: torch.Tensor, amp: bool) -> dict:
+    """``{(variant, pass): run}`` for every variant and pass (no training pass of an inference form)."""
+    return {(name, label): make(model, inputs, amp) for name, model in models.items()
+            for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
+                                        ("infer1", forward_pass, x[:1]))
+            if not (label == "train" and name in INFERENCE_VARIANTS)}
+
+
+def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
+    """Calls every run of compiled models once, model by model: ``{variant: {"<pass>_compile_s": seconds
+    of the first call (compile plus one run), "graphs": graphs dynamo compiled, "breaks": {reason: count}}}``."""
+    stats: dict[str, dict] = {}
+    for (name, label), run in runs.items():
+        if name not in stats:
+            dynamo_counters.clear()
+            stats[name] = {}
+        stats[name][f"{label}_compile_s"] = seconds(run, device)
+        stats[name]["graphs"] = dynamo_counters["stats"]["unique_graphs"]
+        stats[name]["breaks"] = {reason.strip().splitlines()[0]: count
+                                 for reason, count in dynamo_counters["graph_break"].items()}
+    return stats
+
+
 def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float,
-            kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False) -> tuple[list[dict], dict]:
+            kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False,
+            compile_backend: str | None = None, variants: Sequence[str] | None = None) -> tuple[list[dict], dict]:
     """One row per (arch, size, variant): median seconds and peak bytes of each pass.
 
+    ``variants``: the variants timed besides ``static`` (default all of :func:`build_variants`).
+
+    ``compile_backend``: time ``torch.compile(model, backend=compile_backend, dynamic=True)``; each row
+    then also has ``<pass>_compile_s``, ``graphs``, ``breaks`` (:func:`compiled_warm_up`) and
+    ``timed_graphs`` (graphs compiled during the timed rounds of its arch and size).
     Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD model's :func:`scheme_rows`.
     """
     rows, schemes = [], {}
     progress = tqdm(total=len(archs) * len(sizes), desc="bench", file=sys.stderr, leave=False)
     for arch in archs:
         models = build_variants(arch, kernels, dynamic_ratio, scheme, device)
+        timed_models = {name: model for name, model in models.items()
+                        if variants is None or name == "static" or name in variants}
+        if compile_backend is not None:
+            torch._dynamo.reset()
+            timed_models = {name: torch.compile(model, backend=compile_backend, dynamic=True)
+                            for name, model in timed_models.items()}
         for size in sizes:
             x = torch.randn(batch_size, 3, size, size, device=device)
-            runs = {(name, label): make(model, inputs, amp) for name, model in models.items()
-                    for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
-                                                ("infer1", forward_pass, x[:1]))
-                    if not (label == "train" and name in INFERENCE_VARIANTS)}
-            for run in runs.values():
-                run()  # warm-up: first-call allocations, kernel selection, scheme choice
+            runs = pass_runs(timed_models, x, amp)
+            compile_stats = {}
+            if compile_backend is not None or "pad-dyconv" not in timed_models:
+                for run in pass_runs({"pad-dyconv": models["pad-dyconv"]}, x, amp).values():
+                    run()  # uncompiled: records the schemes the scheme table lists
+            if compile_backend is None:
+                for run in runs.values():
+                    run()  # warm-up: first-call allocations, kernel selection, scheme choice
+            else:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    compile_stats = compiled_warm_up(runs, device)
+                dynamo_counters.clear()
             times = {key: [] for key in runs}
-            for _ in range(repeats):  # interleaved: load changes hit every model alike
-                for key, run in runs.items():
-                    times[key].append(seconds(run, device))
-            for name in models:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                for _ in range(repeats):  # interleaved: load changes hit every model alike
+                    for key, run in runs.items():
+                        times[key].append(seconds(run, device))
+            timed_graphs = dynamo_counters["stats"]["unique_graphs"]
+            measure_memory = compile_backend is None or device.type == "cuda"
+            for name in timed_models:
                 row = {"arch": arch, "size": size, "model": name}
                 for label in PASSES:
                     row[f"{label}_s"] = statistics.median(times[(name, label)]) if (name, label) in runs else None
                 for label in ("train", "infer"):
-                    row[f"{label}_bytes"] = peak_bytes(runs[(name, label)], device) if (name, label) in runs else None
+                    row[f"{label}_bytes"] = (peak_bytes(runs[(name, label)], device)
+                                             if (name, label) in runs and measure_memory else None)
+                if compile_backend is not None:
+                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats[name],
+                               timed_graphs=timed_graphs)
                 rows.append(row)
             schemes[(arch, size)] = scheme_rows(models["pad-dyconv"])
             progress.update()
@@ -194,13 +260,32 @@ def format_timing(rows: list[dict]) -> str:
     for r in rows:
         base = baseline[(r["arch"], r["size"])]
         def cell(key: str, scale: float, width: int) -> str:
-            if r[key] is None:
+            if r[key] is None or base[key] is None:
                 return f"{'-':>{width}} {'-':>6}"
             ratio = r[key] / base[key] if base[key] else float("nan")
             return f"{scale * r[key]:>{width}.1f} {ratio:>6.2f}"
 
         cells = [cell(f"{p}_s", 1e3, 9) for p in PASSES] + [cell(f"{p}_bytes", 2**-20, 10) for p in ("train", "infer")]
         lines.append(f"{r['arch']:<16} {r['size']:>5} {r['model']:<11} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def format_compile(rows: list[dict], backend: str) -> str:
+    """Per compiled model: seconds of the first call of each pass, graphs compiled, graph breaks."""
+    timed_graphs = sum({(r["arch"], r["size"]): r["timed_graphs"] for r in rows}.values())
+    header = (f"{'arch':<16} {'size':>5} {'model':<11} {'train s':>8} {'infer s':>8} {'infer1 s':>8} "
+              f"{'graphs':>6} {'breaks':>6}")
+    lines = [f"torch.compile(model, backend={backend!r}, dynamic=True): seconds of each pass's first call "
+             f"(compile plus one run), graphs compiled, graph breaks; graphs compiled during the timed rounds: "
+             f"{timed_graphs}", header, "-" * len(header)]
+    reasons: dict[str, int] = {}
+    for r in rows:
+        cells = [f"{r[f'{p}_compile_s']:>8.1f}" if r[f"{p}_compile_s"] is not None else f"{'-':>8}" for p in PASSES]
+        lines.append(f"{r['arch']:<16} {r['size']:>5} {r['model']:<11} {' '.join(cells)} {r['graphs']:>6} "
+                     f"{sum(r['breaks'].values()):>6}")
+        for reason, count in r["breaks"].items():
+            reasons[f"{r['model']}: {reason}"] = reasons.get(f"{r['model']}: {reason}", 0) + count
+    lines += [f"  graph break x{count}, {reason}" for reason, count in reasons.items()]
     return "\n".join(lines)
 
 
@@ -262,6 +347,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="call pad.keep_freed_memory() first (glibc keeps freed memory; default: the "
                              "allocator a user's own script gets)")
     parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on CUDA")
+    parser.add_argument("--variants", nargs="+", choices=[name for name in VARIANT_NAMES if name != "static"],
+                        help="variants timed besides static (default all: "
+                             f"{' '.join(name for name in VARIANT_NAMES if name != 'static')})")
+    parser.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
+                        help="time torch.compile(model, backend=BACKEND, dynamic=True) of every model "
+                             f"(BACKEND one of {', '.join(COMPILE_BACKENDS)}; default inductor)")
     parser.add_argument("--param-archs", nargs="+", default=["resnet18", "resnet50"], choices=ARCHS,
                         help="archs of the stored-parameter table")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
@@ -299,14 +390,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{' '.join(args.archs)}, batch {args.batch_size}, {args.repeats} repeats, device {args.device} ({name}), "
           f"K={args.kernels}, PAD dynamic ratio {args.dynamic_ratio}, scheme {args.scheme}, {allocator}"
-          + (", amp" if args.amp else ""))
+          + (", amp" if args.amp else "")
+          + (f", torch.compile backend {args.compile} dynamic=True" if args.compile else ""))
     print("time: median over interleaved rounds; x: ratio to the static model of the same arch and size; "
           "infer1: batch 1; memory: peak bytes allocated by torch above those live before the pass "
           + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda"
+             else "(not measured when compiled, see dyconv/bench.py)" if args.compile
              else "(torch.profiler, at operator boundaries)"))
     rows, schemes = measure(args.archs, args.sizes, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
-                            device, args.scheme, args.amp)
+                            device, args.scheme, args.amp, args.compile, args.variants)
     print(format_timing(rows))
+    if args.compile:
+        print()
+        print(format_compile(rows, args.compile))
     print()
     print(format_schemes(schemes))
     print()

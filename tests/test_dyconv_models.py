@@ -336,6 +336,60 @@ def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     full = bench.parse_args([])
     assert (full.sizes, full.repeats, full.batch_size, full.scheme, full.keep_freed_memory) == (
         [112, 224], 10, 32, "auto", False)
+    assert (full.compile, full.variants) == (None, None)
+    assert bench.parse_args(["--compile"]).compile == "inductor"
+    assert bench.parse_args(["--compile", "aot_eager", "--variants", "dyconv", "pad-folded"]).compile == "aot_eager"
+    assert bench.parse_args(["--variants", "dyconv", "pad-folded"]).variants == ["dyconv", "pad-folded"]
+
+
+def test_bench_compiled_times_the_chosen_variants_with_one_graph_per_pass(capsys):
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "resnet10",
+                             "--param-archs", "resnet10", "--variants", "pad-folded", "--compile", "eager")
+    assert code == 0
+    assert "scheme auto, default allocator, torch.compile backend eager dynamic=True\n" in out
+    assert "(not measured when compiled" in out
+    timing, compiled = [rows for rows in (table_rows(out, "resnet10")[:2], table_rows(out, "resnet10")[2:4])]
+    assert [r[2] for r in timing] == ["static", "pad-folded"]
+    for row in timing:  # times measured; memory "-" on CPU when compiled
+        assert row[-4:] == ["-"] * 4 and all(float(v) > 0 for v in row[5:9] if v != "-")
+    assert "graphs compiled during the timed rounds: 0" in out
+    # static: train, infer (eval, no_grad) and batch-1 infer are one graph each; the inference form has no
+    # training pass; no graph break
+    assert [(r[2], r[-2], r[-1]) for r in compiled] == [("static", "3", "0"), ("pad-folded", "2", "0")]
+    assert compiled[1][3] == "-" and all(float(v) > 0 for v in compiled[0][3:6] + compiled[1][4:6])
+    assert "graph break x" not in out
+    # the scheme table still lists the PAD model's layers (called once uncompiled)
+    (summary,) = [line for line in out.splitlines() if line.startswith("resnet10 40 px:")]
+    assert sum(int(part.split()[-1]) for part in summary.split(":")[1].split(",")) == \
+        expected_block_conv_count("resnet10")
+
+
+def test_compiled_warm_up_counts_graphs_and_graph_breaks():
+    class Halves(nn.Module):  # a graph break between two linear layers: two graphs per compiled call
+        def __init__(self, graph_break):
+            super().__init__()
+            self.first, self.second, self.graph_break = nn.Linear(4, 4), nn.Linear(4, 2), graph_break
+
+        def forward(self, x):
+            y = self.first(x)
+            if self.graph_break:
+                torch._dynamo.graph_break()
+            return self.second(y)
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 4)
+    models = {name: torch.compile(Halves(name == "broken"), backend="eager")
+              for name in ("whole", "broken")}
+    stats = bench.compiled_warm_up(bench.pass_runs(models, x, amp=False), torch.device("cpu"))
+    assert stats["whole"]["graphs"] == 3 and stats["whole"]["breaks"] == {}
+    assert stats["broken"]["graphs"] == 6
+    ((reason, count),) = stats["broken"]["breaks"].items()
+    assert count == 3 and "graph_break" in reason
+    assert all(stats[name][f"{p}_compile_s"] > 0 for name in models for p in bench.PASSES)
+    rows = [{"arch": "toy", "size": 4, "model": name, "timed_graphs": 0, **stats[name]} for name in models]
+    report = bench.format_compile(rows, "eager")
+    assert [line.split()[-2:] for line in report.splitlines()[3:5]] == [["3", "0"], ["6", "3"]]
+    assert report.splitlines()[-1] == f"  graph break x3, broken: {reason}"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -345,6 +399,8 @@ def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     (["--threads", "0"], "--threads must be >= 1"),
     (["--kernels", "0"], "--kernels must be >= 1"),
     (["--scheme", "fft"], "invalid choice: 'fft'"),
+    (["--compile", "tvm"], "invalid choice: 'tvm'"),
+    (["--variants", "static"], "invalid choice: 'static'"),
     (["--archs", "vgg"], "invalid choice: 'vgg'"),
 ])
 def test_bench_bad_input_is_one_line(capsys, argv, message):
