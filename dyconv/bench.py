@@ -21,9 +21,9 @@ as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size
 model's first call of each pass compiles it; those seconds (compile plus one run) are reported in a
 table of their own, with the graphs dynamo compiled and the graph breaks it hit per model (from
 ``torch._dynamo.utils.counters``), and the graphs compiled during the timed rounds (0 when no call
-recompiles). The PAD model is also called once uncompiled first, so that the scheme table lists the
-schemes its layers choose (the same choice: a compiled layer runs the same cost model but records
-nothing). Memory on CPU is not measured when compiled ("-"): the profiler accounting above sums
+recompiles). The PAD model is also called once uncompiled first (also when it is not timed, or not in
+every pass), so that the scheme table lists the schemes its layers choose (the same choice: a compiled
+layer runs the same cost model but records nothing). Memory on CPU is not measured when compiled ("-"): the profiler accounting above sums
 allocations at aten operator boundaries, and inductor's generated code allocates and reuses its
 buffers outside such operators, so the sum would not be the peak; on CUDA it is measured as above.
 
@@ -34,7 +34,10 @@ part folded into the kernels in every forward pass); ``pad-folded`` is its infer
 static: they run as one ordinary conv per layer, only the dynamic filters through the dynamic
 scheme) and ``unit-folded`` its inference form (static filters stored as one static weight).
 
-Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224] ...``
+``--variants`` and ``--passes`` restrict what is timed (the static model is always timed: the ratios' base).
+
+Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224]
+[--variants dyconv pad-folded] [--passes train infer] [--compile [inductor|aot_eager|eager]] ...``
 """
 from __future__ import annotations
 
@@ -153,12 +156,13 @@ def build_variants(arch: str, kernels: int, dynamic_ratio: float, scheme: str, d
     return models
 
 
-def pass_runs(models: dict, x: torch.Tensor, amp: bool) -> dict:
-    """``{(variant, pass): run}`` for every variant and pass (no training pass of an inference form)."""
+def pass_runs(models: dict, x: torch.Tensor, amp: bool, passes: Sequence[str] = PASSES) -> dict:
+    """``{(variant, pass): run}`` for every variant and each of ``passes`` (no training pass of an inference
+    form)."""
     return {(name, label): make(model, inputs, amp) for name, model in models.items()
             for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
                                         ("infer1", forward_pass, x[:1]))
-            if not (label == "train" and name in INFERENCE_VARIANTS)}
+            if label in passes and not (label == "train" and name in INFERENCE_VARIANTS)}
 
 
 def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
@@ -178,8 +182,10 @@ def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
 
 def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float,
             kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False,
-            compile_backend: str | None = None, variants: Sequence[str] | None = None) -> tuple[list[dict], dict]:
-    """One row per (arch, size, variant): median seconds and peak bytes of each pass.
+            compile_backend: str | None = None, variants: Sequence[str] | None = None,
+            passes: Sequence[str] = PASSES) -> tuple[list[dict], dict]:
+    """One row per (arch, size, variant): median seconds and peak bytes of each of ``passes`` (``None``
+    for the others).
 
     ``variants``: the variants timed besides ``static`` (default all of :func:`build_variants`).
 
@@ -200,9 +206,9 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
                             for name, model in timed_models.items()}
         for size in sizes:
             x = torch.randn(batch_size, 3, size, size, device=device)
-            runs = pass_runs(timed_models, x, amp)
+            runs = pass_runs(timed_models, x, amp, passes)
             compile_stats = {}
-            if compile_backend is not None or "pad-dyconv" not in timed_models:
+            if compile_backend is not None or any(("pad-dyconv", label) not in runs for label in PASSES):
                 for run in pass_runs({"pad-dyconv": models["pad-dyconv"]}, x, amp).values():
                     run()  # uncompiled: records the schemes the scheme table lists
             if compile_backend is None:
@@ -227,7 +233,7 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
                     row[f"{label}_bytes"] = (peak_bytes(runs[(name, label)], device)
                                              if (name, label) in runs and measure_memory else None)
                 if compile_backend is not None:
-                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats[name],
+                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats.get(name, {"graphs": 0, "breaks": {}}),
                                timed_graphs=timed_graphs)
                 rows.append(row)
             schemes[(arch, size)] = scheme_rows(models["pad-dyconv"])
@@ -350,6 +356,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=[name for name in VARIANT_NAMES if name != "static"],
                         help="variants timed besides static (default all: "
                              f"{' '.join(name for name in VARIANT_NAMES if name != 'static')})")
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
+                        help="passes timed (default all: train infer infer1)")
     parser.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
                         help="time torch.compile(model, backend=BACKEND, dynamic=True) of every model "
                              f"(BACKEND one of {', '.join(COMPILE_BACKENDS)}; default inductor)")
@@ -398,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              else "(not measured when compiled, see dyconv/bench.py)" if args.compile
              else "(torch.profiler, at operator boundaries)"))
     rows, schemes = measure(args.archs, args.sizes, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
-                            device, args.scheme, args.amp, args.compile, args.variants)
+                            device, args.scheme, args.amp, args.compile, args.variants, args.passes)
     print(format_timing(rows))
     if args.compile:
         print()

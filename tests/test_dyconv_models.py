@@ -319,14 +319,17 @@ def test_bench_flags_change_what_is_measured(capsys):
 
 def test_bench_forced_scheme_and_allocator_flags(capsys):
     code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "mobilenetv2_050",
-                             "--param-archs", "resnet10", "--scheme", "stacked", "--keep-freed-memory", "--amp")
+                             "--param-archs", "resnet10", "--scheme", "stacked", "--keep-freed-memory", "--amp",
+                             "--passes", "infer1")
     assert code == 0
     assert "scheme stacked, pad.keep_freed_memory(), amp" in out
     # stacked is forced wherever it is exact (every MobileNetV2 conv), grouped at batch 1 stays forced too
     (summary,) = [line for line in out.splitlines() if line.startswith("mobilenetv2_050 40 px:")]
     assert summary == f"mobilenetv2_050 40 px: stacked {expected_block_conv_count('mobilenetv2_050')}"
-    assert [r[2] for r in table_rows(out, "mobilenetv2_050")[:6]] == [
-        "static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
+    timing = table_rows(out, "mobilenetv2_050")[:6]
+    assert [r[2] for r in timing] == ["static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
+    for row in timing:  # --passes infer1: only batch-1 inference timed (memory is of train and infer)
+        assert row[3:7] == ["-"] * 4 and float(row[7]) > 0 and row[9:] == ["-"] * 4
 
 
 def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
@@ -336,7 +339,7 @@ def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     full = bench.parse_args([])
     assert (full.sizes, full.repeats, full.batch_size, full.scheme, full.keep_freed_memory) == (
         [112, 224], 10, 32, "auto", False)
-    assert (full.compile, full.variants) == (None, None)
+    assert (full.compile, full.variants, full.passes) == (None, None, ["train", "infer", "infer1"])
     assert bench.parse_args(["--compile"]).compile == "inductor"
     assert bench.parse_args(["--compile", "aot_eager", "--variants", "dyconv", "pad-folded"]).compile == "aot_eager"
     assert bench.parse_args(["--variants", "dyconv", "pad-folded"]).variants == ["dyconv", "pad-folded"]
@@ -400,6 +403,7 @@ def test_compiled_warm_up_counts_graphs_and_graph_breaks():
     (["--kernels", "0"], "--kernels must be >= 1"),
     (["--scheme", "fft"], "invalid choice: 'fft'"),
     (["--compile", "tvm"], "invalid choice: 'tvm'"),
+    (["--passes", "eval"], "invalid choice: 'eval'"),
     (["--variants", "static"], "invalid choice: 'static'"),
     (["--archs", "vgg"], "invalid choice: 'vgg'"),
 ])
