@@ -19,7 +19,7 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
 ``--compile [BACKEND]`` (default backend ``inductor``) times every model, the static one included,
 as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic). Each
 model's first call of each pass compiles it; those seconds (compile plus one run) are reported in a
-table of their own, with the graphs dynamo compiled and the graph breaks it hit per model (from
+table of their own (or "failed" with the backend's error, and that pass is not timed), with the graphs dynamo compiled and the graph breaks it hit per model (from
 ``torch._dynamo.utils.counters``), and the graphs compiled during the timed rounds (0 when no call
 recompiles). The PAD model is also called once uncompiled first (also when it is not timed, or not in
 every pass), so that the scheme table lists the schemes its layers choose (the same choice: a compiled
@@ -167,13 +167,20 @@ def pass_runs(models: dict, x: torch.Tensor, amp: bool, passes: Sequence[str] = 
 
 def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
     """Calls every run of compiled models once, model by model: ``{variant: {"<pass>_compile_s": seconds
-    of the first call (compile plus one run), "graphs": graphs dynamo compiled, "breaks": {reason: count}}}``."""
+    of the first call (compile plus one run), "graphs": graphs dynamo compiled, "breaks": {reason: count},
+    "failures": {pass: first line of the error}}}``. A pass whose compile fails (the backend raises) gets
+    ``None`` seconds and its error under ``failures``: the benchmark reports it rather than stopping."""
     stats: dict[str, dict] = {}
     for (name, label), run in runs.items():
         if name not in stats:
             dynamo_counters.clear()
-            stats[name] = {}
-        stats[name][f"{label}_compile_s"] = seconds(run, device)
+            stats[name] = {"failures": {}}
+        try:
+            stats[name][f"{label}_compile_s"] = seconds(run, device)
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:
+            stats[name][f"{label}_compile_s"] = None
+            cause = getattr(err, "inner_exception", None) or err  # what the backend raised
+            stats[name]["failures"][label] = f"{type(cause).__name__}: " + str(cause).strip().splitlines()[0]
         stats[name]["graphs"] = dynamo_counters["stats"]["unique_graphs"]
         stats[name]["breaks"] = {reason.strip().splitlines()[0]: count
                                  for reason, count in dynamo_counters["graph_break"].items()}
@@ -217,6 +224,7 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
             else:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                     compile_stats = compiled_warm_up(runs, device)
+                runs = {key: run for key, run in runs.items() if key[1] not in compile_stats[key[0]]["failures"]}
                 dynamo_counters.clear()
             times = {key: [] for key in runs}
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
@@ -233,7 +241,7 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
                     row[f"{label}_bytes"] = (peak_bytes(runs[(name, label)], device)
                                              if (name, label) in runs and measure_memory else None)
                 if compile_backend is not None:
-                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats.get(name, {"graphs": 0, "breaks": {}}),
+                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats.get(name, {"graphs": 0, "breaks": {}, "failures": {}}),
                                timed_graphs=timed_graphs)
                 rows.append(row)
             schemes[(arch, size)] = scheme_rows(models["pad-dyconv"])
@@ -285,13 +293,16 @@ def format_compile(rows: list[dict], backend: str) -> str:
              f"(compile plus one run), graphs compiled, graph breaks; graphs compiled during the timed rounds: "
              f"{timed_graphs}", header, "-" * len(header)]
     reasons: dict[str, int] = {}
+    failures = []
     for r in rows:
-        cells = [f"{r[f'{p}_compile_s']:>8.1f}" if r[f"{p}_compile_s"] is not None else f"{'-':>8}" for p in PASSES]
+        cells = [f"{r[f'{p}_compile_s']:>8.1f}" if r[f"{p}_compile_s"] is not None
+                 else f"{'failed' if p in r['failures'] else '-':>8}" for p in PASSES]
+        failures += [f"  compile failed, {r['model']} {p}: {error}" for p, error in r["failures"].items()]
         lines.append(f"{r['arch']:<16} {r['size']:>5} {r['model']:<11} {' '.join(cells)} {r['graphs']:>6} "
                      f"{sum(r['breaks'].values()):>6}")
         for reason, count in r["breaks"].items():
             reasons[f"{r['model']}: {reason}"] = reasons.get(f"{r['model']}: {reason}", 0) + count
-    lines += [f"  graph break x{count}, {reason}" for reason, count in reasons.items()]
+    lines += [f"  graph break x{count}, {reason}" for reason, count in reasons.items()] + failures
     return "\n".join(lines)
 
 

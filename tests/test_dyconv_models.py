@@ -395,6 +395,25 @@ def test_compiled_warm_up_counts_graphs_and_graph_breaks():
     assert report.splitlines()[-1] == f"  graph break x3, broken: {reason}"
 
 
+def test_compiled_warm_up_reports_a_failed_compile_and_goes_on():
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no kernel for this graph")
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 4)
+    models = {"fails": torch.compile(nn.Linear(4, 2), backend=failing_backend),
+              "works": torch.compile(nn.Linear(4, 2), backend="eager")}
+    stats = bench.compiled_warm_up(bench.pass_runs(models, x, amp=False), torch.device("cpu"))
+    assert [stats["fails"][f"{p}_compile_s"] for p in bench.PASSES] == [None] * 3
+    assert set(stats["fails"]["failures"]) == set(bench.PASSES)
+    assert set(stats["fails"]["failures"].values()) == {"RuntimeError: no kernel for this graph"}
+    assert stats["works"]["failures"] == {} and all(stats["works"][f"{p}_compile_s"] > 0 for p in bench.PASSES)
+    rows = [{"arch": "toy", "size": 4, "model": name, "timed_graphs": 0, **stats[name]} for name in models]
+    report = bench.format_compile(rows, "custom").splitlines()
+    assert report[3].split()[3:6] == ["failed"] * 3
+    assert report[-1] == "  compile failed, fails infer1: RuntimeError: no kernel for this graph"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dynamic-ratio", "0"], "dynamic ratio must be in (0, 1], got 0.0"),
     (["--sizes", "16"], "image sizes must be >= 32"),
