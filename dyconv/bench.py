@@ -17,7 +17,8 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
   with a random mask at ``--dynamic-ratio`` (``pad.select_dynamic`` on random scores).
 
 ``--compile [BACKEND]`` (default backend ``inductor``) times every model, the static one included,
-as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic). Each
+as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic; with
+``--static-shapes`` ``dynamic=False``: a graph per input shape). Each
 model's first call of each pass compiles it; those seconds (compile plus one run) are reported in a
 table of their own (or "failed" with the backend's error, and that pass is not timed), with the graphs dynamo compiled and the graph breaks it hit per model (from
 ``torch._dynamo.utils.counters``), and the graphs compiled during the timed rounds (0 when no call
@@ -177,7 +178,7 @@ def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
             stats[name] = {"failures": {}}
         try:
             stats[name][f"{label}_compile_s"] = seconds(run, device)
-        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:
+        except torch._dynamo.exc.BackendCompilerFailed as err:  # (inductor raises its subclass InductorError)
             stats[name][f"{label}_compile_s"] = None
             cause = getattr(err, "inner_exception", None) or err  # what the backend raised
             stats[name]["failures"][label] = f"{type(cause).__name__}: " + str(cause).strip().splitlines()[0]
@@ -190,13 +191,13 @@ def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
 def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float,
             kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False,
             compile_backend: str | None = None, variants: Sequence[str] | None = None,
-            passes: Sequence[str] = PASSES) -> tuple[list[dict], dict]:
+            passes: Sequence[str] = PASSES, dynamic_shapes: bool = True) -> tuple[list[dict], dict]:
     """One row per (arch, size, variant): median seconds and peak bytes of each of ``passes`` (``None``
     for the others).
 
     ``variants``: the variants timed besides ``static`` (default all of :func:`build_variants`).
 
-    ``compile_backend``: time ``torch.compile(model, backend=compile_backend, dynamic=True)``; each row
+    ``compile_backend``: time ``torch.compile(model, backend=compile_backend, dynamic=dynamic_shapes)``; each row
     then also has ``<pass>_compile_s``, ``graphs``, ``breaks`` (:func:`compiled_warm_up`) and
     ``timed_graphs`` (graphs compiled during the timed rounds of its arch and size).
     Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD model's :func:`scheme_rows`.
@@ -209,7 +210,7 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
                         if variants is None or name == "static" or name in variants}
         if compile_backend is not None:
             torch._dynamo.reset()
-            timed_models = {name: torch.compile(model, backend=compile_backend, dynamic=True)
+            timed_models = {name: torch.compile(model, backend=compile_backend, dynamic=dynamic_shapes)
                             for name, model in timed_models.items()}
         for size in sizes:
             x = torch.randn(batch_size, 3, size, size, device=device)
@@ -284,12 +285,12 @@ def format_timing(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_compile(rows: list[dict], backend: str) -> str:
+def format_compile(rows: list[dict], backend: str, dynamic_shapes: bool = True) -> str:
     """Per compiled model: seconds of the first call of each pass, graphs compiled, graph breaks."""
     timed_graphs = sum({(r["arch"], r["size"]): r["timed_graphs"] for r in rows}.values())
     header = (f"{'arch':<16} {'size':>5} {'model':<11} {'train s':>8} {'infer s':>8} {'infer1 s':>8} "
               f"{'graphs':>6} {'breaks':>6}")
-    lines = [f"torch.compile(model, backend={backend!r}, dynamic=True): seconds of each pass's first call "
+    lines = [f"torch.compile(model, backend={backend!r}, dynamic={dynamic_shapes}): seconds of each pass's first call "
              f"(compile plus one run), graphs compiled, graph breaks; graphs compiled during the timed rounds: "
              f"{timed_graphs}", header, "-" * len(header)]
     reasons: dict[str, int] = {}
@@ -374,6 +375,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"(BACKEND one of {', '.join(COMPILE_BACKENDS)}; default inductor)")
     parser.add_argument("--param-archs", nargs="+", default=["resnet18", "resnet50"], choices=ARCHS,
                         help="archs of the stored-parameter table")
+    parser.add_argument("--static-shapes", action="store_true",
+                        help="with --compile: dynamic=False (a graph per input shape, no symbolic sizes)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -389,6 +392,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.kernels < 1:
         raise ValueError(f"--kernels must be >= 1, got {args.kernels}")
     pad.check_dynamic_ratio(args.dynamic_ratio)
+    if args.static_shapes and not args.compile:
+        raise ValueError("--static-shapes needs --compile")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available")
     return args
@@ -410,18 +415,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{' '.join(args.archs)}, batch {args.batch_size}, {args.repeats} repeats, device {args.device} ({name}), "
           f"K={args.kernels}, PAD dynamic ratio {args.dynamic_ratio}, scheme {args.scheme}, {allocator}"
           + (", amp" if args.amp else "")
-          + (f", torch.compile backend {args.compile} dynamic=True" if args.compile else ""))
+          + (f", torch.compile backend {args.compile} dynamic={not args.static_shapes}" if args.compile else ""))
     print("time: median over interleaved rounds; x: ratio to the static model of the same arch and size; "
           "infer1: batch 1; memory: peak bytes allocated by torch above those live before the pass "
           + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda"
              else "(not measured when compiled, see dyconv/bench.py)" if args.compile
              else "(torch.profiler, at operator boundaries)"))
     rows, schemes = measure(args.archs, args.sizes, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
-                            device, args.scheme, args.amp, args.compile, args.variants, args.passes)
+                            device, args.scheme, args.amp, args.compile, args.variants, args.passes,
+                            not args.static_shapes)
     print(format_timing(rows))
     if args.compile:
         print()
-        print(format_compile(rows, args.compile))
+        print(format_compile(rows, args.compile, not args.static_shapes))
     print()
     print(format_schemes(schemes))
     print()

@@ -339,7 +339,8 @@ def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     full = bench.parse_args([])
     assert (full.sizes, full.repeats, full.batch_size, full.scheme, full.keep_freed_memory) == (
         [112, 224], 10, 32, "auto", False)
-    assert (full.compile, full.variants, full.passes) == (None, None, ["train", "infer", "infer1"])
+    assert (full.compile, full.variants, full.passes, full.static_shapes) == (
+        None, None, ["train", "infer", "infer1"], False)
     assert bench.parse_args(["--compile"]).compile == "inductor"
     assert bench.parse_args(["--compile", "aot_eager", "--variants", "dyconv", "pad-folded"]).compile == "aot_eager"
     assert bench.parse_args(["--variants", "dyconv", "pad-folded"]).variants == ["dyconv", "pad-folded"]
@@ -365,6 +366,25 @@ def test_bench_compiled_times_the_chosen_variants_with_one_graph_per_pass(capsys
     (summary,) = [line for line in out.splitlines() if line.startswith("resnet10 40 px:")]
     assert sum(int(part.split()[-1]) for part in summary.split(":")[1].split(",")) == \
         expected_block_conv_count("resnet10")
+
+
+def test_bench_static_shapes_compiles_with_dynamic_false(capsys, monkeypatch):
+    compiled_with = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **options):
+        compiled_with.append(options)
+        return real_compile(model, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "resnet10", "--param-archs",
+                             "resnet10", "--variants", "pad-folded", "--passes", "infer", "--compile", "eager",
+                             "--static-shapes")
+    assert code == 0
+    assert compiled_with == [{"backend": "eager", "dynamic": False}] * 2  # static and pad-folded
+    assert out.splitlines()[0].endswith(", torch.compile backend eager dynamic=False")
+    assert "torch.compile(model, backend='eager', dynamic=False)" in out
+    assert [r[-2:] for r in table_rows(out, "resnet10")[2:4]] == [["1", "0"], ["1", "0"]]
 
 
 def test_compiled_warm_up_counts_graphs_and_graph_breaks():
@@ -423,6 +443,7 @@ def test_compiled_warm_up_reports_a_failed_compile_and_goes_on():
     (["--scheme", "fft"], "invalid choice: 'fft'"),
     (["--compile", "tvm"], "invalid choice: 'tvm'"),
     (["--passes", "eval"], "invalid choice: 'eval'"),
+    (["--static-shapes"], "--static-shapes needs --compile"),
     (["--variants", "static"], "invalid choice: 'static'"),
     (["--archs", "vgg"], "invalid choice: 'vgg'"),
 ])
