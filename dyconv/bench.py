@@ -17,16 +17,18 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
   with a random mask at ``--dynamic-ratio`` (``pad.select_dynamic`` on random scores).
 
 ``--compile [BACKEND]`` (default backend ``inductor``) times every model, the static one included,
-as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic; with
-``--static-shapes`` ``dynamic=False``: a graph per input shape). Each
-model's first call of each pass compiles it; those seconds (compile plus one run) are reported in a
-table of their own (or "failed" with the backend's error, and that pass is not timed), with the graphs dynamo compiled and the graph breaks it hit per model (from
-``torch._dynamo.utils.counters``), and the graphs compiled during the timed rounds (0 when no call
-recompiles). The PAD model is also called once uncompiled first (also when it is not timed, or not in
-every pass), so that the scheme table lists the schemes its layers choose (the same choice: a compiled
-layer runs the same cost model but records nothing). Memory on CPU is not measured when compiled ("-"): the profiler accounting above sums
-allocations at aten operator boundaries, and inductor's generated code allocates and reuses its
-buffers outside such operators, so the sum would not be the peak; on CUDA it is measured as above.
+as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic; torch
+2.14's inductor fails to compile DY-Conv's training step that way: results/measured/bench_dyconv-compile.txt)
+or, with ``--static-shapes``, ``dynamic=False`` (a graph per input shape). Each model's first call of
+each pass compiles it; those seconds (compile plus one run) are reported in a table of their own (or
+"failed" with the backend's error, and that pass is not timed), with the graphs dynamo compiled and the
+graph breaks it hit per model (from ``torch._dynamo.utils.counters``), and the graphs compiled during
+the timed rounds (0 when no call recompiles). The PAD model is also called once uncompiled first (also
+when it is not timed, or not in every pass), so that the scheme table lists the schemes its layers
+choose (the same choice: a compiled layer runs the same cost model but records nothing). Memory on CPU
+is not measured when compiled ("-"): the profiler accounting above sums allocations at aten operator
+boundaries, and inductor's generated code allocates and reuses its buffers outside such operators, so
+the sum would not be the peak; on CUDA it is measured as above.
 
 ``pad-dyconv`` is the dense training form (all kernels stored, mask applied and the static
 part folded into the kernels in every forward pass); ``pad-folded`` is its inference form
@@ -242,7 +244,8 @@ def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats
                     row[f"{label}_bytes"] = (peak_bytes(runs[(name, label)], device)
                                              if (name, label) in runs and measure_memory else None)
                 if compile_backend is not None:
-                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats.get(name, {"graphs": 0, "breaks": {}, "failures": {}}),
+                    untimed = {"graphs": 0, "breaks": {}, "failures": {}}  # a variant with no pass timed
+                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats.get(name, untimed),
                                timed_graphs=timed_graphs)
                 rows.append(row)
             schemes[(arch, size)] = scheme_rows(models["pad-dyconv"])
