@@ -17,6 +17,20 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
 * stored parameters of DY-Conv dense vs PAD compact (``pad.parameter_counts``)
   with a random mask at ``--dynamic-ratio`` (``pad.select_dynamic`` on random scores).
 
+``--compile [BACKEND]`` (default backend ``inductor``) times every model, the static one included,
+as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic; torch
+2.14's inductor fails to compile DY-Conv's training step that way: results/measured/bench_dyconv-compile.txt)
+or, with ``--static-shapes``, ``dynamic=False`` (a graph per input shape). Each model's first call of
+each pass compiles it; those seconds (compile plus one run) are reported in a table of their own (or
+"failed" with the backend's error, and that pass is not timed), with the graphs dynamo compiled and the
+graph breaks it hit per model (from ``torch._dynamo.utils.counters``), and the graphs compiled during
+the timed rounds (0 when no call recompiles). The PAD model is also called once uncompiled first (also
+when it is not timed, or not in every pass), so that the scheme table lists the schemes its layers
+choose (the same choice: a compiled layer runs the same cost model but records nothing). Memory on CPU
+is not measured when compiled ("-"): the profiler accounting above sums allocations at aten operator
+boundaries, and inductor's generated code allocates and reuses its buffers outside such operators, so
+the sum would not be the peak; on CUDA it is measured as above.
+
 ``pad-dyconv`` is the dense training form (all kernels stored, mask applied and the static
 part folded into the kernels in every forward pass); ``pad-folded`` is its inference form
 (:func:`dyconv.inference.to_inference`: folded kernels, no mask), timed in inference only.
@@ -25,7 +39,10 @@ static: where the layer takes the unit path they run as one ordinary conv, only 
 through the dynamic scheme) and ``unit-folded`` its inference form (static filters stored as one
 static weight).
 
-Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224] ...``
+``--variants`` and ``--passes`` restrict what is timed (the static model is always timed: the ratios' base).
+
+Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224]
+[--variants dyconv pad-folded] [--passes train infer] [--compile [inductor|aot_eager|eager]] ...``
 """
 from __future__ import annotations
 
@@ -38,6 +55,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
@@ -52,6 +70,12 @@ VARIANTS = (("static", "static", False, None), ("dyconv", "dyconv", False, None)
             ("pad-dyconv", "dyconv", True, "element"), ("pad-unit", "dyconv", True, "unit"))
 INFERENCE_VARIANTS = {"pad-folded": "pad-dyconv", "unit-folded": "pad-unit"}  # inference form: of which model
 PASSES = ("train", "infer", "infer1")
+VARIANT_NAMES = tuple(name for variant in VARIANTS for name in
+                      (variant[0], *(n for n, source in INFERENCE_VARIANTS.items() if source == variant[0])))
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# every variant's forward is one code object to dynamo, compiled once per model and pass (mode, grad,
+# batch 1 are guarded): more than torch's default limit of 8 graphs per code object
+RECOMPILE_LIMIT = 64
 
 
 def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0, granularity: str = "element") -> None:
@@ -137,36 +161,97 @@ def build_variants(arch: str, kernels: int, dynamic_ratio: float, scheme: str, d
     return models
 
 
-def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float,
-            kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False) -> tuple[list[dict], dict]:
-    """One row per (arch, size, variant): median seconds and peak bytes of each pass.
+def pass_runs(models: dict, x: torch.Tensor, amp: bool, passes: Sequence[str] = PASSES) -> dict:
+    """``{(variant, pass): run}`` for every variant and each of ``passes`` (no training pass of an inference
+    form)."""
+    return {(name, label): make(model, inputs, amp) for name, model in models.items()
+            for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
+                                        ("infer1", forward_pass, x[:1]))
+            if label in passes and not (label == "train" and name in INFERENCE_VARIANTS)}
 
+
+def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
+    """Calls every run of compiled models once, model by model: ``{variant: {"<pass>_compile_s": seconds
+    of the first call (compile plus one run), "graphs": graphs dynamo compiled, "breaks": {reason: count},
+    "failures": {pass: first line of the error}}}``. A pass whose compile fails (the backend raises) gets
+    ``None`` seconds and its error under ``failures``: the benchmark reports it rather than stopping."""
+    stats: dict[str, dict] = {}
+    for (name, label), run in runs.items():
+        if name not in stats:
+            dynamo_counters.clear()
+            stats[name] = {"failures": {}}
+        try:
+            stats[name][f"{label}_compile_s"] = seconds(run, device)
+        except torch._dynamo.exc.BackendCompilerFailed as err:  # (inductor raises its subclass InductorError)
+            stats[name][f"{label}_compile_s"] = None
+            cause = getattr(err, "inner_exception", None) or err  # what the backend raised
+            stats[name]["failures"][label] = f"{type(cause).__name__}: " + str(cause).strip().splitlines()[0]
+        stats[name]["graphs"] = dynamo_counters["stats"]["unique_graphs"]
+        stats[name]["breaks"] = {reason.strip().splitlines()[0]: count
+                                 for reason, count in dynamo_counters["graph_break"].items()}
+    return stats
+
+
+def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float,
+            kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False,
+            compile_backend: str | None = None, variants: Sequence[str] | None = None,
+            passes: Sequence[str] = PASSES, dynamic_shapes: bool = True) -> tuple[list[dict], dict]:
+    """One row per (arch, size, variant): median seconds and peak bytes of each of ``passes`` (``None``
+    for the others).
+
+    ``variants``: the variants timed besides ``static`` (default all of :func:`build_variants`).
+
+    ``compile_backend``: time ``torch.compile(model, backend=compile_backend, dynamic=dynamic_shapes)``; each row
+    then also has ``<pass>_compile_s``, ``graphs``, ``breaks`` (:func:`compiled_warm_up`) and
+    ``timed_graphs`` (graphs compiled during the timed rounds of its arch and size).
     Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD models' :func:`scheme_rows` at that size.
     """
     rows, schemes = [], {}
     progress = tqdm(total=len(archs) * len(sizes), desc="bench", file=sys.stderr, leave=False)
     for arch in archs:
         models = build_variants(arch, kernels, dynamic_ratio, scheme, device)
+        timed_models = {name: model for name, model in models.items()
+                        if variants is None or name == "static" or name in variants}
+        if compile_backend is not None:
+            torch._dynamo.reset()
+            timed_models = {name: torch.compile(model, backend=compile_backend, dynamic=dynamic_shapes)
+                            for name, model in timed_models.items()}
         for size in sizes:
             x = torch.randn(batch_size, 3, size, size, device=device)
             for model in models.values():  # only this size's choices recorded (made again alike: same rule)
                 set_conv_scheme(model, scheme)
-            runs = {(name, label): make(model, inputs, amp) for name, model in models.items()
-                    for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
-                                                ("infer1", forward_pass, x[:1]))
-                    if not (label == "train" and name in INFERENCE_VARIANTS)}
-            for run in runs.values():
-                run()  # warm-up: first-call allocations, kernel selection, scheme choice
+            runs = pass_runs(timed_models, x, amp, passes)
+            compile_stats = {}
+            listed = {name: models[name] for name in ("pad-dyconv", "pad-unit")}  # what the scheme table lists
+            if compile_backend is not None or any((name, label) not in runs for name in listed for label in PASSES):
+                for run in pass_runs(listed, x, amp).values():
+                    run()  # uncompiled: records the schemes and paths the scheme table lists
+            if compile_backend is None:
+                for run in runs.values():
+                    run()  # warm-up: first-call allocations, kernel selection, scheme choice
+            else:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    compile_stats = compiled_warm_up(runs, device)
+                runs = {key: run for key, run in runs.items() if key[1] not in compile_stats[key[0]]["failures"]}
+                dynamo_counters.clear()
             times = {key: [] for key in runs}
-            for _ in range(repeats):  # interleaved: load changes hit every model alike
-                for key, run in runs.items():
-                    times[key].append(seconds(run, device))
-            for name in models:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                for _ in range(repeats):  # interleaved: load changes hit every model alike
+                    for key, run in runs.items():
+                        times[key].append(seconds(run, device))
+            timed_graphs = dynamo_counters["stats"]["unique_graphs"]
+            measure_memory = compile_backend is None or device.type == "cuda"
+            for name in timed_models:
                 row = {"arch": arch, "size": size, "model": name}
                 for label in PASSES:
                     row[f"{label}_s"] = statistics.median(times[(name, label)]) if (name, label) in runs else None
                 for label in ("train", "infer"):
-                    row[f"{label}_bytes"] = peak_bytes(runs[(name, label)], device) if (name, label) in runs else None
+                    row[f"{label}_bytes"] = (peak_bytes(runs[(name, label)], device)
+                                             if (name, label) in runs and measure_memory else None)
+                if compile_backend is not None:
+                    untimed = {"graphs": 0, "breaks": {}, "failures": {}}  # a variant with no pass timed
+                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats.get(name, untimed),
+                               timed_graphs=timed_graphs)
                 rows.append(row)
             schemes[(arch, size)] = scheme_rows(models["pad-dyconv"], models["pad-unit"])
             progress.update()
@@ -198,13 +283,35 @@ def format_timing(rows: list[dict]) -> str:
     for r in rows:
         base = baseline[(r["arch"], r["size"])]
         def cell(key: str, scale: float, width: int) -> str:
-            if r[key] is None:
+            if r[key] is None or base[key] is None:
                 return f"{'-':>{width}} {'-':>6}"
             ratio = r[key] / base[key] if base[key] else float("nan")
             return f"{scale * r[key]:>{width}.1f} {ratio:>6.2f}"
 
         cells = [cell(f"{p}_s", 1e3, 9) for p in PASSES] + [cell(f"{p}_bytes", 2**-20, 10) for p in ("train", "infer")]
         lines.append(f"{r['arch']:<16} {r['size']:>5} {r['model']:<11} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def format_compile(rows: list[dict], backend: str, dynamic_shapes: bool = True) -> str:
+    """Per compiled model: seconds of the first call of each pass, graphs compiled, graph breaks."""
+    timed_graphs = sum({(r["arch"], r["size"]): r["timed_graphs"] for r in rows}.values())
+    header = (f"{'arch':<16} {'size':>5} {'model':<11} {'train s':>8} {'infer s':>8} {'infer1 s':>8} "
+              f"{'graphs':>6} {'breaks':>6}")
+    lines = [f"torch.compile(model, backend={backend!r}, dynamic={dynamic_shapes}): seconds of each pass's first call "
+             f"(compile plus one run), graphs compiled, graph breaks; graphs compiled during the timed rounds: "
+             f"{timed_graphs}", header, "-" * len(header)]
+    reasons: dict[str, int] = {}
+    failures = []
+    for r in rows:
+        cells = [f"{r[f'{p}_compile_s']:>8.1f}" if r[f"{p}_compile_s"] is not None
+                 else f"{'failed' if p in r['failures'] else '-':>8}" for p in PASSES]
+        failures += [f"  compile failed, {r['model']} {p}: {error}" for p, error in r["failures"].items()]
+        lines.append(f"{r['arch']:<16} {r['size']:>5} {r['model']:<11} {' '.join(cells)} {r['graphs']:>6} "
+                     f"{sum(r['breaks'].values()):>6}")
+        for reason, count in r["breaks"].items():
+            reasons[f"{r['model']}: {reason}"] = reasons.get(f"{r['model']}: {reason}", 0) + count
+    lines += [f"  graph break x{count}, {reason}" for reason, count in reasons.items()] + failures
     return "\n".join(lines)
 
 
@@ -275,8 +382,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="call pad.keep_freed_memory() first (glibc keeps freed memory; default: the "
                              "allocator a user's own script gets)")
     parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on CUDA")
+    parser.add_argument("--variants", nargs="+", choices=[name for name in VARIANT_NAMES if name != "static"],
+                        help="variants timed besides static (default all: "
+                             f"{' '.join(name for name in VARIANT_NAMES if name != 'static')})")
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
+                        help="passes timed (default all: train infer infer1)")
+    parser.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
+                        help="time torch.compile(model, backend=BACKEND, dynamic=True) of every model "
+                             f"(BACKEND one of {', '.join(COMPILE_BACKENDS)}; default inductor)")
     parser.add_argument("--param-archs", nargs="+", default=["resnet18", "resnet50"], choices=ARCHS,
                         help="archs of the stored-parameter table")
+    parser.add_argument("--static-shapes", action="store_true",
+                        help="with --compile: dynamic=False (a graph per input shape, no symbolic sizes)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -292,6 +409,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.kernels < 1:
         raise ValueError(f"--kernels must be >= 1, got {args.kernels}")
     pad.check_dynamic_ratio(args.dynamic_ratio)
+    if args.static_shapes and not args.compile:
+        raise ValueError("--static-shapes needs --compile")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available")
     return args
@@ -312,14 +431,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{' '.join(args.archs)}, batch {args.batch_size}, {args.repeats} repeats, device {args.device} ({name}), "
           f"K={args.kernels}, PAD dynamic ratio {args.dynamic_ratio}, scheme {args.scheme}, {allocator}"
-          + (", amp" if args.amp else ""))
+          + (", amp" if args.amp else "")
+          + (f", torch.compile backend {args.compile} dynamic={not args.static_shapes}" if args.compile else ""))
     print("time: median over interleaved rounds; x: ratio to the static model of the same arch and size; "
           "infer1: batch 1; memory: peak bytes allocated by torch above those live before the pass "
           + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda"
+             else "(not measured when compiled, see dyconv/bench.py)" if args.compile
              else "(torch.profiler, at operator boundaries)"))
     rows, schemes = measure(args.archs, args.sizes, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
-                            device, args.scheme, args.amp)
+                            device, args.scheme, args.amp, args.compile, args.variants, args.passes,
+                            not args.static_shapes)
     print(format_timing(rows))
+    if args.compile:
+        print()
+        print(format_compile(rows, args.compile, not args.static_shapes))
     print()
     print(format_schemes(schemes))
     print()

@@ -2,18 +2,21 @@
 # Cost of DY-Conv / PAD-DY-Conv (ResNet-18, MobileNetV2 x1.0) relative to static, per-layer schemes and
 # stored parameters (see dyconv/bench.py).
 # Usage: bash scripts/bench_dyconv.sh [--mini] [--sizes 112 224] [--batch-size 32] [--scheme auto|grouped|stacked|bmm]
-#                                     [--device cpu|cuda] [--amp] [--keep-freed-memory] ...
+#                                     [--device cpu|cuda] [--amp] [--keep-freed-memory] [--variants dyconv ...]
+#                                     [--passes train infer infer1] [--compile [inductor|aot_eager|eager]] ...
 # Runs twice, with the default allocator (what a user's own script gets) and after pad.keep_freed_memory()
 # (what the CLIs use), unless --keep-freed-memory is given (then only that).  The tables are printed and, when
-# the runs succeed, kept in results/measured/bench_dyconv-<mini|full>.txt.
+# the runs succeed, kept in results/measured/bench_dyconv-<mini|full>.txt (-<mini|full>-compile.txt with --compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 SCALE=full
+SUFFIX=
 ALLOCATORS=("" "--keep-freed-memory")
 for arg in "$@"; do
   [ "$arg" = --mini ] && SCALE=mini
   [ "$arg" = --keep-freed-memory ] && ALLOCATORS=("")
+  [ "$arg" = --compile ] && SUFFIX=-compile
 done
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
@@ -23,4 +26,4 @@ for allocator in "${ALLOCATORS[@]}"; do
   echo | tee -a "$tmp"
 done
 mkdir -p results/measured
-{ echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/bench_dyconv-$SCALE.txt"
+{ echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/bench_dyconv-$SCALE$SUFFIX.txt"

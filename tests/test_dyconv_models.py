@@ -338,15 +338,18 @@ def test_bench_flags_change_what_is_measured(capsys):
 
 def test_bench_forced_scheme_and_allocator_flags(capsys):
     code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "mobilenetv2_050",
-                             "--param-archs", "resnet10", "--scheme", "stacked", "--keep-freed-memory", "--amp")
+                             "--param-archs", "resnet10", "--scheme", "stacked", "--keep-freed-memory", "--amp",
+                             "--passes", "infer1")
     assert code == 0
     assert "scheme stacked, pad.keep_freed_memory(), amp" in out
     # stacked is forced wherever it is exact (every MobileNetV2 conv), grouped at batch 1 stays forced too
     (summary,) = [line for line in out.splitlines() if line.startswith("mobilenetv2_050 40 px:")]
     layers = expected_block_conv_count("mobilenetv2_050")
     assert summary == f"mobilenetv2_050 40 px: stacked {layers}; pad-unit paths: unit {layers}"  # K + 1: unit
-    assert [r[2] for r in table_rows(out, "mobilenetv2_050")[:6]] == [
-        "static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
+    timing = table_rows(out, "mobilenetv2_050")[:6]
+    assert [r[2] for r in timing] == ["static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
+    for row in timing:  # --passes infer1: only batch-1 inference timed (memory is of train and infer)
+        assert row[3:7] == ["-"] * 4 and float(row[7]) > 0 and row[9:] == ["-"] * 4
 
 
 def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
@@ -356,6 +359,100 @@ def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     full = bench.parse_args([])
     assert (full.sizes, full.repeats, full.batch_size, full.scheme, full.keep_freed_memory) == (
         [112, 224], 10, 32, "auto", False)
+    assert (full.compile, full.variants, full.passes, full.static_shapes) == (
+        None, None, ["train", "infer", "infer1"], False)
+    assert bench.parse_args(["--compile"]).compile == "inductor"
+    assert bench.parse_args(["--compile", "aot_eager", "--variants", "dyconv", "pad-folded"]).compile == "aot_eager"
+    assert bench.parse_args(["--variants", "dyconv", "pad-folded"]).variants == ["dyconv", "pad-folded"]
+
+
+def test_bench_compiled_times_the_chosen_variants_with_one_graph_per_pass(capsys):
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "resnet10",
+                             "--param-archs", "resnet10", "--variants", "pad-folded", "--compile", "eager")
+    assert code == 0
+    assert "scheme auto, default allocator, torch.compile backend eager dynamic=True\n" in out
+    assert "(not measured when compiled" in out
+    timing, compiled = [rows for rows in (table_rows(out, "resnet10")[:2], table_rows(out, "resnet10")[2:4])]
+    assert [r[2] for r in timing] == ["static", "pad-folded"]
+    for row in timing:  # times measured; memory "-" on CPU when compiled
+        assert row[-4:] == ["-"] * 4 and all(float(v) > 0 for v in row[5:9] if v != "-")
+    assert "graphs compiled during the timed rounds: 0" in out
+    # static: train, infer (eval, no_grad) and batch-1 infer are one graph each; the inference form has no
+    # training pass; no graph break
+    assert [(r[2], r[-2], r[-1]) for r in compiled] == [("static", "3", "0"), ("pad-folded", "2", "0")]
+    assert compiled[1][3] == "-" and all(float(v) > 0 for v in compiled[0][3:6] + compiled[1][4:6])
+    assert "graph break x" not in out
+    # the scheme table still lists the PAD model's layers (called once uncompiled)
+    (summary,) = [line for line in out.splitlines() if line.startswith("resnet10 40 px:")]
+    schemes, paths = summary.split(":", 1)[1].split("; pad-unit paths:")
+    assert sum(int(part.split()[-1]) for part in schemes.split(",")) == expected_block_conv_count("resnet10")
+    assert sum(int(part.split()[-1]) for part in paths.split(",")) == expected_block_conv_count("resnet10")
+
+
+def test_bench_static_shapes_compiles_with_dynamic_false(capsys, monkeypatch):
+    compiled_with = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **options):
+        compiled_with.append(options)
+        return real_compile(model, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    code, out, _ = run_bench(capsys, "--batch-size", "2", "--sizes", "40", "--archs", "resnet10", "--param-archs",
+                             "resnet10", "--variants", "pad-folded", "--passes", "infer", "--compile", "eager",
+                             "--static-shapes")
+    assert code == 0
+    assert compiled_with == [{"backend": "eager", "dynamic": False}] * 2  # static and pad-folded
+    assert out.splitlines()[0].endswith(", torch.compile backend eager dynamic=False")
+    assert "torch.compile(model, backend='eager', dynamic=False)" in out
+    assert [r[-2:] for r in table_rows(out, "resnet10")[2:4]] == [["1", "0"], ["1", "0"]]
+
+
+def test_compiled_warm_up_counts_graphs_and_graph_breaks():
+    class Halves(nn.Module):  # a graph break between two linear layers: two graphs per compiled call
+        def __init__(self, graph_break):
+            super().__init__()
+            self.first, self.second, self.graph_break = nn.Linear(4, 4), nn.Linear(4, 2), graph_break
+
+        def forward(self, x):
+            y = self.first(x)
+            if self.graph_break:
+                torch._dynamo.graph_break()
+            return self.second(y)
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 4)
+    models = {name: torch.compile(Halves(name == "broken"), backend="eager")
+              for name in ("whole", "broken")}
+    stats = bench.compiled_warm_up(bench.pass_runs(models, x, amp=False), torch.device("cpu"))
+    assert stats["whole"]["graphs"] == 3 and stats["whole"]["breaks"] == {}
+    assert stats["broken"]["graphs"] == 6
+    ((reason, count),) = stats["broken"]["breaks"].items()
+    assert count == 3 and "graph_break" in reason
+    assert all(stats[name][f"{p}_compile_s"] > 0 for name in models for p in bench.PASSES)
+    rows = [{"arch": "toy", "size": 4, "model": name, "timed_graphs": 0, **stats[name]} for name in models]
+    report = bench.format_compile(rows, "eager")
+    assert [line.split()[-2:] for line in report.splitlines()[3:5]] == [["3", "0"], ["6", "3"]]
+    assert report.splitlines()[-1] == f"  graph break x3, broken: {reason}"
+
+
+def test_compiled_warm_up_reports_a_failed_compile_and_goes_on():
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no kernel for this graph")
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 4)
+    models = {"fails": torch.compile(nn.Linear(4, 2), backend=failing_backend),
+              "works": torch.compile(nn.Linear(4, 2), backend="eager")}
+    stats = bench.compiled_warm_up(bench.pass_runs(models, x, amp=False), torch.device("cpu"))
+    assert [stats["fails"][f"{p}_compile_s"] for p in bench.PASSES] == [None] * 3
+    assert set(stats["fails"]["failures"]) == set(bench.PASSES)
+    assert set(stats["fails"]["failures"].values()) == {"RuntimeError: no kernel for this graph"}
+    assert stats["works"]["failures"] == {} and all(stats["works"][f"{p}_compile_s"] > 0 for p in bench.PASSES)
+    rows = [{"arch": "toy", "size": 4, "model": name, "timed_graphs": 0, **stats[name]} for name in models]
+    report = bench.format_compile(rows, "custom").splitlines()
+    assert report[3].split()[3:6] == ["failed"] * 3
+    assert report[-1] == "  compile failed, fails infer1: RuntimeError: no kernel for this graph"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -365,6 +462,10 @@ def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     (["--threads", "0"], "--threads must be >= 1"),
     (["--kernels", "0"], "--kernels must be >= 1"),
     (["--scheme", "fft"], "invalid choice: 'fft'"),
+    (["--compile", "tvm"], "invalid choice: 'tvm'"),
+    (["--passes", "eval"], "invalid choice: 'eval'"),
+    (["--static-shapes"], "--static-shapes needs --compile"),
+    (["--variants", "static"], "invalid choice: 'static'"),
     (["--archs", "vgg"], "invalid choice: 'vgg'"),
 ])
 def test_bench_bad_input_is_one_line(capsys, argv, message):
