@@ -181,16 +181,24 @@ def unit_pad_model(conv, seed=0, arch="resnet10"):
     from dyconv.models import build_model
     torch.manual_seed(seed)
     model = build_model(arch, conv, pad=True, temperature=1.0, small_input=True, in_channels=1, num_classes=5)
-    banks = dict(pad.weight_banks(model))
-    generator = torch.Generator().manual_seed(seed)
+    generator = random_unit_mask(model, seed, "global")
     with torch.no_grad():
-        pad.select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
-                           0.3, "global", granularity="unit")
-        for i, bank in enumerate(banks.values()):
-            bank.scale.phi.fill_(0.1 * (i % 5) - 0.2)
         model.train()
         model(torch.randn(3, 1, 12, 12, generator=generator))
     return model.eval()
+
+
+@torch.no_grad()
+def random_unit_mask(model, seed, scope) -> torch.Generator:
+    """Masks ``model`` at unit granularity from random scores (30% of positions dynamic, ``scope``) and sets
+    phi != 0 per bank; returns the generator, seeded with ``seed``, for the caller's further draws."""
+    banks = dict(pad.weight_banks(model))
+    generator = torch.Generator().manual_seed(seed)
+    pad.select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
+                       0.3, scope, granularity="unit")
+    for i, bank in enumerate(banks.values()):
+        bank.scale.phi.fill_(0.1 * (i % 5) - 0.2)
+    return generator
 
 
 @pytest.mark.parametrize("conv, arch", [("dyconv", "resnet10"), ("odconv", "resnet10"), ("condconv", "resnet10"),
@@ -283,13 +291,7 @@ def unit_model(arch, scheme="auto", seed=0):
     torch.manual_seed(seed)
     model = build_model(arch, "dyconv", pad=True, small_input=True, in_channels=1, num_classes=5, conv_scheme=scheme,
                         temperature=2.0)
-    banks = dict(pad.weight_banks(model))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        pad.select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
-                           0.3, "local", granularity="unit")
-        for i, bank in enumerate(banks.values()):
-            bank.scale.phi.fill_(0.1 * (i % 5) - 0.2)
+    random_unit_mask(model, seed, "local")
     return model.eval()
 
 
