@@ -317,6 +317,7 @@ def test_models_take_the_unit_path_where_the_rule_says():
         layer = dict(resnet.named_modules())[name]
         if layer.kernel_size > 1:
             assert chosen["single@" + chosen_key(name, resnet)] == chosen["batch@" + chosen_key(name, resnet)], name
+        assert chosen["single@" + chosen_key(name, resnet)] == batch1_path(layer, chosen_key(name, resnet)), name
     mobilenet = unit_model("mobilenetv2_050")
     with torch.no_grad():
         mobilenet(torch.randn(2, 1, 28, 28))
@@ -328,6 +329,16 @@ def test_models_take_the_unit_path_where_the_rule_says():
         assert chosen["batch@" + chosen_key(name, mobilenet)] == "element", name
         if modules[name].depthwise:
             assert chosen["single@" + chosen_key(name, mobilenet)] == "element", name
+        assert chosen["single@" + chosen_key(name, mobilenet)] == batch1_path(modules[name], chosen_key(name, mobilenet))
+
+
+def batch1_path(layer, size):
+    """The path the rule gives ``layer`` at batch 1 (``grouped``) for input size ``"HxW"``."""
+    height, width = map(int, size.split("x"))
+    out_pixels = layer._out_pixels(torch.empty(1, 1, height, width))
+    unit = prefers_unit_path("grouped", layer.num_kernels, layer.in_channels // layer.groups, layer.kernel_size,
+                             out_pixels)
+    return "unit" if unit else "element"
 
 
 def chosen_key(name, model):
