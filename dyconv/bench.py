@@ -41,12 +41,20 @@ static weight).
 
 ``--variants`` and ``--passes`` restrict what is timed (the static model is always timed: the ratios' base).
 
+``--layers`` times the dynamic convs one by one instead of the models (:func:`layer_costs`): each layer
+of PAD-DY-Conv (random element mask) on the input it gets inside the model, forward + backward in
+training mode, under every scheme exact for it, under ``auto``, and the same layer of DY-Conv under
+``auto``, each against an ordinary ``nn.Conv2d`` of the same shape on the same input. It shows which
+layers hold a model's ratio back, and the floor of choosing per layer among the schemes (the sum over
+layers of each layer's fastest scheme).
+
 Usage: ``python -m dyconv.bench [--mini] [--archs resnet18 mobilenetv2_100] [--sizes 112 224]
-[--variants dyconv pad-folded] [--passes train infer] [--compile [inductor|aot_eager|eager]] ...``
+[--variants dyconv pad-folded] [--passes train infer] [--compile [inductor|aot_eager|eager]] [--layers] ...``
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -63,7 +71,7 @@ import pad
 from .inference import to_inference
 from .layers import conv_schemes, dynamic_convs, set_conv_scheme
 from .models import ARCHS, build_model
-from .schemes import POLICIES
+from .schemes import POLICIES, SCHEMES, applicable_schemes
 
 # (name, conv, pad, partition granularity)
 VARIANTS = (("static", "static", False, None), ("dyconv", "dyconv", False, None),
@@ -275,6 +283,106 @@ def parameter_rows(archs: Sequence[str], dynamic_ratio: float, kernels: int) -> 
     return rows
 
 
+def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Size]:
+    """``{name: input shape}`` of every dynamic conv of ``model`` in a training-mode forward pass of ``x``."""
+    shapes, hooks = {}, []
+
+    def record(name: str):
+        def hook(_, args) -> None:
+            shapes.setdefault(name, args[0].shape)
+        return hook
+
+    for name, layer in dynamic_convs(model):
+        hooks.append(layer.register_forward_pre_hook(record(name)))
+    try:
+        model.train()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _layer_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).sum().backward()
+    return run
+
+
+def layer_costs(arch: str, size: int, batch_size: int, repeats: int, dynamic_ratio: float, kernels: int,
+                device: torch.device) -> list[dict]:
+    """One row per dynamic conv of ``arch`` at ``size`` px: median seconds of its training step (forward +
+    backward of ``out.sum()``, the input requiring grad) as an ordinary ``nn.Conv2d`` (``static_s``), as the
+    PAD-DY-Conv layer under each exact scheme (``schemes: {scheme: s}``) and under ``auto``
+    (``auto_s``, ``auto``: the scheme it chose), and as the DY-Conv layer under ``auto`` (``dyconv_s``);
+    interleaved rounds, on a random input of the shape the layer gets in the model."""
+    torch.manual_seed(0)
+    pad_model = build_model(arch, "dyconv", True, kernels=kernels).to(device)
+    set_random_mask(pad_model, dynamic_ratio)
+    dy_model = build_model(arch, "dyconv", False, kernels=kernels).to(device)
+    shapes = layer_inputs(pad_model, torch.randn(batch_size, 3, size, size, device=device))
+    dy_layers = dict(dynamic_convs(dy_model))
+    rows = []
+    for name, layer in dynamic_convs(pad_model):
+        x = torch.randn(shapes[name], device=device, requires_grad=True)
+        static = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                           layer.dilation, layer.groups, bias=False).to(device)
+        forced = {}
+        for scheme in applicable_schemes(layer.kernel_size, has_spatial=False):
+            copy_ = copy.deepcopy(layer)
+            set_conv_scheme(copy_, scheme)
+            forced[scheme] = copy_
+        auto = copy.deepcopy(layer)
+        set_conv_scheme(auto, "auto")
+        runs = {"static": _layer_step(static, x), "auto": _layer_step(auto, x),
+                "dyconv": _layer_step(dy_layers[name], x), **{s: _layer_step(m, x) for s, m in forced.items()}}
+        for run in runs.values():
+            run()  # warm-up; records auto's choice
+        times = {key: [] for key in runs}
+        for _ in range(repeats):
+            for key, run in runs.items():
+                times[key].append(seconds(run, device))
+        median = {key: statistics.median(values) for key, values in times.items()}
+        rows.append({"arch": arch, "size": size, "name": name, "input": tuple(shapes[name][-2:]),
+                     "shape": (f"{layer.kernel_size}x{layer.kernel_size} {layer.in_channels}->{layer.out_channels}"
+                               + (" dw" if layer.groups > 1 else "") + (f" /{layer.stride}" if layer.stride > 1 else "")),
+                     "static_s": median["static"], "auto_s": median["auto"], "dyconv_s": median["dyconv"],
+                     "auto": next(iter(auto.chosen_schemes.values())),
+                     "schemes": {s: median[s] for s in forced}})
+    return rows
+
+
+def format_layer_costs(rows: list[dict]) -> str:
+    """Per layer: the static conv's ms, each scheme's and auto's ratio to it, DY-Conv's, and the layer's share
+    of the summed static time; per (arch, size) the sums (a model's dynamic convs alone, nothing else)."""
+    header = (f"{'layer':<28} {'shape':<18} {'in':>7} {'static ms':>9} {'share':>6} "
+              + " ".join(f"{s:>8}" for s in SCHEMES) + f" {'auto':>8} {'chose':>8} {'dyconv':>8}")
+    lines = ["training step (forward + backward) of each dynamic conv alone, ratio to an ordinary conv of its shape; "
+             "PAD-DY-Conv (random element mask) under each scheme and auto, DY-Conv under auto; share: of the summed "
+             "static time"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["arch"], row["size"]), []).append(row)
+    for (arch, size), layer_rows in groups.items():
+        static_total = sum(r["static_s"] for r in layer_rows)
+        lines += [f"{arch} {size} px", header, "-" * len(header)]
+        for r in layer_rows:
+            cells = " ".join(f"{r['schemes'][s] / r['static_s']:>7.2f}x" if s in r["schemes"] else f"{'-':>8}"
+                             for s in SCHEMES)
+            lines.append(f"{r['name']:<28} {r['shape']:<18} {r['input'][0]:>3}x{r['input'][1]:<3} "
+                         f"{1e3 * r['static_s']:>9.2f} {r['static_s'] / static_total:>6.1%} {cells} "
+                         f"{r['auto_s'] / r['static_s']:>7.2f}x {r['auto']:>8} {r['dyconv_s'] / r['static_s']:>7.2f}x")
+        auto, dyconv = sum(r["auto_s"] for r in layer_rows), sum(r["dyconv_s"] for r in layer_rows)
+        best = sum(min(r["schemes"].values()) for r in layer_rows)
+        lines.append(f"sum over the {len(layer_rows)} dynamic convs: static {1e3 * static_total:.1f} ms; PAD auto "
+                     f"{auto / static_total:.2f}x, PAD with each layer's fastest scheme {best / static_total:.2f}x, "
+                     f"DY-Conv auto {dyconv / static_total:.2f}x")
+    return "\n".join(lines)
+
+
 def format_timing(rows: list[dict]) -> str:
     header = (f"{'arch':<16} {'size':>5} {'model':<11} {'train ms':>9} {'x':>6} {'infer ms':>9} {'x':>6} "
               f"{'infer1 ms':>9} {'x':>6} {'train MiB':>10} {'x':>6} {'infer MiB':>10} {'x':>6}")
@@ -394,6 +502,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="archs of the stored-parameter table")
     parser.add_argument("--static-shapes", action="store_true",
                         help="with --compile: dynamic=False (a graph per input shape, no symbolic sizes)")
+    parser.add_argument("--layers", action="store_true",
+                        help="time each dynamic conv alone under every scheme instead of the models")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -411,6 +521,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     pad.check_dynamic_ratio(args.dynamic_ratio)
     if args.static_shapes and not args.compile:
         raise ValueError("--static-shapes needs --compile")
+    if args.layers and (args.compile or args.amp or args.variants or args.scheme != "auto"
+                        or args.passes != list(PASSES)):
+        raise ValueError("--layers times every scheme of each layer's training step in float32, eagerly: it takes "
+                         "none of --compile, --amp, --variants, --scheme, --passes")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available")
     return args
@@ -433,6 +547,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"K={args.kernels}, PAD dynamic ratio {args.dynamic_ratio}, scheme {args.scheme}, {allocator}"
           + (", amp" if args.amp else "")
           + (f", torch.compile backend {args.compile} dynamic={not args.static_shapes}" if args.compile else ""))
+    if args.layers:
+        print("time: median over interleaved rounds; x: ratio to an ordinary conv of the layer's shape on the same input")
+        rows = [row for arch in args.archs for size in args.sizes
+                for row in layer_costs(arch, size, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
+                                       device)]
+        print(format_layer_costs(rows))
+        return 0
     print("time: median over interleaved rounds; x: ratio to the static model of the same arch and size; "
           "infer1: batch 1; memory: peak bytes allocated by torch above those live before the pass "
           + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda"

@@ -12,7 +12,7 @@ from torch import nn
 
 import pad
 from dyconv import bench
-from dyconv.layers import CONVS, CondConv2d, DynamicConv2d, ODConv2d
+from dyconv.layers import CONVS, CondConv2d, DynamicConv2d, ODConv2d, dynamic_convs
 from dyconv.models import ARCHS, build_model, count_flops, count_parameters
 
 torch.set_num_threads(1)
@@ -352,6 +352,35 @@ def test_bench_forced_scheme_and_allocator_flags(capsys):
         assert row[3:7] == ["-"] * 4 and float(row[7]) > 0 and row[9:] == ["-"] * 4
 
 
+def test_bench_layers_times_every_dynamic_conv_under_each_exact_scheme(capsys):
+    code, out, _ = run_bench(capsys, "--layers", "--batch-size", "2", "--sizes", "40", "--archs", "resnet10",
+                             "--kernels", "2")
+    assert code == 0
+    assert "scheme auto" in out and "execution scheme per layer" not in out  # no model tables
+    names = [name for name, _ in dynamic_convs(build_model("resnet10", "dyconv"))]
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names}
+    assert list(rows) == names  # one line per dynamic conv, in model order
+    header = out.splitlines()[out.splitlines().index("resnet10 40 px") + 1].split()
+    assert header[-6:] == ["grouped", "stacked", "bmm", "auto", "chose", "dyconv"]
+    for name, row in rows.items():
+        inputs, static_ms, share, grouped, stacked, bmm, auto, chose, dyconv = row[-9:]
+        assert (bmm != "-") == ("1x1" in row)  # bmm only where it is exact
+        assert all(float(c.rstrip("x")) > 0 for c in (grouped, stacked, auto, dyconv, static_ms))
+        # auto ran the choice the scheme table reports: bmm for 1x1, stacked at 2x2 (layer4, K = 2 at 40 px)
+        if "1x1" in row:
+            assert chose == "bmm"
+        elif name.startswith("layer4"):
+            assert chose == "stacked"
+    assert rows["layer1.0.conv1"][-9] == "10x10" and rows["layer4.0.conv2"][-9] == "2x2"
+    statics = [float(row[-8]) for row in rows.values()]
+    shares = [float(row[-7].rstrip("%")) for row in rows.values()]
+    assert sum(shares) == pytest.approx(100, abs=0.1 * len(shares))  # shares of the summed static time
+    assert shares.index(max(shares)) == statics.index(max(statics))
+    (total,) = [line for line in out.splitlines() if line.startswith("sum over the")]
+    assert total.startswith(f"sum over the {len(names)} dynamic convs: static ")
+    assert float(total.split("static ")[1].split(" ms")[0]) == pytest.approx(sum(statics), abs=0.01 * len(statics))
+
+
 def test_bench_mini_measures_112_px_at_batch_8_with_two_repeats():
     args = bench.parse_args(["--mini"])
     assert (args.sizes, args.repeats, args.batch_size, args.archs) == ([112], 2, 8, ["resnet18", "mobilenetv2_100"])
@@ -467,6 +496,9 @@ def test_compiled_warm_up_reports_a_failed_compile_and_goes_on():
     (["--static-shapes"], "--static-shapes needs --compile"),
     (["--variants", "static"], "invalid choice: 'static'"),
     (["--archs", "vgg"], "invalid choice: 'vgg'"),
+    (["--layers", "--compile"], "--layers times every scheme"),
+    (["--layers", "--scheme", "stacked"], "takes none of --compile, --amp, --variants, --scheme, --passes"),
+    (["--layers", "--passes", "train"], "--layers times every scheme"),
 ])
 def test_bench_bad_input_is_one_line(capsys, argv, message):
     assert bench.main(argv) == 2
