@@ -95,7 +95,9 @@ def forward_backward(model, inputs):
 def time_once(model, fn, inputs, min_run_time: float) -> float:
     """Median seconds of ``fn(model, inputs)`` (``torch.utils.benchmark.Timer.blocked_autorange``)."""
     from torch.utils.benchmark import Timer  # imported here: its import logs a CUDA warning on CPU machines
-    timer = Timer("fn(model, inputs)", globals={"fn": fn, "model": model, "inputs": inputs})
+    # (Timer runs with one thread unless told otherwise; the table reports the process's thread count)
+    timer = Timer("fn(model, inputs)", globals={"fn": fn, "model": model, "inputs": inputs},
+                  num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

@@ -536,6 +536,23 @@ def test_bench_cli_measures_the_four_models_with_the_given_settings(tiny_bert_di
     assert rows["dense"]["ffn_params_dense"] == layers * (2 * weight + hidden + inner)
 
 
+def test_bench_times_with_the_threads_it_reports():
+    from moe import bench
+    seen = []
+
+    def record(model, inputs):
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench.time_once(None, record, None, min_run_time=0.001)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
+
+
 def test_bench_mini_defaults_and_explicit_flags():
     from moe import bench
     args = bench.parse_args(["--mini"])
