@@ -62,9 +62,7 @@ class InferenceWeights(nn.Module):
         routing sums to 1, and :func:`to_inference` stores DY-Conv's kernels folded already)."""
         if self.training:
             raise RuntimeError("an inference-form model is eval only; train the PAD model it was made from")
-        if fold and self.static is not None:
-            return self.kernels + self.static, None
-        return self.kernels, self.static
+        return _terms(self.kernels, self.static, fold)
 
 
 class InferenceUnitWeights(nn.Module):
@@ -98,7 +96,14 @@ class InferenceUnitWeights(nn.Module):
         kernels = split.kernels.new_zeros(self.num_kernels, *self.static_shape).index_copy_(1, split.dynamic,
                                                                                            split.kernels)
         static = split.weight.new_zeros(self.static_shape).index_copy_(0, split.static, split.weight)
-        return (kernels + static, None) if fold else (kernels, static)
+        return _terms(kernels, static, fold)
+
+
+def _terms(kernels: torch.Tensor, static: torch.Tensor | None, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(kernels, static)``, or with ``fold`` ``(kernels + static, None)`` (``static`` broadcast over the ``K`` kernels)."""
+    if fold and static is not None:
+        return kernels + static, None
+    return kernels, static
 
 
 @torch.no_grad()
