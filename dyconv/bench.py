@@ -332,9 +332,8 @@ def layer_costs(arch: str, size: int, batch_size: int, repeats: int, dynamic_rat
                            layer.dilation, layer.groups, bias=False).to(device)
         forced = {}
         for scheme in applicable_schemes(layer.kernel_size, has_spatial=False):
-            copy_ = copy.deepcopy(layer)
-            set_conv_scheme(copy_, scheme)
-            forced[scheme] = copy_
+            forced[scheme] = copy.deepcopy(layer)
+            set_conv_scheme(forced[scheme], scheme)
         auto = copy.deepcopy(layer)
         set_conv_scheme(auto, "auto")
         runs = {"static": _layer_step(static, x), "auto": _layer_step(auto, x),
@@ -347,8 +346,7 @@ def layer_costs(arch: str, size: int, batch_size: int, repeats: int, dynamic_rat
                 times[key].append(seconds(run, device))
         median = {key: statistics.median(values) for key, values in times.items()}
         rows.append({"arch": arch, "size": size, "name": name, "input": tuple(shapes[name][-2:]),
-                     "shape": (f"{layer.kernel_size}x{layer.kernel_size} {layer.in_channels}->{layer.out_channels}"
-                               + (" dw" if layer.groups > 1 else "") + (f" /{layer.stride}" if layer.stride > 1 else "")),
+                     "shape": layer_shape(layer),
                      "static_s": median["static"], "auto_s": median["auto"], "dyconv_s": median["dyconv"],
                      "auto": next(iter(auto.chosen_schemes.values())),
                      "schemes": {s: median[s] for s in forced}})
@@ -423,13 +421,18 @@ def format_compile(rows: list[dict], backend: str, dynamic_shapes: bool = True) 
     return "\n".join(lines)
 
 
+def layer_shape(layer: nn.Module) -> str:
+    """A dynamic conv's shape as the tables print it, e.g. ``"3x3 64->128 /2"`` or ``"3x3 96->96 dw"``."""
+    return (f"{layer.kernel_size}x{layer.kernel_size} {layer.in_channels}->{layer.out_channels}"
+            + (" dw" if layer.groups > 1 else "") + (f" /{layer.stride}" if layer.stride > 1 else ""))
+
+
 def scheme_rows(model: nn.Module, unit_model: nn.Module) -> list[dict]:
     """Every dynamic conv of ``model``: name, shape, the schemes it chose and the paths the same layer of
     ``unit_model`` (a unit mask) took (:func:`conv_schemes`)."""
     recorded, unit = conv_schemes(model), conv_schemes(unit_model)
     return [{"name": name, "chosen": recorded[name]["chosen"], "paths": unit[name]["paths"],
-             "shape": f"{layer.kernel_size}x{layer.kernel_size} {layer.in_channels}->{layer.out_channels}"
-                      + (" dw" if layer.groups > 1 else "") + (f" /{layer.stride}" if layer.stride > 1 else "")}
+             "shape": layer_shape(layer)}
             for name, layer in dynamic_convs(model)]
 
 
