@@ -8,6 +8,8 @@
 #   --seeds N    runs per row, seeds 0 .. N-1 (or SEEDS=N; the flag wins). Default: 3 with --mini, else 1.
 #   --jobs N     runs at once (or JOBS=N; default 1). With N > 1 each run's output goes to
 #                <row>/seed<k>.log beside its folder; set OMP_NUM_THREADS so that N x threads fit the cores.
+#   --pipeline P only the rows of one pipeline: dyconv (image rows), glue (text rows) or all (default; or
+#                PIPELINE=P). The table then holds only those rows and the comparisons between them.
 # Runs land in runs/<script>-<full|mini|smoke>/<row>/seed<k> (RUNS_ROOT replaces runs/, RUNS the whole
 # folder), tables in results/measured/ (RESULTS overrides the folder). A finished run
 # (summary.json / all_results.json) is not run again and an interrupted dyconv run resumes from its
@@ -21,6 +23,7 @@ MINI=0
 SMOKE=0
 SEEDS_FLAG=
 JOBS_FLAG=
+PIPELINE_FLAG=
 while [ $# -gt 0 ]; do
   case "$1" in
     --mini) MINI=1 ;;
@@ -31,7 +34,10 @@ while [ $# -gt 0 ]; do
     --jobs)
       [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
       JOBS_FLAG=$2; shift ;;
-    *) echo "error: unknown argument $1 (expected --mini, --smoke, --seeds N, --jobs N)" >&2; exit 2 ;;
+    --pipeline)
+      [ $# -ge 2 ] || { echo "error: --pipeline needs dyconv, glue or all" >&2; exit 2; }
+      PIPELINE_FLAG=$2; shift ;;
+    *) echo "error: unknown argument $1 (expected --mini, --smoke, --seeds N, --jobs N, --pipeline P)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -41,13 +47,18 @@ SEEDS=${SEEDS_FLAG:-${SEEDS:-$([ "$MINI" = 1 ] && echo 3 || echo 1)}}
 if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
 JOBS=${JOBS_FLAG:-${JOBS:-1}}
 if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must be a positive integer, got '$JOBS'" >&2; exit 2; fi
+PIPELINE=${PIPELINE_FLAG:-${PIPELINE:-all}}
+case "$PIPELINE" in
+  dyconv|glue|all) ;;
+  *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
+esac
 SCRIPT=$(basename "$0" .sh)
 RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}
 PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$SCALE" = full ] && echo 0 || echo 1)}
-COMMAND="bash scripts/$SCRIPT.sh$([ "$SCALE" = full ] || echo " --$SCALE") --seeds $SEEDS"
+COMMAND="bash scripts/$SCRIPT.sh$([ "$SCALE" = full ] || echo " --$SCALE") --seeds $SEEDS$([ "$PIPELINE" = all ] || echo " --pipeline $PIPELINE")"
 ROWS=()
 COMPARE_ARGS=()
 if [ "$SMOKE" = 1 ]; then
@@ -129,6 +140,7 @@ same_run() {
 # --smoke trains CONFIG for one step. One run per seed in $RUNS/ROW/seed<k>.
 dyconv_run() {
   local row=$1 config=$2; shift 2
+  [ "$PIPELINE" != glue ] || return 0
   ROWS+=("$RUNS/$row")
   local k out resume args
   for ((k = 0; k < SEEDS; k++)); do
@@ -155,6 +167,7 @@ dyconv_run() {
 # there becomes one warm-up step of two), --mini configs/glue/minilm_quick.json.
 glue_run() {
   local row=$1 task=$2 moe=$3; shift 3
+  [ "$PIPELINE" != dyconv ] || return 0
   ROWS+=("$RUNS/$row")
   local config k out args
   config=configs/glue/bert_base_$([ "$moe" = none ] && echo dense || echo "$moe").json
@@ -182,21 +195,37 @@ glue_run() {
   done
 }
 
+# has_row NAME: whether a row NAME (or an average of that name) is part of this table; with --pipeline the
+# other pipeline's rows are not, and neither are the comparisons and averages that need them.
+AVERAGES=()
+has_row() {
+  local row
+  for row in "${ROWS[@]}"; do [ "$(basename "$row")" = "$1" ] && return 0; done
+  for row in "${AVERAGES[@]}"; do [ "$row" = "$1" ] && return 0; done
+  return 1
+}
+
 # compare ROW_A ROW_B: the summary reports ROW_A - ROW_B (top-1 or GLUE task score), paired by seed.
 compare() {
+  has_row "$1" && has_row "$2" || return 0
   COMPARE_ARGS+=(--compare "$1" "$2")
 }
 
 # glue_average NAME ROW...: a row NAME whose per-seed score is the mean of the rows' task scores.
 glue_average() {
+  local row
+  for row in "${@:2}"; do has_row "$row" || return 0; done
+  AVERAGES+=("$1")
   COMPARE_ARGS+=(--average "$@")
 }
 
 # summarize TITLE: prints the table of every row and comparison and writes it to
-# $RESULTS/<script>-<full|mini>.md (--smoke: to $RUNS/summary.md; smoke numbers mean nothing).
+# $RESULTS/<script>-<full|mini>.md (with --pipeline dyconv|glue: <script>-<scale>-<pipeline>.md; --smoke: to
+# $RUNS/summary.md; smoke numbers mean nothing).
 summarize() {
   finish_runs
-  local table=$RESULTS/$SCRIPT-$SCALE.md
+  [ ${#ROWS[@]} -gt 0 ] || { echo "== $SCRIPT: no $PIPELINE rows; no table written"; return 0; }
+  local table=$RESULTS/$SCRIPT-$SCALE$([ "$PIPELINE" = all ] || echo "-$PIPELINE").md
   [ "$SMOKE" = 1 ] && table=$RUNS/summary.md
   "$PY" scripts/summarize.py "${ROWS[@]}" --seeds "$SEEDS" "${COMPARE_ARGS[@]}" --title "$1" \
     --command "$COMMAND" --output "$table"

@@ -2,14 +2,16 @@
 # The CPU-scale evidence: every table and ablation script with --mini and several seeds, then the
 # figures. Resumable: rerun it after an interruption and finished runs are skipped (an unfinished
 # dyconv run resumes from its last epoch's checkpoint, a GLUE run restarts).
-#   bash scripts/mini_suite.sh [--seeds N] [--jobs N]   (or SEEDS=N, default 3; JOBS=N runs at once, default 1,
-#   each run's output then in runs/<script>-mini/<row>/seed<k>.log; e.g. JOBS=2 OMP_NUM_THREADS=1 on 2 cores)
+#   bash scripts/mini_suite.sh [--seeds N] [--jobs N] [--pipeline dyconv|glue|all]   (or SEEDS=N, default 3;
+#   JOBS=N runs at once, default 1, each run's output then in <row>/seed<k>.log; e.g. JOBS=2 OMP_NUM_THREADS=1
+#   on 2 cores; PIPELINE=P runs only the image or only the text rows, default all)
 # Runs go to runs/<script>-mini/<row>/seed<k> (RUNS_ROOT replaces runs/), tables to results/measured/
 # (RESULTS), figures to results/figures/ (FIGURES). results/README.md says what the numbers show.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-3}
 JOBS=${JOBS:-1}
+PIPELINE=${PIPELINE:-all}
 while [ $# -gt 0 ]; do
   case "$1" in
     --seeds)
@@ -18,18 +20,26 @@ while [ $# -gt 0 ]; do
     --jobs)
       [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
       JOBS=$2; shift ;;
-    *) echo "error: unknown argument $1 (expected --seeds N, --jobs N)" >&2; exit 2 ;;
+    --pipeline)
+      [ $# -ge 2 ] || { echo "error: --pipeline needs dyconv, glue or all" >&2; exit 2; }
+      PIPELINE=$2; shift ;;
+    *) echo "error: unknown argument $1 (expected --seeds N, --jobs N, --pipeline P)" >&2; exit 2 ;;
   esac
   shift
 done
 if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
 if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must be a positive integer, got '$JOBS'" >&2; exit 2; fi
-export SEEDS JOBS
+case "$PIPELINE" in
+  dyconv|glue|all) ;;
+  *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
+esac
+export SEEDS JOBS PIPELINE
 unset RUNS  # each script keeps its own folder under RUNS_ROOT
 for script in table1_imagenet_dyconv table_dynamic_convs table2_glue_moe ablation_scale_factors \
               ablation_partition ablation_dynamic_ratio ablation_moe_layers ablation_granularity; do
-  echo "=== $script --mini --seeds $SEEDS --jobs $JOBS"
-  bash "scripts/$script.sh" --mini --seeds "$SEEDS" --jobs "$JOBS"
+  echo "=== $script --mini --seeds $SEEDS --jobs $JOBS --pipeline $PIPELINE"
+  bash "scripts/$script.sh" --mini --seeds "$SEEDS" --jobs "$JOBS" --pipeline "$PIPELINE"
 done
+[ "$PIPELINE" = all ] || exit 0  # the figures need both pipelines' runs
 .venv/bin/python scripts/figures.py --runs "${RUNS_ROOT:-runs}" --scale mini --seeds "$SEEDS" \
   --output "${FIGURES:-results/figures}"
