@@ -19,7 +19,5 @@ compare "$arch-pad0.3-kernel" "$arch-pad0.3-element"
 compare "$arch-pad0.3-unit" "$arch-pad0.3-element"
 compare rte-pad-unit rte-pad-element
 summarize "Partition granularity: element / kernel / unit ($SCALE)"
-COST_TABLE=$RESULTS/$SCRIPT-$SCALE.md
-[ "$SMOKE" = 1 ] && COST_TABLE=$RUNS/summary.md
-"$PY" scripts/cost_table.py "${ROWS[@]}" --seeds "$SEEDS" --title "Stored parameters and time per training step" \
-  --output "$COST_TABLE"
+[ -z "$TABLE" ] || "$PY" scripts/cost_table.py "${ROWS[@]}" --seeds "$SEEDS" \
+  --title "Stored parameters and time per training step" --output "$TABLE"

@@ -1,7 +1,7 @@
 # Shared by the table and ablation scripts: `source scripts/lib.sh "$@"`.
 #   (no flag)    full scale: IMAGENET=/path/with/train+val (dyconv); GLUE from the hub, or GLUE_DIR=/path/to/glue_data.
 #   --mini       CPU scale: Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml) and the embedded
-#                GLUE-style tasks with all-MiniLM-L6-v2 (configs/glue/minilm_quick.json).
+#                GLUE-style tasks with all-MiniLM-L6-v2 (configs/glue/minilm_mini.json).
 #   --smoke      every FULL-SCALE row with its real config (ImageNet recipe at 224 px / 1000 classes,
 #                bert-base settings on the embedded MiniLM) for one step of batch 2 on IMAGENET=... and
 #                GLUE_DIR=... (tiny folders; the tests generate them). Checks that the full-scale paths run.
@@ -164,7 +164,7 @@ dyconv_run() {
 
 # glue_run ROW TASK MOE [run_glue.py flags...]: MOE is none | moe | pad; full scale and --smoke use
 # configs/glue/bert_base_{dense,moe,pad}.json (--smoke on the embedded MiniLM; a warm-up partition
-# there becomes one warm-up step of two), --mini configs/glue/minilm_quick.json.
+# there becomes one warm-up step of two), --mini configs/glue/minilm_mini.json.
 glue_run() {
   local row=$1 task=$2 moe=$3; shift 3
   [ "$PIPELINE" != dyconv ] || return 0
@@ -175,7 +175,7 @@ glue_run() {
     out=$RUNS/$row/seed$k
     [ -f "$out/all_results.json" ] && continue
     if [ "$MINI" = 1 ]; then
-      args=(configs/glue/minilm_quick.json --glue_dir data/glue --task_name "$task" --moe "$moe" "$@" --seed "$k"
+      args=(configs/glue/minilm_mini.json --glue_dir data/glue --task_name "$task" --moe "$moe" "$@" --seed "$k"
             --output_dir "$out" --overwrite_output_dir)
     elif [ "$SMOKE" = 1 ]; then
       local warmup
@@ -222,11 +222,13 @@ glue_average() {
 # summarize TITLE: prints the table of every row and comparison and writes it to
 # $RESULTS/<script>-<full|mini>.md (with --pipeline dyconv|glue: <script>-<scale>-<pipeline>.md; --smoke: to
 # $RUNS/summary.md; smoke numbers mean nothing).
+# It sets TABLE to the file written (empty where there were no rows), for a script that adds to it.
+TABLE=
 summarize() {
   finish_runs
   [ ${#ROWS[@]} -gt 0 ] || { echo "== $SCRIPT: no $PIPELINE rows; no table written"; return 0; }
-  local table=$RESULTS/$SCRIPT-$SCALE$([ "$PIPELINE" = all ] || echo "-$PIPELINE").md
-  [ "$SMOKE" = 1 ] && table=$RUNS/summary.md
+  TABLE=$RESULTS/$SCRIPT-$SCALE$([ "$PIPELINE" = all ] || echo "-$PIPELINE").md
+  [ "$SMOKE" = 1 ] && TABLE=$RUNS/summary.md
   "$PY" scripts/summarize.py "${ROWS[@]}" --seeds "$SEEDS" "${COMPARE_ARGS[@]}" --title "$1" \
-    --command "$COMMAND" --output "$table"
+    --command "$COMMAND" --output "$TABLE"
 }

@@ -5,8 +5,11 @@
 #   bash scripts/mini_suite.sh [--seeds N] [--jobs N] [--pipeline dyconv|glue|all]   (or SEEDS=N, default 3;
 #   JOBS=N runs at once, default 1, each run's output then in <row>/seed<k>.log; e.g. JOBS=2 OMP_NUM_THREADS=1
 #   on 2 cores; PIPELINE=P runs only the image or only the text rows, default all)
-# Runs go to runs/<script>-mini/<row>/seed<k> (RUNS_ROOT replaces runs/), tables to results/measured/
-# (RESULTS), figures to results/figures/ (FIGURES). results/README.md says what the numbers show.
+# Runs go to results/runs/<script>-mini/<row>/seed<k> (RUNS_ROOT replaces results/runs/), tables to
+# results/measured/ (RESULTS), figures to results/figures/ (FIGURES). results/README.md says what the numbers
+# show. results/runs/.gitignore keeps each run's records (summary.json / all_results.json, partition.json,
+# TensorBoard events, logs) and drops its checkpoints and weights: committed, the records are what the tables
+# and figures are computed from, and what a later checkout continues from (finished runs are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-3}
@@ -34,6 +37,7 @@ case "$PIPELINE" in
   *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
 esac
 export SEEDS JOBS PIPELINE
+export RUNS_ROOT=${RUNS_ROOT:-results/runs}
 unset RUNS  # each script keeps its own folder under RUNS_ROOT
 for script in table1_imagenet_dyconv table_dynamic_convs table2_glue_moe ablation_scale_factors \
               ablation_partition ablation_dynamic_ratio ablation_moe_layers ablation_granularity; do
@@ -41,5 +45,5 @@ for script in table1_imagenet_dyconv table_dynamic_convs table2_glue_moe ablatio
   bash "scripts/$script.sh" --mini --seeds "$SEEDS" --jobs "$JOBS" --pipeline "$PIPELINE"
 done
 [ "$PIPELINE" = all ] || exit 0  # the figures need both pipelines' runs
-.venv/bin/python scripts/figures.py --runs "${RUNS_ROOT:-runs}" --scale mini --seeds "$SEEDS" \
+.venv/bin/python scripts/figures.py --runs "$RUNS_ROOT" --scale mini --seeds "$SEEDS" \
   --output "${FIGURES:-results/figures}"

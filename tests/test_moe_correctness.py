@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[1]
-PAD_CONFIGS = ["bert_base_pad.json", "minilm_quick.json"]
+PAD_CONFIGS = ["bert_base_pad.json", "minilm_quick.json", "minilm_mini.json"]
 
 
 @pytest.fixture

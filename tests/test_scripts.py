@@ -85,13 +85,16 @@ def fake_run(run: Path, row: str, seed: int) -> float:
 # ---------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --smoke, --seeds N, --jobs N)"),
+    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --smoke, --seeds N, --jobs N, --pipeline P)"),
     (["--mini", "--jobs", "0"], {}, "error: the number of jobs must be a positive integer, got '0'"),
     (["--mini"], {"JOBS": "x"}, "error: the number of jobs must be a positive integer, got 'x'"),
     (["--mini", "--smoke"], {}, "error: --mini and --smoke exclude each other"),
     (["--mini", "--seeds", "0"], {}, "error: the number of seeds must be a positive integer, got '0'"),
     (["--mini"], {"SEEDS": "two"}, "error: the number of seeds must be a positive integer, got 'two'"),
     (["--mini", "--seeds"], {}, "error: --seeds needs a number"),
+    (["--mini", "--pipeline", "images"], {}, "error: the pipeline must be dyconv, glue or all, got 'images'"),
+    (["--mini"], {"PIPELINE": "moe"}, "error: the pipeline must be dyconv, glue or all, got 'moe'"),
+    (["--mini", "--pipeline"], {}, "error: --pipeline needs dyconv, glue or all"),
 ])
 def test_bad_flags_are_one_error_line(args, env, message):
     result = run_script("table_dynamic_convs", *args, env=env)
@@ -131,6 +134,39 @@ def test_seeds_env_and_flag(tmp_path):
     ok = run_script("ablation_moe_layers", "--mini", "--seeds", "1", env={**env, "SEEDS": "3"})
     assert ok.returncode == 0, ok.stderr
     assert "| rte-pad-both - rte-moe-both | " in ok.stdout and "- (one seed)" in ok.stdout
+
+
+@pytest.mark.parametrize("pipeline, via_env", [("dyconv", False), ("glue", True)])
+def test_pipeline_runs_and_compares_only_its_rows(tmp_path, pipeline, via_env):
+    """--pipeline (or PIPELINE=): only that pipeline's rows are run and tabled, with only the comparisons
+    between them, in a table of its own; the other pipeline's missing runs are not attempted."""
+    rows = SCRIPTS["ablation_scale_factors"][1]
+    own = [r for r in rows if is_glue_row(r) == (pipeline == "glue")]
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for row in own:
+        for seed in range(2):
+            fake_run(runs / row / f"seed{seed}", row, seed)
+    flags, env = (["--pipeline", pipeline], {}) if not via_env else ([], {"PIPELINE": pipeline})
+    result = run_script("ablation_scale_factors", "--mini", "--seeds", "2", *flags,
+                        env={"RUNS": str(runs), "RESULTS": str(results), **env})
+    assert result.returncode == 0, result.stderr
+    assert "== " not in result.stdout  # nothing started: the other pipeline's runs are missing and not run
+    assert [p.name for p in results.iterdir()] == [f"ablation_scale_factors-mini-{pipeline}.md"]
+    table = (results / f"ablation_scale_factors-mini-{pipeline}.md").read_text()
+    assert f"`bash scripts/ablation_scale_factors.sh --mini --seeds 2 --pipeline {pipeline}`" in table
+    for row in rows:
+        assert (f"| {row} | " in table) == (row in own)
+    compared = [l for l in table.splitlines() if l.startswith("| ") and " - " in l.split(" | ")[0]]
+    assert len(compared) == 3 and all(l.split(" - ")[0].lstrip("| ") in own for l in compared)
+
+
+def test_pipeline_of_a_script_without_its_rows(tmp_path):
+    """A text-only script with --pipeline dyconv runs nothing and writes no table."""
+    result = run_script("ablation_moe_layers", "--mini", "--pipeline", "dyconv",
+                        env={"RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results")})
+    assert result.returncode == 0, result.stderr
+    assert "no dyconv rows; no table written" in result.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
 def test_paired_differences_of_a_declared_comparison(tmp_path):
@@ -288,8 +324,24 @@ def test_mini_suite_resumes_and_writes_tables_and_figures(tmp_path):
     assert not (tmp_path / "ignored").exists()
 
 
+def test_mini_suite_one_pipeline(tmp_path):
+    """--pipeline glue: the text rows of every script, each in a table of its own; no figures."""
+    runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
+    fake_suite(runs, 2)
+    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--seeds", "2", "--pipeline", "glue"],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with_text = [s for s, (_, rows) in SCRIPTS.items() if any(is_glue_row(r) for r in rows)]
+    assert sorted(p.name for p in results.iterdir()) == sorted(f"{s}-mini-glue.md" for s in with_text)
+    assert "resnet10" not in "".join(p.read_text() for p in results.iterdir())
+    assert not figures_dir.exists()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--mini"], "error: unknown argument --mini (expected --seeds N, --jobs N)"),
+    (["--mini"], "error: unknown argument --mini (expected --seeds N, --jobs N, --pipeline P)"),
+    (["--pipeline", "text"], "error: the pipeline must be dyconv, glue or all, got 'text'"),
     (["--jobs", "two"], "error: the number of jobs must be a positive integer, got 'two'"),
     (["--seeds", "-1"], "error: the number of seeds must be a positive integer, got '-1'"),
 ])
