@@ -317,3 +317,33 @@ def test_eval_fold_is_cached_until_a_bank_tensor_changes():
         layer(x)
         layer(x)
     assert len(calls) == 1 + 4 * 2 + 2  # training mode folds every pass
+
+
+@pytest.mark.parametrize("kind, scheme", [("condconv", "grouped"), ("condconv", "stacked"), ("dyconv", "grouped"),
+                                          ("dyconv", "stacked"), ("odconv", "grouped")])
+def test_compiled_layer_traces_once_for_every_batch_size(kind, scheme):
+    """torch.compile(dynamic=True) traces a PAD layer once: batch sizes 3, 5 and 4 reuse the graph (no
+    recompile, no graph break), and the compiled layer's outputs and gradients equal the eager layer's."""
+    layer = build(kind, "3x3_stride1", True, scheme).train()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=counting_backend, dynamic=True, fullgraph=True)
+    for batch in (3, 5, 4):
+        x = torch.randn(batch, 6, 7, 7)
+        layer.zero_grad()
+        expected = layer(x)
+        expected.square().sum().backward()
+        eager_grads = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+        layer.zero_grad()
+        out = compiled(x)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, expected)
+        for got, want in zip([p.grad for p in layer.parameters() if p.grad is not None], eager_grads):
+            torch.testing.assert_close(got, want)
+    assert len(graphs) == 1
+    torch._dynamo.reset()
