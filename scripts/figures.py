@@ -133,13 +133,23 @@ def per_layer_ratios(row_dir: Path, seeds: int) -> tuple[list[str], np.ndarray, 
 
 # ---------------------------------------------------------------- figures
 
+def pipeline_panels(folder: Path, pipelines: tuple, figure_width: float):
+    """``[(ax, *pipeline)]`` for the pipelines (``(row prefix, ...)`` tuples) that have rows in ``folder``,
+    one panel each (a suite run with ``--pipeline`` has one pipeline's rows only); none is an error."""
+    present = [p for p in pipelines if rows_matching(folder, p[0])]
+    if not present:
+        raise InputError(f"{folder}: no rows of " + " or ".join(f"{p[0]}*" for p in pipelines))
+    fig, axes = plt.subplots(1, len(present), figsize=(figure_width * len(present) / len(pipelines), 4),
+                             squeeze=False)
+    return fig, [(ax, *p) for ax, p in zip(axes[0], present)]
+
+
 def figure_ratio(runs: Path, scale: str, seeds: int, path: Path) -> None:
     folder = script_dir(runs, "ablation_dynamic_ratio", scale)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, prefix, label in ((axes[0], "resnet", "PAD-DY-Conv, top-1 (%)"), (axes[1], "rte-pad", "PAD-MoE, RTE accuracy (%)")):
+    fig, panels = pipeline_panels(folder, (("resnet", "PAD-DY-Conv, top-1 (%)"),
+                                           ("rte-pad", "PAD-MoE, RTE accuracy (%)")), 10)
+    for ax, prefix, label in panels:
         row_dirs = rows_matching(folder, prefix)
-        if not row_dirs:
-            raise InputError(f"{folder}: no {prefix}* rows")
         rows = [summarize.load_row(d, seeds) for d in row_dirs]
         x, mean, std = ratio_curve(rows, [achieved_ratio(d, seeds) for d in row_dirs])
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=4)
@@ -151,10 +161,9 @@ def figure_ratio(runs: Path, scale: str, seeds: int, path: Path) -> None:
 
 def figure_lambdas(runs: Path, scale: str, seeds: int, path: Path) -> None:
     folder = script_dir(runs, "ablation_scale_factors", scale)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pipelines = ((axes[0], "resnet", "pad/lambda_{}_mean", "epoch", "PAD-DY-Conv"),
-                 (axes[1], "rte-pad", "train/lambda_{}", "optimizer step", "PAD-MoE (RTE)"))
-    for ax, prefix, tag, xlabel, title in pipelines:
+    fig, panels = pipeline_panels(folder, (("resnet", "pad/lambda_{}_mean", "epoch", "PAD-DY-Conv"),
+                                           ("rte-pad", "train/lambda_{}", "optimizer step", "PAD-MoE (RTE)")), 11)
+    for ax, prefix, tag, xlabel, title in panels:
         for variant, color in zip(SCALE_VARIANTS, ("C0", "C1", "C2", "C3")):
             matches = [d for d in rows_matching(folder, prefix) if d.name.endswith(f"-scale-{variant}")]
             if len(matches) != 1:

@@ -162,3 +162,23 @@ def test_missing_runs_are_one_error_line(runs, tmp_path, args, message):
     if message is not None:
         assert result.stderr == message.format(runs=runs) + "\n"
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_one_pipeline_gets_one_panel(runs, tmp_path, monkeypatch):
+    """A suite run with --pipeline dyconv has only image rows in the ablations: the ratio and lambda figures
+    draw the image panel alone; a folder with neither pipeline's rows is one error line."""
+    import shutil
+    only_images = tmp_path / "runs"
+    for script in ("ablation_dynamic_ratio-mini", "ablation_scale_factors-mini"):
+        shutil.copytree(runs / script, only_images / script, ignore=shutil.ignore_patterns("rte-*"))
+    real_subplots, grids = figures.plt.subplots, []
+    monkeypatch.setattr(figures.plt, "subplots", lambda *a, **k: (grids.append(a[:2]), real_subplots(*a, **k))[1])
+    for name, maker in (("ratio", figures.figure_ratio), ("lambdas", figures.figure_lambdas)):
+        maker(only_images, "mini", SEEDS, tmp_path / f"{name}.png")
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.format == "PNG"
+    assert grids == [(1, 1), (1, 1)]  # one panel each
+    for row in (only_images / "ablation_dynamic_ratio-mini").iterdir():
+        shutil.rmtree(row)
+    with pytest.raises(figures.InputError, match="no rows of resnet\\* or rte-pad\\*"):
+        figures.figure_ratio(only_images, "mini", SEEDS, tmp_path / "none.png")
