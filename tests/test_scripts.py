@@ -410,3 +410,20 @@ def test_a_row_shared_by_two_scripts_runs_once_and_is_linked(tmp_path):
     assert result.stdout.strip().endswith("rc=1"), result.stdout + result.stderr
     assert not link.is_symlink() and not link.exists()
     assert (root / ".shared-mini" / key).read_text().strip() == str(link)
+
+
+def test_committed_run_records_keep_results_and_drop_weights():
+    """results/runs/.gitignore (the suite's runs): the records of a run are committed, its weights are not."""
+    run = "results/runs/table1_imagenet_dyconv-mini/resnet10-static/seed0"
+    kept = [f"{run}/summary.json", f"{run}.log", f"{run}/tb/events.out.tfevents.1.host.2.0",
+            "results/runs/table2_glue_moe-mini/rte-pad/seed0/all_results.json",
+            "results/runs/table2_glue_moe-mini/rte-pad/seed0/partition.json",
+            "results/runs/table2_glue_moe-mini/rte-pad/seed0/runs/Dec03_host/events.out.tfevents.1.host.2.0",
+            "results/runs/.shared-mini/0123456789abcdef"]
+    dropped = [f"{run}/checkpoint.pt", f"{run}/best.pt", f"{run}/model_compact.safetensors",
+               "results/runs/table2_glue_moe-mini/rte-pad/seed0/model.safetensors",
+               "results/runs/table2_glue_moe-mini/rte-pad/seed0/config.json",
+               "results/runs/table2_glue_moe-mini/rte-pad/seed0/checkpoint-8/trainer_state.json", "runs/x/summary.json"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *kept, *dropped], capture_output=True, text=True,
+                            cwd=REPO)
+    assert sorted(result.stdout.split()) == sorted(dropped)
