@@ -19,39 +19,11 @@
 # 95% t-interval, and writes the table to $RESULTS/<script>-<scale>.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-MINI=0
-SMOKE=0
-SEEDS_FLAG=
-JOBS_FLAG=
-PIPELINE_FLAG=
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --mini) MINI=1 ;;
-    --smoke) SMOKE=1 ;;
-    --seeds)
-      [ $# -ge 2 ] || { echo "error: --seeds needs a number" >&2; exit 2; }
-      SEEDS_FLAG=$2; shift ;;
-    --jobs)
-      [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
-      JOBS_FLAG=$2; shift ;;
-    --pipeline)
-      [ $# -ge 2 ] || { echo "error: --pipeline needs dyconv, glue or all" >&2; exit 2; }
-      PIPELINE_FLAG=$2; shift ;;
-    *) echo "error: unknown argument $1 (expected --mini, --smoke, --seeds N, --jobs N, --pipeline P)" >&2; exit 2 ;;
-  esac
-  shift
-done
+source scripts/flags.sh
+parse_flags "--mini, --smoke, --seeds N, --jobs N, --pipeline P" "$@"
 if [ "$MINI" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --mini and --smoke exclude each other" >&2; exit 2; fi
 SCALE=$([ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; })
-SEEDS=${SEEDS_FLAG:-${SEEDS:-$([ "$MINI" = 1 ] && echo 3 || echo 1)}}
-if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
-JOBS=${JOBS_FLAG:-${JOBS:-1}}
-if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must be a positive integer, got '$JOBS'" >&2; exit 2; fi
-PIPELINE=${PIPELINE_FLAG:-${PIPELINE:-all}}
-case "$PIPELINE" in
-  dyconv|glue|all) ;;
-  *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
-esac
+settle_flags "$([ "$MINI" = 1 ] && echo 3 || echo 1)"
 SCRIPT=$(basename "$0" .sh)
 RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}

@@ -12,30 +12,9 @@
 # and figures are computed from, and what a later checkout continues from (finished runs are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SEEDS=${SEEDS:-3}
-JOBS=${JOBS:-1}
-PIPELINE=${PIPELINE:-all}
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --seeds)
-      [ $# -ge 2 ] || { echo "error: --seeds needs a number" >&2; exit 2; }
-      SEEDS=$2; shift ;;
-    --jobs)
-      [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
-      JOBS=$2; shift ;;
-    --pipeline)
-      [ $# -ge 2 ] || { echo "error: --pipeline needs dyconv, glue or all" >&2; exit 2; }
-      PIPELINE=$2; shift ;;
-    *) echo "error: unknown argument $1 (expected --seeds N, --jobs N, --pipeline P)" >&2; exit 2 ;;
-  esac
-  shift
-done
-if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
-if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must be a positive integer, got '$JOBS'" >&2; exit 2; fi
-case "$PIPELINE" in
-  dyconv|glue|all) ;;
-  *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
-esac
+source scripts/flags.sh
+parse_flags "--seeds N, --jobs N, --pipeline P" "$@"
+settle_flags 3
 export SEEDS JOBS PIPELINE
 export RUNS_ROOT=${RUNS_ROOT:-results/runs}
 unset RUNS  # each script keeps its own folder under RUNS_ROOT

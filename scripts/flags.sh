@@ -1,0 +1,40 @@
+# The flags that scripts/lib.sh (every table and ablation script) and scripts/mini_suite.sh share:
+#   source scripts/flags.sh; parse_flags "USAGE" "$@"; settle_flags DEFAULT_SEEDS
+# parse_flags reads --seeds N, --jobs N, --pipeline P, and --mini / --smoke where USAGE (the list of flags
+# the error line for an unknown argument names) names them; settle_flags sets SEEDS, JOBS and PIPELINE from
+# the flags, else the environment (SEEDS=, JOBS=, PIPELINE=), else the defaults (DEFAULT_SEEDS, 1, all), and
+# checks them. Bad input: one error line, exit status 2.
+parse_flags() {
+  local usage=$1; shift
+  MINI=0 SMOKE=0 SEEDS_FLAG= JOBS_FLAG= PIPELINE_FLAG=
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --mini|--smoke)
+        [[ "$usage" == *"$1"* ]] || { echo "error: unknown argument $1 (expected $usage)" >&2; exit 2; }
+        if [ "$1" = --mini ]; then MINI=1; else SMOKE=1; fi ;;
+      --seeds)
+        [ $# -ge 2 ] || { echo "error: --seeds needs a number" >&2; exit 2; }
+        SEEDS_FLAG=$2; shift ;;
+      --jobs)
+        [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
+        JOBS_FLAG=$2; shift ;;
+      --pipeline)
+        [ $# -ge 2 ] || { echo "error: --pipeline needs dyconv, glue or all" >&2; exit 2; }
+        PIPELINE_FLAG=$2; shift ;;
+      *) echo "error: unknown argument $1 (expected $usage)" >&2; exit 2 ;;
+    esac
+    shift
+  done
+}
+
+settle_flags() {
+  SEEDS=${SEEDS_FLAG:-${SEEDS:-$1}}
+  if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of seeds must be a positive integer, got '$SEEDS'" >&2; exit 2; fi
+  JOBS=${JOBS_FLAG:-${JOBS:-1}}
+  if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: the number of jobs must be a positive integer, got '$JOBS'" >&2; exit 2; fi
+  PIPELINE=${PIPELINE_FLAG:-${PIPELINE:-all}}
+  case "$PIPELINE" in
+    dyconv|glue|all) ;;
+    *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
+  esac
+}
