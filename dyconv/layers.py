@@ -24,7 +24,7 @@ weights and one grouped conv; ``stacked``: one conv over the K stacked kernels, 
 mixed by the routing; ``bmm``: 1x1 convs as a batched matmul).  ``scheme`` (``auto`` or
 a scheme's name, forced where exact) picks it; ``auto`` uses the cost model of
 :func:`dyconv.schemes.choose_scheme` (batch 1: grouped; 1x1: bmm; otherwise the cheaper
-of grouped, ``1 + 0.1 (C/g) k^2 / (H' W')`` static convs, and stacked, ``K + 1``; memory
+of grouped, ``1 + 0.2 (C/g) k^2 / (H' W')`` static convs, and stacked, ``K + 1``; memory
 break-even ``(C/g) k^2 = K H' W'``).  Each choice is recorded in ``chosen_schemes``
 (keyed by batch class and input size) and saved with :func:`conv_schemes` /
 :func:`restore_conv_schemes`, so a resumed or re-evaluated run computes with the same
@@ -213,12 +213,12 @@ class _RoutedConv2d(nn.Module):
 
     Scheme choice (``scheme="auto"``, :func:`dyconv.schemes.choose_scheme`): ``grouped`` at
     batch 1 (one plain conv), ``bmm`` for 1x1 kernels, otherwise the cheaper, in static-conv
-    units of forward + backward, of ``grouped`` ``1 + 0.1 (C/g) k^2 / (H' W')`` (per-sample
+    units of forward + backward, of ``grouped`` ``1 + 0.2 (C/g) k^2 / (H' W')`` (per-sample
     weights ``B |W|``, a poorly parallel grouped conv) and ``stacked`` ``K + 1`` (K x the MACs,
     ``K B O H' W'`` outputs); ``stacked`` needs no spatial attention.  Memory break-even:
-    ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 10 K H' W'``) lies above it,
-    so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (issue 7's
-    single-layer timings); ``scheme=<name>`` forces one where it is exact.
+    ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 5 K H' W'``) lies above it,
+    so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (single-layer
+    timings of ResNet-18 and of the ``--mini`` ResNet-10, see :mod:`dyconv.schemes`); ``scheme=<name>`` forces one where it is exact.
 
     Path choice of a unit-structured PAD layer (:meth:`unit_split` not ``None``),
     :func:`dyconv.schemes.prefers_unit_path`: the *element* path runs the whole layer by its scheme,
@@ -227,7 +227,7 @@ class _RoutedConv2d(nn.Module):
     *unit* path runs the static filters as one ordinary conv and only the dynamic ones by the
     scheme, saving ``(static share) (c - 1)`` but adding an ``index_select`` and a ``cat`` of the
     outputs (and, depthwise, of the inputs) and a second call's fixed costs.  So the unit path is
-    taken where ``c >= 1.5`` (``stacked``, or ``grouped`` with ``(C/g) k^2 >= 5 H' W'``), never on
+    taken where ``c >= 1.5`` (``stacked``, or ``grouped`` with ``(C/g) k^2 >= 2.5 H' W'``), never on
     1x1 ``bmm`` or depthwise layers (``c ~ 1``).  The path does not depend on the batch size, so the
     eval caches of a batch-32 and a batch-1 call are the same.  A layer without dynamic filters is
     one static conv: unit path.

@@ -33,11 +33,16 @@ import torch.nn.functional as F
 SCHEMES = ("grouped", "stacked", "bmm")
 POLICIES = ("auto",) + SCHEMES
 
-# Cost model, in units of the layer's static conv (forward + backward), fitted on CPU
-# (one thread, K = 4, batch 32, 3x3 layers of ResNet-18; issue 7):
-#   grouped ~ 1 + GROUPED_OVERHEAD * (C/g) k^2 / (H' W')   (0.96x at 64 ch/56 px ... 9.9x at 512 ch/7 px)
-#   stacked ~ K + 1                                         (about 5x everywhere at K = 4)
-GROUPED_OVERHEAD = 0.1
+# Cost model, in units of the layer's static conv (forward + backward), fitted on CPU with the default
+# allocator (K = 4; the 3x3 convs of ResNet-18 at batch 32, results/measured/bench_dyconv-full-layers.txt, and of
+# the --mini suite's ResNet-10 at width 16, 28 px, batch 64, one thread):
+#   grouped ~ 1 + GROUPED_OVERHEAD * (C/g) k^2 / (H' W')   (1.2x at 64 ch/28x28 ... 5.5x at 128 ch/7x7,
+#                                                            14x at 64 ch/4x4, 18x at 256 ch/4x4)
+#   stacked ~ K + 1                                         (3.3x to 6x everywhere at K = 4)
+# The coefficient is the smallest that picks the faster of the two for every measured layer where they differ
+# by more than 10% (0.1, fitted on ResNet-18's layers alone, kept grouped on 7x7 and 4x4 outputs of 64-128
+# input channels, where it costs 1.6x-4x stacked).
+GROUPED_OVERHEAD = 0.2
 
 # Unit-structured PAD layers (issue 9): the two exact ways of computing one (see ``prefers_unit_path``)
 PATHS = ("element", "unit")
@@ -210,10 +215,10 @@ def choose_scheme(policy: str, applicable: tuple[str, ...], batch: int, kernels:
     ``policy`` names a scheme to force it (``grouped`` where it is not exact for the
     layer); ``auto``: ``grouped`` at batch 1 (one plain conv), ``bmm`` for 1x1 convs,
     otherwise the cheaper of ``grouped`` and ``stacked`` by :func:`modelled_cost`.  At
-    ``K = 4`` ``stacked`` wins once ``(C/g) k^2 > 40 H' W'`` (ResNet-18's 512-channel 7x7
-    stage at 224 px, its 256- and 512-channel stages at 112 px); the memory break-even,
-    ``(C/g) k^2 = K H' W'``, lies lower, so ``auto`` never picks ``stacked`` where it would
-    also cost more memory.  The choice depends on the batch only through ``batch == 1``.
+    ``K = 4`` ``stacked`` wins once ``(C/g) k^2 > 20 H' W'`` (ResNet-18's convs with 7x7 or
+    smaller outputs and 128 or more input channels: from ``layer4`` at 224 px, from ``layer3`` at
+    112 px); the memory break-even, ``(C/g) k^2 = K H' W'``, lies lower, so ``auto`` never picks
+    ``stacked`` where it would also cost more memory.  The choice depends on the batch only through ``batch == 1``.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown conv scheme {policy!r}; expected one of {POLICIES}")
@@ -243,8 +248,8 @@ def prefers_unit_path(scheme: str, kernels: int, in_per_group: int, kernel_size:
     scheme's fixed per-call costs).  It saves ``s (c - 1)``: nothing where ``c ~ 1`` (1x1 convs by
     ``bmm``, depthwise and other grouped convs with many output pixels) while its own work remains.  So it is taken only where the scheme
     costs clearly more than a static conv, ``c >= UNIT_PATH_MIN_COST`` (1.5): ``stacked``, or
-    ``grouped`` with ``(C/g) k^2 >= 5 H' W'`` (ResNet-18's 3x3 convs with 128 or more input
-    channels in ``layer3`` and ``layer4`` at 224 px, also in ``layer2`` at 112 px; no MobileNetV2
+    ``grouped`` with ``(C/g) k^2 >= 2.5 H' W'`` (ResNet-18's 3x3 convs with 128 or more input
+    channels in ``layer3`` and ``layer4`` at 224 px, from ``layer2`` on at 112 px; no MobileNetV2
     layer).  Both paths are exact.
     """
     return modelled_cost(scheme, kernels, in_per_group, kernel_size, out_pixels) >= UNIT_PATH_MIN_COST

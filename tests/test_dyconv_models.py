@@ -304,7 +304,7 @@ def test_bench_flags_change_what_is_measured(capsys):
     listing = out.split("execution scheme per layer")[1].split("stored parameters")[0]
     at_40, at_64 = listing.split("resnet10 64 px:")
     assert "resnet10 40 px: bmm 3, grouped 2, stacked 6; pad-unit paths: element 3, unit 8" in at_40
-    assert at_64.startswith(" bmm 3, grouped 4, stacked 4; pad-unit paths: element 5, unit 6")
+    assert at_64.startswith(" bmm 3, grouped 3, stacked 5; pad-unit paths: element 5, unit 6")  # 128 ch onto 8x8: stacked
 
     def layer_line(part, name):
         (line,) = [line.split() for line in part.splitlines() if line.split()[:1] == [name]]
@@ -312,15 +312,15 @@ def test_bench_flags_change_what_is_measured(capsys):
 
     assert layer_line(at_40, "layer4.0.conv2")[2:] == ["512->512", "in", "2x2", "stacked", "/", "grouped",
                                                        "path", "unit", "/", "unit"]
-    # layer1: 64 channels, (C/g) k^2 = 576 >= 5 H'W' = 500 at 10x10, not at 16x16
+    # layer1: 64 channels, (C/g) k^2 = 576 >= 2.5 H'W' = 250 at 10x10, not at 16x16 (640)
     # (at batch 1 by the same rule: the per-sample weight still mixes the K kernels)
     assert layer_line(at_40, "layer1.0.conv1")[4:] == ["10x10", "grouped", "/", "grouped", "path", "unit", "/",
                                                        "unit"]
     assert layer_line(at_64, "layer1.0.conv1")[4:] == ["16x16", "grouped", "/", "grouped", "path", "element", "/",
                                                        "element"]
     assert layer_line(at_64, "layer2.0.downsample.0")[6:] == ["bmm", "/", "grouped", "path", "element", "/",
-                                                              "element"]  # 1 + 0.1 * 64 / 64 < 1.5
-    # 1x1 at batch 1: grouped with 128 input channels on 4x4 outputs, 1 + 0.1 * 128 / 16 >= 1.5
+                                                              "element"]  # 1 + 0.2 * 64 / 64 < 1.5
+    # 1x1 at batch 1: grouped with 128 input channels on 4x4 outputs, 1 + 0.2 * 128 / 16 >= 1.5
     assert layer_line(at_64, "layer3.0.downsample.0")[6:] == ["bmm", "/", "grouped", "path", "element", "/", "unit"]
     (params,) = [r for r in table_rows(out, "resnet10") if r[1].replace(",", "").isdigit() and "," in r[1]]
     static, dyconv, dense, compact = (int(v.replace(",", "")) for v in params[1:5])

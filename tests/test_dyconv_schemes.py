@@ -173,7 +173,13 @@ def test_cost_model_choices():
                                        (256, 14 * 14, "grouped"), (512, 7 * 7, "stacked")):
         assert choose_scheme("auto", ("grouped", "stacked"), 32, 4, channels, 3, pixels) == expected
     assert modelled_cost("stacked", 4, 512, 3, 49) == 5.0
-    assert modelled_cost("grouped", 4, 512, 3, 49) == pytest.approx(1 + 0.1 * 512 * 9 / 49)
+    # at 112 px: stacked from layer3 on (128 -> 256 channels onto 7x7 outputs: 1 + 0.2 * 1152 / 49 > 5)
+    assert choose_scheme("auto", ("grouped", "stacked"), 32, 4, 128, 3, 7 * 7) == "stacked"
+    assert choose_scheme("auto", ("grouped", "stacked"), 32, 4, 128, 3, 14 * 14) == "grouped"
+    # the --mini ResNet-10 at width 16, 28 px: layer4.0.conv1 (64 channels onto 4x4) stacked, layer3's grouped
+    assert choose_scheme("auto", ("grouped", "stacked"), 64, 4, 64, 3, 4 * 4) == "stacked"
+    assert choose_scheme("auto", ("grouped", "stacked"), 64, 4, 64, 3, 7 * 7) == "grouped"
+    assert modelled_cost("grouped", 4, 512, 3, 49) == pytest.approx(1 + 0.2 * 512 * 9 / 49)
     assert choose_scheme("auto", ("grouped", "stacked"), 1, 4, 512, 3, 49) == "grouped"
     assert choose_scheme("auto", ("grouped", "stacked", "bmm"), 32, 4, 512, 1, 49) == "bmm"
     assert choose_scheme("stacked", ("grouped",), 32, 4, 512, 3, 49) == "grouped"

@@ -269,11 +269,13 @@ def test_bench_unit_variant_has_a_unit_structured_mask_at_the_ratio():
 @pytest.mark.parametrize("scheme, in_per_group, kernel_size, out_pixels, unit", [
     ("bmm", 512, 1, 49, False),          # 1x1 as a batched matmul: costs a static conv
     ("grouped", 1, 3, 49, False),        # depthwise 3x3 (MobileNetV2), even at 7x7
-    ("grouped", 1, 3, 4, False),         # ... and at 2x2: 1 + 0.9 / 4 < 1.5
+    ("grouped", 1, 3, 4, False),         # ... and at 2x2: 1 + 1.8 / 4 < 1.5
     ("grouped", 64, 3, 56 * 56, False),  # shallow 3x3 (ResNet layer1 at 224 px): ~1.02
-    ("grouped", 128, 3, 28 * 28, False), # ResNet layer2 at 224 px: ~1.15
-    ("grouped", 256, 3, 14 * 14, True),  # deep 3x3 (ResNet layer3 at 224 px): ~2.2
-    ("grouped", 128, 3, 14 * 14, True),  # (C/g) k^2 = 1152 >= 5 H'W' = 980
+    ("grouped", 128, 3, 28 * 28, False), # ResNet layer2 at 224 px: ~1.29
+    ("grouped", 256, 3, 14 * 14, True),  # deep 3x3 (ResNet layer3 at 224 px): ~3.4
+    ("grouped", 128, 3, 14 * 14, True),  # (C/g) k^2 = 1152 >= 2.5 H'W' = 490
+    ("grouped", 64, 3, 14 * 14, True),   # 576 >= 490
+    ("grouped", 64, 3, 16 * 16, False),  # 576 < 640
     ("grouped", 512, 3, 49, True),       # also at batch 1 (the rule has no batch): the weight mixes K kernels
     ("stacked", 512, 3, 49, True),       # K + 1 = 5
     ("stacked", 6, 1, 49, True),         # ... also on 1x1 convs
@@ -305,10 +307,12 @@ def test_models_take_the_unit_path_where_the_rule_says():
         resnet(torch.randn(2, 1, 28, 28))
         resnet(torch.randn(1, 1, 28, 28))
     paths = recorded_paths(resnet)
-    unit_layers = {"layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2", "layer3.0.conv1", "layer3.0.conv2",
-                   "layer4.0.conv1", "layer4.0.conv2"}  # 128+ input channels at 14x14 or less (ResNet-10: one block)
+    # 3x3 convs with (C/g) k^2 >= 2.5 H'W': 64+ input channels onto 14x14 outputs or less (ResNet-10: one block)
+    unit_layers = {"layer2.0.conv1", "layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2", "layer3.0.conv1",
+                   "layer3.0.conv2", "layer4.0.conv1", "layer4.0.conv2"}
     unit_layers = {n for n in unit_layers if n in paths}
-    assert unit_layers == {"layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2", "layer4.0.conv1", "layer4.0.conv2"}
+    assert unit_layers == {"layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2", "layer4.0.conv1",
+                           "layer4.0.conv2"}
     for name, chosen in paths.items():
         assert set(chosen) == {"batch@" + chosen_key(name, resnet), "single@" + chosen_key(name, resnet)}
         assert chosen["batch@" + chosen_key(name, resnet)] == ("unit" if name in unit_layers else "element"), name
