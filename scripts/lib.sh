@@ -1,6 +1,6 @@
 # Shared by the table and ablation scripts: `source scripts/lib.sh "$@"`.
 #   (no flag)    full scale: IMAGENET=/path/with/train+val (dyconv); GLUE from the hub, or GLUE_DIR=/path/to/glue_data.
-#   --mini       CPU scale: Fashion-MNIST (configs/dyconv/fashion_mnist_quick.yaml) and the embedded
+#   --mini       CPU scale: Fashion-MNIST (configs/dyconv/fashion_mnist_mini.yaml) and the embedded
 #                GLUE-style tasks with all-MiniLM-L6-v2 (configs/glue/minilm_mini.json).
 #   --smoke      every FULL-SCALE row with its real config (ImageNet recipe at 224 px / 1000 classes,
 #                bert-base settings on the embedded MiniLM) for one step of batch 2 on IMAGENET=... and
