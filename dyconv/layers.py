@@ -218,7 +218,8 @@ class _RoutedConv2d(nn.Module):
     ``K B O H' W'`` outputs); ``stacked`` needs no spatial attention.  Memory break-even:
     ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 5 K H' W'``) lies above it,
     so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (single-layer
-    timings of ResNet-18 and of the ``--mini`` ResNet-10, see :mod:`dyconv.schemes`); ``scheme=<name>`` forces one where it is exact.
+    timings of ResNet-18 and of the ``--mini`` ResNet-10, see :mod:`dyconv.schemes`);
+    ``scheme=<name>`` forces one where it is exact.
 
     Path choice of a unit-structured PAD layer (:meth:`unit_split` not ``None``),
     :func:`dyconv.schemes.prefers_unit_path`: the *element* path runs the whole layer by its scheme,
