@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite-output-dir", action=argparse.BooleanOptionalAction, default=False,
                    help="let a fresh run replace the run already in --output (its checkpoint.pt, best.pt, "
                         "summary.json); without it such a folder is refused")
+    g.add_argument("--save-checkpoints", action=argparse.BooleanOptionalAction, default=True,
+                   help="write checkpoint.pt (and best.pt) after each epoch; --no-save-checkpoints writes only "
+                        "summary.json, TensorBoard and the compact model, so the run cannot be resumed (for "
+                        "throwaway runs: the --smoke rows, whose ResNet-50 checkpoints are about 1 GB)")
     g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate; --evaluate also "
                                     "takes a PAD run's model_compact.safetensors); a checkpoint inside --output "
                                     "continues that run in place")
@@ -273,11 +277,12 @@ def check_output_folder(args: argparse.Namespace) -> Path:
     return output
 
 
-def discard_replaced_run(output: Path) -> None:
+def discard_replaced_run(output: Path, writes_checkpoints: bool = True) -> None:
     """With ``--overwrite-output-dir``, once the fresh run is about to train: the replaced run's summary,
     compact export and TensorBoard events go, so the folder never mixes two runs' results (its checkpoints
-    are replaced as the fresh run writes its own)."""
-    replaced = [output / name for name in ("summary.json", "model_compact.safetensors") if (output / name).is_file()]
+    are replaced as the fresh run writes its own; a run that writes none removes them too)."""
+    names = ("summary.json", "model_compact.safetensors") + (() if writes_checkpoints else TRAINING_FILES)
+    replaced = [output / name for name in names if (output / name).is_file()]
     for path in replaced:
         path.unlink()
     if (output / "tb").is_dir():
@@ -665,7 +670,7 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
         last_good = LastGood(args.resume, epoch)
         restore_rank_random_states(checkpoint, ctx)  # last: nothing random may run between this and training
     if ctx.is_main and checkpoint is None and args.overwrite_output_dir:
-        discard_replaced_run(output)
+        discard_replaced_run(output, args.save_checkpoints)
     net = wrap_ddp(model, ctx)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     writer = SummaryWriter(str(output / "tb")) if ctx.is_main else None
@@ -688,6 +693,7 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                 log_epoch(writer, model, metrics, train_loss, epoch + 1)
                 print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top1 {metrics['top1']:.2f} "
                       f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}", flush=True)
+            if ctx.is_main and args.save_checkpoints:
                 save_epoch({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
@@ -695,7 +701,8 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                     "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta,
                     "args": vars(args), "rng": rng, "conv_schemes": conv_schemes(model),
                 }, output, is_best)
-            last_good = LastGood(str(output / "checkpoint.pt"), epoch + 1)
+            if args.save_checkpoints:
+                last_good = LastGood(str(output / "checkpoint.pt"), epoch + 1)
         if metrics is None:  # resumed a finished run: nothing to train
             metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
     except TrainingDiverged as err:

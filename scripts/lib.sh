@@ -43,7 +43,7 @@ fi
 # One step of batch 2, IMP on one batch, one iteration: what --smoke adds to a full-scale row's flags.
 # A smoke run never resumes: one left half-done by an interrupted smoke test is replaced.
 SMOKE_DYCONV=(--epochs 1 --batch-size 2 --train-subset 2 --val-subset 2 --partition-batches 1
-              --partition-iterations 1 --workers 0 --overwrite-output-dir)
+              --partition-iterations 1 --workers 0 --overwrite-output-dir --no-save-checkpoints)
 SMOKE_GLUE=(--max_steps 1 --max_train_samples 4 --max_eval_samples 4 --per_device_train_batch_size 2
             --per_device_eval_batch_size 4 --partition_batches 1 --partition_iterations 1
             --save_strategy no --eval_strategy no --logging_steps 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Where a run writes, not what it computes.
-DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config")
+DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config", "save_checkpoints")
 GLUE_WHERE = ("output_dir", "overwrite_output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
 
 

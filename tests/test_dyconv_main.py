@@ -193,6 +193,22 @@ def test_train_and_val_subsets_limit_the_run(folder, tmp_path):
     assert not (tmp_path / "model_compact.safetensors").exists()
 
 
+def test_no_save_checkpoints_writes_the_results_but_nothing_to_resume_from(folder, tmp_path):
+    assert main(pad_args(folder, tmp_path, "--no-save-checkpoints", "--epochs", "2")) == 0
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH and summary["pad"] is True
+    assert (tmp_path / "model_compact.safetensors").stat().st_size > 0 and list((tmp_path / "tb").iterdir())
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "best.pt").exists()
+    # replacing a run that has checkpoints: they go with it, so the folder never pairs one run's checkpoint
+    # with another run's summary
+    assert main(static_args(folder, tmp_path / "replaced")) == 0
+    assert (tmp_path / "replaced" / "checkpoint.pt").exists()
+    assert main(static_args(folder, tmp_path / "replaced", "--no-save-checkpoints", "--overwrite-output-dir",
+                            "--seed", "1")) == 0
+    assert read_json(tmp_path / "replaced" / "summary.json")["seed"] == 1
+    assert not (tmp_path / "replaced" / "checkpoint.pt").exists() and not (tmp_path / "replaced" / "best.pt").exists()
+
+
 def test_lr_schedule_warmup_and_momentum_reach_the_optimizer(folder, tmp_path):
     rc = main(static_args(folder, tmp_path, "--epochs", "2", "--lr", "0.2", "--lr-schedule", "step",
                           "--warmup-epochs", "1", "--momentum", "0.5", "--weight-decay", "0.01"))

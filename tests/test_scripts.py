@@ -3,6 +3,8 @@ comparisons, and --smoke: every full-scale row with its real config for one step
 (a 1000-class ImageNet-layout folder of JPEGs, GLUE TSVs of the nine tasks)."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -239,6 +241,7 @@ def smoke_data(tmp_path_factory) -> dict:
     return {"IMAGENET": str(make_imagenet(root / "imagenet")), "GLUE_DIR": str(make_glue(root / "glue"))}
 
 
+@pytest.mark.xdist_group("smoke")
 def test_parallel_runs_report_each_failure(tmp_path):
     """--jobs 2: every run that fails is named on its own error line with its log; the script exits 1."""
     (tmp_path / "imagenet").mkdir()
@@ -262,6 +265,9 @@ def test_smoke_needs_its_data(tmp_path):
     assert result.stderr == "error: --smoke needs GLUE_DIR=a tiny GLUE TSV folder (<TASK>/train.tsv, dev.tsv)\n"
 
 
+# One xdist worker runs the smoke tests one after another (scripts/test.sh: --dist loadgroup): each already runs
+# two training processes at once, and two such tests side by side ran four ResNet-50s out of memory.
+@pytest.mark.xdist_group("smoke")
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_smoke_runs_every_full_scale_row(tmp_path, smoke_data, script):
     """--smoke runs each full-scale row (real config: 224 px, 1000 classes; bert-base settings on MiniLM)
@@ -353,17 +359,19 @@ def test_mini_suite_bad_flags(args, message):
 # ---------------------------------------------------------------- rows shared by several scripts
 
 def run_key(kind, *args) -> str:
-    result = subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(REPO / "scripts" / "run_key.py"), kind, *args],
-                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    """scripts/run_key.py's key, computed in this process (the CLI itself: test_run_key_bad_arguments_...)."""
+    spec = importlib.util.spec_from_file_location("run_key", REPO / "scripts" / "run_key.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.chdir(REPO):  # the config paths are relative to the repository, as in lib.sh
+        return module.run_key(kind, list(args))
 
 
 def test_run_key_resolves_defaults_and_ignores_where_a_run_writes():
     mini = ["--config", "configs/dyconv/fashion_mnist_mini.yaml", "--arch", "resnet10", "--conv", "dyconv", "--pad"]
     key = run_key("dyconv", *mini, "--seed", "0", "--output", "a")
     assert run_key("dyconv", *mini, "--dynamic-ratio", "0.3", "--scale-factors", "both", "--seed", "0",
-                   "--output", "b", "--resume", "b/checkpoint.pt") == key
+                   "--output", "b", "--resume", "b/checkpoint.pt", "--no-save-checkpoints") == key
     assert run_key("dyconv", *mini, "--seed", "1", "--output", "a") != key
     assert run_key("dyconv", *mini, "--scale-factors", "s", "--seed", "0", "--output", "a") != key
     glue = ["configs/glue/minilm_quick.json", "--glue_dir", "data/glue", "--task_name", "rte", "--moe", "pad"]
