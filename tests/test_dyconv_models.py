@@ -521,3 +521,18 @@ def test_bench_cuda_unavailable(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == "bench_dyconv: error: --device cuda but CUDA is not available"
+
+
+def test_peak_memory_reading_of_nothing_is_taken_again(monkeypatch):
+    """A CPU pass always allocates: a profiled peak of 0 bytes (a dropped trace) is measured again, at most
+    three times; a real reading is kept at once."""
+    from dyconv import bench
+    profiled = bench._profiled_peak_bytes
+    x = torch.randn(64, 64)
+    assert profiled(lambda: (x @ x).relu()) >= 64 * 64 * 4  # the real profiler path
+    readings = iter([0, 0, 4096, 8192])
+    calls = []
+    monkeypatch.setattr(bench, "_profiled_peak_bytes", lambda run: calls.append(run) or next(readings))
+    assert bench.peak_bytes(lambda: None, torch.device("cpu")) == 4096 and len(calls) == 3
+    monkeypatch.setattr(bench, "_profiled_peak_bytes", lambda run: calls.append(run) or 0)
+    assert bench.peak_bytes(lambda: None, torch.device("cpu")) == 0 and len(calls) == 6
