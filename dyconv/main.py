@@ -693,15 +693,15 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                 log_epoch(writer, model, metrics, train_loss, epoch + 1)
                 print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top1 {metrics['top1']:.2f} "
                       f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}", flush=True)
-            if ctx.is_main and args.save_checkpoints:
-                save_epoch({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch + 1, "step": step, "temperature": get_temperature(model), "best_top1": best_top1,
-                    "metrics": metrics, "train_loss": train_loss, "partition": partition, "meta": meta,
-                    "args": vars(args), "rng": rng, "conv_schemes": conv_schemes(model),
-                }, output, is_best)
             if args.save_checkpoints:
+                if ctx.is_main:
+                    save_epoch({
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "epoch": epoch + 1, "step": step, "temperature": get_temperature(model),
+                        "best_top1": best_top1, "metrics": metrics, "train_loss": train_loss, "partition": partition,
+                        "meta": meta, "args": vars(args), "rng": rng, "conv_schemes": conv_schemes(model),
+                    }, output, is_best)
                 last_good = LastGood(str(output / "checkpoint.pt"), epoch + 1)
         if metrics is None:  # resumed a finished run: nothing to train
             metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
