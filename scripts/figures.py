@@ -6,7 +6,8 @@
 Reads ``RUNS/<script>-<scale>/<row>/seed<k>`` (what ``scripts/lib.sh`` writes) and writes:
 
 * ``accuracy_vs_dynamic_ratio.png`` (``ratio``): top-1 of PAD-DY-Conv and the RTE accuracy of PAD-MoE
-  against the achieved dynamic ratio, mean ± std over seeds (scripts/ablation_dynamic_ratio.sh);
+  against the achieved dynamic ratio, mean ± std over seeds (scripts/ablation_dynamic_ratio.sh), with
+  the fully dynamic and static (dense) rows of table1 (table2) as dashed lines ± std where they have run;
 * ``scale_factors_over_training.png`` (``lambdas``): lambda_d and lambda_s (mean over PAD layers, then
   over seeds) over training for each scale-factor variant (scripts/ablation_scale_factors.sh), from
   the TensorBoard events (dyconv: ``pad/lambda_d_mean`` per epoch; MoE: ``train/lambda_d`` per
@@ -144,6 +145,28 @@ def pipeline_panels(folder: Path, pipelines: tuple, figure_width: float):
     return fig, [(ax, *p) for ax, p in zip(axes[0], present)]
 
 
+def ratio_references(runs: Path, scale: str, seeds: int, prefix: str, row_dirs: list[Path]) -> list[tuple]:
+    """``[(label, mean, std)]`` of the rows a dynamic-ratio curve is read against: the fully dynamic and
+    the static (dense) model of table1 (table2) at the same scale, for the arch (task) of the curve's
+    rows. A reference that has not finished is left out with a note on stderr: the lines are context,
+    the curve is the figure."""
+    if prefix == "resnet":
+        arch = row_dirs[0].name.split("-pad")[0]
+        wanted = [("table1_imagenet_dyconv", f"{arch}-dyconv", "DY-Conv (fully dynamic)"),
+                  ("table1_imagenet_dyconv", f"{arch}-static", "static")]
+    else:
+        wanted = [("table2_glue_moe", "rte-moe", "MoE (fully dynamic)"), ("table2_glue_moe", "rte-none", "dense")]
+    references = []
+    for script, row, label in wanted:
+        try:
+            mean, std = summarize.mean_std(summarize.load_row(runs / f"{script}-{scale}" / row, seeds).score)
+        except InputError as err:
+            print(f"note: no {label} line in {FIGURES['ratio']}: {err}", file=sys.stderr)
+            continue
+        references.append((f"{label}, {script}", mean, std or 0.0))
+    return references
+
+
 def figure_ratio(runs: Path, scale: str, seeds: int, path: Path) -> None:
     folder = script_dir(runs, "ablation_dynamic_ratio", scale)
     fig, panels = pipeline_panels(folder, (("resnet", "PAD-DY-Conv, top-1 (%)"),
@@ -152,9 +175,14 @@ def figure_ratio(runs: Path, scale: str, seeds: int, path: Path) -> None:
         row_dirs = rows_matching(folder, prefix)
         rows = [summarize.load_row(d, seeds) for d in row_dirs]
         x, mean, std = ratio_curve(rows, [achieved_ratio(d, seeds) for d in row_dirs])
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=4)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label="PAD at each ratio")
+        for (name, ref_mean, ref_std), color in zip(ratio_references(runs, scale, seeds, prefix, row_dirs),
+                                                    ("C1", "C2")):
+            ax.axhline(ref_mean, color=color, ls="--", lw=1, label=name)
+            ax.axhspan(ref_mean - ref_std, ref_mean + ref_std, color=color, alpha=0.12, lw=0)
         ax.set(xlabel="dynamic ratio (achieved)", ylabel=label, title=f"{label.split(',')[0]} ({scale}, n={seeds})")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle("Accuracy against the dynamic ratio (mean ± std over seeds)")
     save(fig, path)
 

@@ -182,3 +182,30 @@ def test_one_pipeline_gets_one_panel(runs, tmp_path, monkeypatch):
         shutil.rmtree(row)
     with pytest.raises(figures.InputError, match="no rows of resnet\\* or rte-pad\\*"):
         figures.figure_ratio(only_images, "mini", SEEDS, tmp_path / "none.png")
+
+
+def test_ratio_references_are_table_rows_of_the_same_arch_or_task(runs, capsys):
+    folder = runs / "ablation_dynamic_ratio-mini"
+    refs = figures.ratio_references(runs, "mini", SEEDS, "resnet", figures.rows_matching(folder, "resnet"))
+    assert [r[0] for r in refs] == ["DY-Conv (fully dynamic), table1_imagenet_dyconv", "static, table1_imagenet_dyconv"]
+    assert [r[1:] for r in refs] == [pytest.approx((91.25, statistics.stdev([91.0, 91.5]))),
+                                     pytest.approx((90.5, statistics.stdev([90.0, 91.0])))]
+    refs = figures.ratio_references(runs, "mini", SEEDS, "rte-pad", figures.rows_matching(folder, "rte-pad"))
+    assert [r[0] for r in refs] == ["MoE (fully dynamic), table2_glue_moe", "dense, table2_glue_moe"]
+    assert [r[1] for r in refs] == pytest.approx([67.0, 70.5])
+    assert capsys.readouterr().err == ""
+
+
+def test_unfinished_ratio_reference_is_left_out_with_a_note(runs, tmp_path, capsys):
+    import shutil
+    partial = tmp_path / "runs"
+    for script in ("ablation_dynamic_ratio-mini", "table1_imagenet_dyconv-mini"):
+        shutil.copytree(runs / script, partial / script)
+    shutil.rmtree(partial / "table1_imagenet_dyconv-mini" / "resnet10-static" / "seed1")
+    rows = figures.rows_matching(partial / "ablation_dynamic_ratio-mini", "resnet")
+    refs = figures.ratio_references(partial, "mini", SEEDS, "resnet", rows)
+    assert [r[0] for r in refs] == ["DY-Conv (fully dynamic), table1_imagenet_dyconv"]
+    assert "note: no static line in accuracy_vs_dynamic_ratio.png: row resnet10-static: 1 of 2 runs" in capsys.readouterr().err
+    figures.figure_ratio(partial, "mini", SEEDS, tmp_path / "ratio.png")  # no table2: the text panel has no lines
+    assert "note: no MoE (fully dynamic) line" in capsys.readouterr().err
+    assert (tmp_path / "ratio.png").stat().st_size > 0
