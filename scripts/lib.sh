@@ -178,10 +178,12 @@ has_row() {
   return 1
 }
 
-# compare ROW_A ROW_B: the summary reports ROW_A - ROW_B (top-1 or GLUE task score), paired by seed.
+# compare ROW_A ROW_B: the summary reports ROW_A - ROW_B (top-1 or GLUE task score), paired by seed. Declared
+# anywhere in a script (before or after either row's run): the pair is resolved when the table is written, and
+# left out only where --pipeline left out one of its rows.
+COMPARISONS=()
 compare() {
-  has_row "$1" && has_row "$2" || return 0
-  COMPARE_ARGS+=(--compare "$1" "$2")
+  COMPARISONS+=("$1" "$2")
 }
 
 # glue_average NAME ROW...: a row NAME whose per-seed score is the mean of the rows' task scores.
@@ -200,6 +202,11 @@ TABLE=
 summarize() {
   finish_runs
   [ ${#ROWS[@]} -gt 0 ] || { echo "== $SCRIPT: no $PIPELINE rows; no table written"; return 0; }
+  local i
+  for ((i = 0; i < ${#COMPARISONS[@]}; i += 2)); do
+    has_row "${COMPARISONS[i]}" && has_row "${COMPARISONS[i + 1]}" || continue
+    COMPARE_ARGS+=(--compare "${COMPARISONS[i]}" "${COMPARISONS[i + 1]}")
+  done
   TABLE=$RESULTS/$SCRIPT-$SCALE$([ "$PIPELINE" = all ] || echo "-$PIPELINE").md
   [ "$SMOKE" = 1 ] && TABLE=$RUNS/summary.md
   "$PY" scripts/summarize.py "${ROWS[@]}" --seeds "$SEEDS" "${COMPARE_ARGS[@]}" --title "$1" \

@@ -119,7 +119,30 @@ def test_mini_rows_per_seed_finished_runs_skipped_and_compared(tmp_path, script)
     assert f"Produced by `bash scripts/{script}.sh --mini --seeds 2`." in table
     for row in rows:
         assert f"| {row} | " in table and " (2) |" in table
-    assert "Paired differences" in table
+    compared = [l.split(" | ")[0].lstrip("| ") for l in table.splitlines()
+                if l.startswith("| ") and " - " in l.split(" | ")[0]]
+    assert compared == MINI_COMPARISONS[script]
+
+
+# The comparisons each --mini table makes, in order: a comparison declared before its rows ran is made too.
+MINI_COMPARISONS = {
+    "table1_imagenet_dyconv": [f"{a}-{x} - {a}-{y}" for a in ("resnet10", "mobilenetv2_050")
+                               for x, y in (("dyconv-pad0.3", "dyconv"), ("dyconv", "static"), ("dyconv-pad0.3", "static"))],
+    "table2_glue_moe": [f"{t}-{x} - {t}-{y}" for t in ("sst2", "rte") for x, y in (("pad", "moe"), ("moe", "none"))]
+                       + ["average-pad - average-moe", "average-moe - average-none", "average-pad - average-none"],
+    "table_dynamic_convs": [f"resnet10-{c}-pad0.3 - resnet10-{c}" for c in ("condconv", "dyconv", "odconv")],
+    "ablation_dynamic_ratio": [f"resnet10-pad{r} - resnet10-pad0.3" for r in ("0.1", "0.5", "0.7", "1.0")]
+                              + [f"rte-pad{r} - rte-pad0.5" for r in ("0.3", "0.7", "0.9")],
+    "ablation_partition": [f"resnet10-pad0.3-{c} - resnet10-pad0.3-taylor"
+                           for c in ("random", "magnitude", "grasp", "synflow", "taylor-local", "taylor-linear",
+                                     "taylor-oneshot")],
+    "ablation_scale_factors": [f"{p}-scale-{v} - {p}-scale-both" for v in ("s", "d", "none")
+                               for p in ("resnet10-pad0.3", "rte-pad")],
+    "ablation_moe_layers": [f"rte-pad-{l} - rte-moe-{l}" for l in ("intermediate", "output", "both")]
+                           + [f"rte-{m}-{l} - rte-{m}-both" for m in ("moe", "pad") for l in ("intermediate", "output")],
+    "ablation_granularity": [f"resnet10-pad0.3-{g} - resnet10-pad0.3-element" for g in ("kernel", "unit")]
+                            + ["rte-pad-unit - rte-pad-element"],
+}
 
 
 def test_seeds_env_and_flag(tmp_path):
