@@ -1,17 +1,18 @@
 # The flags that scripts/lib.sh (every table and ablation script) and scripts/mini_suite.sh share:
 #   source scripts/flags.sh; parse_flags "USAGE" "$@"; settle_flags DEFAULT_SEEDS
-# parse_flags reads --seeds N, --jobs N, --pipeline P, and --mini / --smoke where USAGE (the list of flags
-# the error line for an unknown argument names) names them; settle_flags sets SEEDS, JOBS and PIPELINE from
+# parse_flags reads --seeds N, --jobs N, --pipeline P, and --mini / --gpu / --smoke where USAGE (the list of
+# flags the error line for an unknown argument names) names them (--gpu sets GPU=1 and MINI=1: the mini rows
+# at GPU scale); settle_flags sets SEEDS, JOBS and PIPELINE from
 # the flags, else the environment (SEEDS=, JOBS=, PIPELINE=), else the defaults (DEFAULT_SEEDS, 1, all), and
 # checks them. Bad input: one error line, exit status 2.
 parse_flags() {
   local usage=$1; shift
-  MINI=0 SMOKE=0 SEEDS_FLAG= JOBS_FLAG= PIPELINE_FLAG=
+  MINI=0 MINI_FLAG=0 GPU=0 SMOKE=0 SEEDS_FLAG= JOBS_FLAG= PIPELINE_FLAG=
   while [ $# -gt 0 ]; do
     case "$1" in
-      --mini|--smoke)
+      --mini|--gpu|--smoke)
         [[ "$usage" == *"$1"* ]] || { echo "error: unknown argument $1 (expected $usage)" >&2; exit 2; }
-        if [ "$1" = --mini ]; then MINI=1; else SMOKE=1; fi ;;
+        case "$1" in --mini) MINI_FLAG=1 ;; --gpu) GPU=1 ;; --smoke) SMOKE=1 ;; esac ;;
       --seeds)
         [ $# -ge 2 ] || { echo "error: --seeds needs a number" >&2; exit 2; }
         SEEDS_FLAG=$2; shift ;;
@@ -25,6 +26,9 @@ parse_flags() {
     esac
     shift
   done
+  if [ "$MINI_FLAG" = 1 ] && [ "$GPU" = 1 ]; then echo "error: --mini and --gpu exclude each other" >&2; exit 2; fi
+  if [ "$GPU" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --gpu and --smoke exclude each other" >&2; exit 2; fi
+  if [ "$MINI_FLAG" = 1 ] || [ "$GPU" = 1 ]; then MINI=1; fi
 }
 
 settle_flags() {

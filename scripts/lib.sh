@@ -2,6 +2,8 @@
 #   (no flag)    full scale: IMAGENET=/path/with/train+val (dyconv); GLUE from the hub, or GLUE_DIR=/path/to/glue_data.
 #   --mini       CPU scale: Fashion-MNIST (configs/dyconv/fashion_mnist_mini.yaml) and the embedded
 #                GLUE-style tasks with all-MiniLM-L6-v2 (configs/glue/minilm_mini.json).
+#   --gpu        GPU scale, on CUDA: the --mini rows, the image rows with configs/dyconv/fashion_mnist_gpu.yaml
+#                (ResNet width 64, more epochs, AMP); text rows as --mini. Runs and tables are named -gpu.
 #   --smoke      every FULL-SCALE row with its real config (ImageNet recipe at 224 px / 1000 classes,
 #                bert-base settings on the embedded MiniLM) for one step of batch 2 on IMAGENET=... and
 #                GLUE_DIR=... (tiny folders; the tests generate them). Checks that the full-scale paths run.
@@ -20,15 +22,19 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/flags.sh
-parse_flags "--mini, --smoke, --seeds N, --jobs N, --pipeline P" "$@"
+parse_flags "--mini, --gpu, --smoke, --seeds N, --jobs N, --pipeline P" "$@"
 if [ "$MINI" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --mini and --smoke exclude each other" >&2; exit 2; fi
-SCALE=$([ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; })
+SCALE=$([ "$GPU" = 1 ] && echo gpu || { [ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; }; })
+MINI_DYCONV_CONFIG=configs/dyconv/fashion_mnist_$([ "$GPU" = 1 ] && echo gpu || echo mini).yaml
 settle_flags "$([ "$MINI" = 1 ] && echo 3 || echo 1)"
 SCRIPT=$(basename "$0" .sh)
 RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}
 PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh
+if [ "$GPU" = 1 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  echo "error: --gpu needs a CUDA device (torch.cuda.is_available() is False); use --mini on CPU" >&2; exit 2
+fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$SCALE" = full ] && echo 0 || echo 1)}
 COMMAND="bash scripts/$SCRIPT.sh$([ "$SCALE" = full ] || echo " --$SCALE") --seeds $SEEDS$([ "$PIPELINE" = all ] || echo " --pipeline $PIPELINE")"
 ROWS=()
@@ -109,7 +115,7 @@ same_run() {
 }
 
 # dyconv_run ROW CONFIG [main.py flags...]: full scale trains configs/dyconv/CONFIG.yaml (a paper row) on
-# ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST (configs/dyconv/fashion_mnist_mini.yaml);
+# ImageNet; --mini trains the same arch/conv/pad flags on Fashion-MNIST ($MINI_DYCONV_CONFIG: --gpu's with --gpu);
 # --smoke trains CONFIG for one step. One run per seed in $RUNS/ROW/seed<k>.
 dyconv_run() {
   local row=$1 config=$2; shift 2
@@ -120,7 +126,7 @@ dyconv_run() {
     out=$RUNS/$row/seed$k
     [ -f "$out/summary.json" ] && continue
     if [ "$MINI" = 1 ]; then
-      args=(--config configs/dyconv/fashion_mnist_mini.yaml "$@" --seed "$k" --output "$out")
+      args=(--config "$MINI_DYCONV_CONFIG" "$@" --seed "$k" --output "$out")
     elif [ "$SMOKE" = 1 ]; then
       args=(--config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" "${SMOKE_DYCONV[@]}" --seed "$k" --output "$out")
     else
