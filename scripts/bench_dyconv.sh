@@ -7,18 +7,24 @@
 # Runs twice, with the default allocator (what a user's own script gets) and after pad.keep_freed_memory()
 # (what the CLIs use), unless --keep-freed-memory is given (then only that).  The tables are printed and, when
 # the runs succeed, kept in results/measured/bench_dyconv-<mini|full>.txt (-<mini|full>-compile.txt with --compile,
-# -<mini|full>-layers.txt with --layers: each dynamic conv timed alone under every scheme).
+# -<mini|full>-layers.txt with --layers: each dynamic conv timed alone under every scheme; -cuda and -amp are
+# added to the name with --device cuda and --amp, so that a GPU table never replaces the CPU one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 SCALE=full
+DEVICE=
 SUFFIX=
 ALLOCATORS=("" "--keep-freed-memory")
+prev=
 for arg in "$@"; do
+  [ "$prev" = --device ] && [ "$arg" = cuda ] && DEVICE=-cuda
+  prev=$arg
   [ "$arg" = --mini ] && SCALE=mini
   [ "$arg" = --keep-freed-memory ] && ALLOCATORS=("")
-  [ "$arg" = --compile ] && SUFFIX=-compile
-  [ "$arg" = --layers ] && SUFFIX=-layers
+  [ "$arg" = --amp ] && SUFFIX=$SUFFIX-amp
+  [ "$arg" = --compile ] && SUFFIX=$SUFFIX-compile
+  [ "$arg" = --layers ] && SUFFIX=$SUFFIX-layers
 done
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
@@ -28,4 +34,4 @@ for allocator in "${ALLOCATORS[@]}"; do
   echo | tee -a "$tmp"
 done
 mkdir -p results/measured
-{ echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/bench_dyconv-$SCALE$SUFFIX.txt"
+{ echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/bench_dyconv-$SCALE$DEVICE$SUFFIX.txt"

@@ -32,9 +32,15 @@ RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}
 PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh
-if [ "$GPU" = 1 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  echo "error: --gpu needs a CUDA device (torch.cuda.is_available() is False); use --mini on CPU" >&2; exit 2
-fi
+# require_cuda: with --gpu, before a run starts (finished --gpu runs can still be tabulated without a GPU).
+CUDA_CHECKED=0
+require_cuda() {
+  [ "$GPU" = 1 ] && [ "$CUDA_CHECKED" = 0 ] || return 0
+  if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    echo "error: --gpu needs a CUDA device to train (torch.cuda.is_available() is False); use --mini on CPU" >&2; exit 2
+  fi
+  CUDA_CHECKED=1
+}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$SCALE" = full ] && echo 0 || echo 1)}
 COMMAND="bash scripts/$SCRIPT.sh$([ "$SCALE" = full ] || echo " --$SCALE") --seeds $SEEDS$([ "$PIPELINE" = all ] || echo " --pipeline $PIPELINE")"
 ROWS=()
@@ -136,6 +142,7 @@ dyconv_run() {
     same_run "$out" summary.json dyconv "${args[@]}" && continue
     resume=()
     [ "$SMOKE" = 0 ] && [ -f "$out/checkpoint.pt" ] && resume=(--resume "$out/checkpoint.pt")
+    require_cuda
     echo "== $SCRIPT: $row seed $k"
     launch "$out" "$PY" dyconv/main.py "${args[@]}" "${resume[@]}"
   done
@@ -169,6 +176,7 @@ glue_run() {
       args=("$config" --task_name "$task" --moe "$moe" "$@" --seed "$k" --output_dir "$out")
     fi
     same_run "$out" all_results.json glue "${args[@]}" && continue
+    require_cuda
     echo "== $SCRIPT: $row seed $k"
     launch "$out" "$PY" moe/run_glue.py "${args[@]}"
   done

@@ -87,7 +87,9 @@ def fake_run(run: Path, row: str, seed: int) -> float:
 # ---------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --smoke, --seeds N, --jobs N, --pipeline P)"),
+    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --gpu, --smoke, --seeds N, --jobs N, --pipeline P)"),
+    (["--gpu", "--mini"], {}, "error: --mini and --gpu exclude each other"),
+    (["--smoke", "--gpu"], {}, "error: --gpu and --smoke exclude each other"),
     (["--mini", "--jobs", "0"], {}, "error: the number of jobs must be a positive integer, got '0'"),
     (["--mini"], {"JOBS": "x"}, "error: the number of jobs must be a positive integer, got 'x'"),
     (["--mini", "--smoke"], {}, "error: --mini and --smoke exclude each other"),
@@ -122,6 +124,36 @@ def test_mini_rows_per_seed_finished_runs_skipped_and_compared(tmp_path, script)
     compared = [l.split(" | ")[0].lstrip("| ") for l in table.splitlines()
                 if l.startswith("| ") and " - " in l.split(" | ")[0]]
     assert compared == MINI_COMPARISONS[script]
+
+
+def test_gpu_scale_rows_table_and_cuda_check(tmp_path):
+    """--gpu: table1's ResNet-10 rows in runs/<script>-gpu, a -gpu table (finished runs need no GPU), and a
+    run that would train needs CUDA: one error line, nothing trained."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    rows = table1_rows(["resnet10"])
+    for row in rows:
+        for seed in range(2):
+            fake_run(runs / "table1_imagenet_dyconv-gpu" / row / f"seed{seed}", row, seed)
+    env = {"RUNS_ROOT": str(runs), "RESULTS": str(results)}
+    result = run_script("table1_imagenet_dyconv", "--gpu", "--seeds", "2", "--pipeline", "dyconv", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "== " not in result.stdout
+    table = (results / "table1_imagenet_dyconv-gpu-dyconv.md").read_text()
+    assert "Produced by `bash scripts/table1_imagenet_dyconv.sh --gpu --seeds 2 --pipeline dyconv`." in table
+    assert [l.split(" | ")[0].lstrip("| ") for l in table.splitlines() if l.startswith("| resnet")
+            and " - " not in l.split(" | ")[0]] == rows
+    assert "mobilenet" not in table
+    if not torch_cuda_available():
+        result = run_script("table1_imagenet_dyconv", "--gpu", "--seeds", "3", "--pipeline", "dyconv", env=env)
+        assert result.returncode == 2
+        assert result.stderr == ("error: --gpu needs a CUDA device to train (torch.cuda.is_available() is False); "
+                                 "use --mini on CPU\n")
+        assert not (runs / "table1_imagenet_dyconv-gpu" / rows[0] / "seed2").exists()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 # The comparisons each --mini table makes, in order: a comparison declared before its rows ran is made too.
