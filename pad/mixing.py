@@ -108,8 +108,9 @@ class _PadKernels(torch.autograd.Function):
     ``K |W|`` pass (``addcmul``).  Saves only its inputs.  Backward, ``G`` the ``(K, *S)``
     output gradient, each term only when its input needs a gradient: ``dW_k = lambda_d M G``
     (one ``K |W|`` pass); ``u = (1 - M) sum_k G_k`` (one read of ``G``), ``dW_s = lambda_s u``,
-    ``dlambda_s = <u, W_s>``; ``dlambda_d = <M, sum_k G_k W_k>`` (one read of ``G`` and
-    ``W_k``, accumulated kernel by kernel into ``|W|``).  A factor given as a float 1.0 costs
+    ``dlambda_s = <u, W_s>``; ``dlambda_d = <M G, W_k>``, with ``M G`` then also giving ``dW_k``
+    (three ops in all: on a GPU, where a small layer's step is bound by kernel launches, the
+    number of ops counts, not only the passes).  A factor given as a float 1.0 costs
     no op.  The backward is made of differentiable ops on the saved inputs, so it can itself
     be differentiated (the mask gets no gradient: :func:`pad_kernels` does not use this
     Function when the mask requires one).
@@ -132,13 +133,14 @@ class _PadKernels(torch.autograd.Function):
         lambda_s = learned.pop(0) if ctx.fixed[1] is None else ctx.fixed[1]
         need_kernels, _, need_lambda_d, need_static, need_lambda_s = ctx.needs_input_grad
         grad_kernels = grad_lambda_d = grad_static = grad_lambda_s = None
-        if need_kernels:
-            grad_kernels = grad * _scaled(mask, lambda_d)
         if need_lambda_d:
-            per_position = grad[0] * kernels[0]                              # sum_k G_k W_k, (*S)
-            for k in range(1, kernels.shape[0]):
-                per_position = per_position.addcmul_(grad[k], kernels[k])
-            grad_lambda_d = _dot(per_position, mask)
+            masked_grad = grad * mask                                        # M G, (K, *S)
+            grad_lambda_d = _dot(masked_grad, kernels)                       # <M G, W>
+            if need_kernels:  # in place unless a double backward records this one (create_graph)
+                grad_kernels = (masked_grad.mul_(lambda_d) if isinstance(lambda_d, torch.Tensor)
+                                and not torch.is_grad_enabled() else _scaled(masked_grad, lambda_d))
+        elif need_kernels:
+            grad_kernels = grad * _scaled(mask, lambda_d)
         if static_weight is not None and (need_static or need_lambda_s):
             grad_sum = grad.sum(0)
             static_grad_sum = torch.addcmul(grad_sum, grad_sum, mask, value=-1)  # (1 - M) sum_k G_k
