@@ -103,22 +103,28 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def forward_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable[[], None]:
-    """Inference: eval mode, no autograd graph."""
+    """Inference: eval mode, no autograd graph. ``run.prepare()`` sets the mode alone (see :func:`peak_bytes`)."""
     def run():
         model.eval()
         with torch.no_grad(), _autocast(x.device, amp):
             model(x)
+    run.prepare = model.eval
     return run
 
 
 def training_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable[[], None]:
-    """Forward and backward of ``logits.sum()`` in training mode."""
-    def run():
+    """Forward and backward of ``logits.sum()`` in training mode. ``run.prepare()`` sets the mode and frees
+    the previous gradients (as ``optimizer.zero_grad()`` does), see :func:`peak_bytes`."""
+    def prepare():
         model.train()
         model.zero_grad(set_to_none=True)
+
+    def run():
+        prepare()
         with _autocast(x.device, amp):
             loss = model(x).float().sum()
         loss.backward()
+    run.prepare = prepare
     return run
 
 
@@ -134,7 +140,14 @@ def seconds(run: Callable[[], None], device: torch.device) -> float:
 
 
 def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated by torch during ``run()`` above those live before it."""
+    """Peak bytes allocated by torch during ``run()`` above those live before it, after ``run.prepare()``
+    (where the run has one): what switching the mode frees (a PAD layer's cached fold, dropped by
+    ``train()``) or a training step's ``zero_grad`` frees (the previous gradients) would otherwise be
+    subtracted from the pass's own allocations, so the peak of a pass that follows another model state
+    would read low. A training pass's peak therefore includes its new gradients."""
+    prepare = getattr(run, "prepare", None)
+    if prepare is not None:
+        prepare()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)

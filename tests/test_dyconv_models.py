@@ -536,3 +536,24 @@ def test_peak_memory_reading_of_nothing_is_taken_again(monkeypatch):
     assert bench.peak_bytes(lambda: None, torch.device("cpu")) == 4096 and len(calls) == 3
     monkeypatch.setattr(bench, "_profiled_peak_bytes", lambda run: calls.append(run) or 0)
     assert bench.peak_bytes(lambda: None, torch.device("cpu")) == 0 and len(calls) == 6
+
+
+def test_training_peak_does_not_depend_on_the_pass_before():
+    """A PAD model's training-step peak is the same whether an inference pass (which leaves the fold cached,
+    freed by train()) or a training pass (whose gradients the next step's zero_grad frees) came before: the
+    pass's prepare() runs before the baseline is taken. The peak includes the step's new gradients."""
+    from dyconv import bench
+    torch.manual_seed(0)
+    model = build_model("resnet10", "dyconv", True, num_classes=10, small_input=True, in_channels=1,
+                        resnet_width=8)
+    bench.set_random_mask(model, 0.3)
+    x = torch.randn(4, 1, 16, 16)
+    train, infer = bench.training_pass(model, x), bench.forward_pass(model, x)
+    cpu = torch.device("cpu")
+    infer()
+    after_inference = bench.peak_bytes(train, cpu)
+    train()
+    after_training = bench.peak_bytes(train, cpu)
+    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.grad is not None)
+    assert after_inference == after_training
+    assert after_training >= gradients
