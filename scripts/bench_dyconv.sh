@@ -8,30 +8,26 @@
 # (what the CLIs use), unless --keep-freed-memory is given (then only that).  The tables are printed and, when
 # the runs succeed, kept in results/measured/bench_dyconv-<mini|full>.txt (-<mini|full>-compile.txt with --compile,
 # -<mini|full>-layers.txt with --layers: each dynamic conv timed alone under every scheme; -cuda and -amp are
-# added to the name with --device cuda and --amp, so that a GPU table never replaces the CPU one).
+# added to the name on CUDA and with --amp, see output_suffix in scripts/flags.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+[ -x "$PY" ] || bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
+source scripts/flags.sh
 SCALE=full
-DEVICE=
-SUFFIX=
 ALLOCATORS=("" "--keep-freed-memory")
-prev=
 for arg in "$@"; do
-  [ "$prev" = --device ] && [ "$arg" = cuda ] && DEVICE=-cuda
-  prev=$arg
   [ "$arg" = --mini ] && SCALE=mini
   [ "$arg" = --keep-freed-memory ] && ALLOCATORS=("")
-  [ "$arg" = --amp ] && SUFFIX=$SUFFIX-amp
-  [ "$arg" = --compile ] && SUFFIX=$SUFFIX-compile
-  [ "$arg" = --layers ] && SUFFIX=$SUFFIX-layers
 done
+NAME=bench_dyconv-$SCALE$(output_suffix "$PY" "$@")
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 for allocator in "${ALLOCATORS[@]}"; do
   # shellcheck disable=SC2086  # $allocator is empty or one flag
-  .venv/bin/python -m dyconv.bench "$@" $allocator | tee -a "$tmp"
+  "$PY" -m dyconv.bench "$@" $allocator | tee -a "$tmp"
   echo | tee -a "$tmp"
 done
 mkdir -p results/measured
-{ echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/bench_dyconv-$SCALE$DEVICE$SUFFIX.txt"
+{ echo "# bash scripts/bench_dyconv.sh $*"; cat "$tmp"; } > "results/measured/$NAME.txt"

