@@ -6,7 +6,8 @@
 #   JOBS=N runs at once, default 1, each run's output then in <row>/seed<k>.log; e.g. JOBS=2 OMP_NUM_THREADS=1
 #   on 2 cores; PIPELINE=P runs only the image or only the text rows, default all)
 # Runs go to results/runs/<script>-mini/<row>/seed<k> (RUNS_ROOT replaces results/runs/), tables to
-# results/measured/ (RESULTS), figures to results/figures/ (FIGURES). results/README.md says what the numbers
+# results/measured/ (RESULTS), figures to results/figures/ (FIGURES), and what the suite cost, from the runs'
+# records, to results/measured/suite_cost-mini.md (scripts/suite_cost.py). results/README.md says what the numbers
 # show. results/runs/.gitignore keeps each run's records (summary.json / all_results.json, partition.json,
 # TensorBoard events, logs) and drops its checkpoints and weights: committed, the records are what the tables
 # and figures are computed from, and what a later checkout continues from (finished runs are skipped).
@@ -26,3 +27,6 @@ done
 [ "$PIPELINE" = all ] || exit 0  # the figures need both pipelines' runs
 .venv/bin/python scripts/figures.py --runs "$RUNS_ROOT" --scale mini --seeds "$SEEDS" \
   --output "${FIGURES:-results/figures}"
+# what the whole suite cost, from the runs' records (each run once, shared rows not twice)
+.venv/bin/python scripts/suite_cost.py --runs "$RUNS_ROOT" --scale mini --jobs "$JOBS" \
+  --output "${RESULTS:-results/measured}/suite_cost-mini.md"

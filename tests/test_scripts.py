@@ -394,7 +394,8 @@ def test_mini_suite_resumes_and_writes_tables_and_figures(tmp_path):
                             text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "== " not in result.stdout.replace("=== ", "")  # no run started
-    assert sorted(p.name for p in results.iterdir()) == sorted(f"{s}-mini.md" for s in SCRIPTS)
+    assert sorted(p.name for p in results.iterdir()) == sorted([f"{s}-mini.md" for s in SCRIPTS] + ["suite_cost-mini.md"])
+    assert "| table1_imagenet_dyconv | " in (results / "suite_cost-mini.md").read_text()
     assert sorted(p.name for p in figures_dir.iterdir()) == sorted(
         ["accuracy_vs_dynamic_ratio.png", "scale_factors_over_training.png", "per_layer_dynamic_ratio.png",
          "paired_differences.png"])
