@@ -408,7 +408,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 # Model fields added after checkpoints were first written: what an older checkpoint without them holds.
-META_DEFAULTS = {"resnet_width": 64}
+META_DEFAULTS = {"resnet_width": 64, "odconv_static_attention": "none"}  # fields older checkpoints lack
 
 
 def check_compatible(checkpoint_meta: dict, run_meta: dict, path: str | os.PathLike = "checkpoint") -> None:

@@ -17,6 +17,9 @@ for backward), and the layer runs exactly as a fully dynamic one over ``W'_k``:
 filter and spatial attentions scale ``W~`` but not the static part, so there the static
 part stays a separate term: one more kernel with routing 1 (CondConv) or one static conv
 (ODConv under the ``stacked``/``bmm`` schemes; added to the per-sample weight under ``grouped``).
+ODConv with ``static_attention="channel-filter"`` (the authors' release) scales the static part
+by the channel and filter attentions too: folded where it has no spatial attention (1x1 convs),
+else added to the per-sample weight after the spatial attention.
 
 **Execution.**  The layer reduces its forward pass to :class:`dyconv.schemes.ConvTerms`
 and runs one of the exact schemes of :mod:`dyconv.schemes` (``grouped``: per-sample
@@ -61,6 +64,10 @@ from .schemes import (PATHS, POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms
                       choose_scheme, per_sample_weight, prefers_unit_path)
 
 CONVS = ("static", "condconv", "dyconv", "odconv")
+# Which of ODConv's attentions also scale PAD's static part: "none" (the static part of DESIGN's Omega, no
+# attention) or "channel-filter" (the authors' release: the input-channel and filter attentions scale the whole
+# conv, the spatial and kernel attentions the dynamic part only).
+ODCONV_STATIC_ATTENTIONS = ("none", "channel-filter")
 
 ConvMaker = Callable[..., nn.Module]
 
@@ -322,6 +329,11 @@ class _RoutedConv2d(nn.Module):
         """Whether the attention's output scales kernel positions (ODConv's spatial attention)."""
         return False
 
+    def static_scales(self, attention) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(in_scale (B, C), out_scale (B, O))`` that PAD's static part gets from the attention's
+        output, each ``None`` where it gets none (every layer but ODConv's ``channel-filter``)."""
+        return None, None
+
     def _out_pixels(self, x: torch.Tensor) -> int:
         extent = self.dilation * (self.kernel_size - 1) + 1
         return (((x.shape[-2] + 2 * self.padding - extent) // self.stride + 1)
@@ -399,12 +411,15 @@ class _RoutedConv2d(nn.Module):
         """Static units by one ordinary conv with ``lambda_s W_s[static]``, dynamic units by the layer's
         scheme over ``lambda_d W_k[dynamic]``; outputs put back in channel order (no bias)."""
         geometry = self.geometry
-        static_in = x
+        in_scale, out_scale = self.static_scales(attention)
+        static_in = x if in_scale is None else x * in_scale[:, :, None, None]
         if self.depthwise:  # output unit o reads input channel o only
-            static_in = x.index_select(1, split.static)
+            static_in = static_in.index_select(1, split.static)
             geometry = geometry._replace(groups=split.static.numel())
         static_out = F.conv2d(static_in, split.weight, None, geometry.stride, geometry.padding,
                               geometry.dilation, geometry.groups)
+        if out_scale is not None:
+            static_out = static_out * out_scale.index_select(1, split.static)[:, :, None, None]
         if split.dynamic.numel() == 0:
             return static_out.index_select(1, split.order) + _zero_tie(attention, self.bank)
         terms = self.routed_terms(attention, split.kernels, None)
@@ -458,28 +473,52 @@ class ODConv2d(_RoutedConv2d):
 
     The input-channel attention scales the input and the filter attention the output
     (exact, as in the authors' code); the spatial attention scales kernel positions, so
-    layers with one (k > 1) run the ``grouped`` scheme.  With PAD the static part
-    ``lambda_s (1 - M) W_s`` is not scaled by the attentions (DESIGN's ``Omega``), so it
-    is not folded into the kernels (see the module docstring).
+    layers with one (k > 1) run the ``grouped`` scheme.  With PAD, ``static_attention``
+    (:data:`ODCONV_STATIC_ATTENTIONS`) says which attentions scale the static part
+    ``S = lambda_s (1 - M) W_s``:
+
+    * ``"none"`` (default, DESIGN's ``Omega``): ``W~(x) ⊙ lambda_d M + S``, no attention on ``S``;
+      ``S`` is not folded into the kernels (see the module docstring);
+    * ``"channel-filter"`` (the authors' release): ``a_c ⊙ a_f ⊙ (lambda_d M ⊙ a_s ⊙ sum_k a_w,k W_k + S)``,
+      the input-channel and filter attentions scale the whole conv; folded into the kernels where
+      the layer has no spatial attention (the kernel attention sums to 1).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto"):
+                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto",
+                 static_attention: str = "none"):
+        if static_attention not in ODCONV_STATIC_ATTENTIONS:
+            raise ValueError(f"unknown ODConv static attention {static_attention!r}; expected one of "
+                             f"{ODCONV_STATIC_ATTENTIONS}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
                          scale_factors, scheme=scheme)
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
                                          temperature)
+        self.static_attention = static_attention
+
+    @property
+    def _static_scaled(self) -> bool:
+        return self.static_attention == "channel-filter"
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.bank(fold=self._static_scaled and self.attention.spatial_fc is None)
 
     def has_spatial_attention(self, attention: ODConvAttentionWeights) -> bool:
         return attention.spatial is not None
+
+    def static_scales(self, attention: ODConvAttentionWeights) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (attention.channel, attention.filter) if self._static_scaled else (None, None)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", static_attention={self.static_attention!r}"
 
     def routed_terms(self, attention: ODConvAttentionWeights, kernels: torch.Tensor,
                      static: torch.Tensor | None) -> ConvTerms:
         batch = attention.channel.shape[0]
         routing = attention.kernel if attention.kernel is not None else attention.channel.new_ones(batch, 1)
         return ConvTerms(routing, kernels, static, in_scale=attention.channel, out_scale=attention.filter,
-                         spatial=attention.spatial)
+                         spatial=attention.spatial, static_scaled=self._static_scaled)
 
 
 def dynamic_convs(model: nn.Module):
@@ -532,12 +571,14 @@ def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> 
 # ---------------------------------------------------------------- factory and temperature
 
 def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int = 4, scale_factors: str = "both",
-                 temperature: float = 30.0, scheme: str = "auto") -> ConvMaker:
+                 temperature: float = 30.0, scheme: str = "auto", odconv_static_attention: str = "none") -> ConvMaker:
     """A constructor ``make(in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, bias=False)``.
 
     ``static`` gives ``nn.Conv2d``; the others their dynamic layer, partially dynamic when ``pad``.
     ``reduction`` and ``temperature`` are used by DY-Conv and ODConv (CondConv has neither);
-    ``scheme`` is every dynamic layer's execution scheme policy (``auto`` or a scheme's name).
+    ``scheme`` is every dynamic layer's execution scheme policy (``auto`` or a scheme's name);
+    ``odconv_static_attention`` is PAD-ODConv's ``static_attention`` (other than ``"none"`` only with
+    ``conv="odconv"`` and ``pad``).
     """
     if conv not in CONVS:
         raise ValueError(f"unknown conv {conv!r}; expected one of {CONVS}")
@@ -551,6 +592,12 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
         raise ValueError(f"unknown scale factors {scale_factors!r}; expected one of {SCALE_FACTOR_VARIANTS}")
     _check_positive_temperature(temperature)
     _check_policy(scheme)
+    if odconv_static_attention not in ODCONV_STATIC_ATTENTIONS:
+        raise ValueError(f"unknown ODConv static attention {odconv_static_attention!r}; expected one of "
+                         f"{ODCONV_STATIC_ATTENTIONS}")
+    if odconv_static_attention != "none" and not (conv == "odconv" and pad):
+        raise ValueError(f"the ODConv static attention {odconv_static_attention!r} needs PAD-ODConv (conv odconv "
+                         f"with pad), not conv {conv} with pad={pad}")
 
     def make(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1,
              bias: bool = False) -> nn.Module:
@@ -560,8 +607,10 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
                       scale_factors=scale_factors, scheme=scheme)
         if conv == "condconv":
             return CondConv2d(in_ch, out_ch, kernel_size, **common)
-        layer = DynamicConv2d if conv == "dyconv" else ODConv2d
-        return layer(in_ch, out_ch, kernel_size, reduction=reduction, temperature=temperature, **common)
+        if conv == "odconv":
+            return ODConv2d(in_ch, out_ch, kernel_size, reduction=reduction, temperature=temperature,
+                            static_attention=odconv_static_attention, **common)
+        return DynamicConv2d(in_ch, out_ch, kernel_size, reduction=reduction, temperature=temperature, **common)
 
     return make
 

@@ -61,7 +61,8 @@ from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, Checkpoint
                            check_compatible, evaluate, link_checkpoint, load_checkpoint, nonfinite_tensors,
                            parameter_groups, random_states, restore_random_states, save_checkpoint, train_one_epoch)
 from dyconv.inference import to_inference
-from dyconv.layers import CONVS, conv_schemes, get_temperature, restore_conv_schemes, set_temperature
+from dyconv.layers import (CONVS, ODCONV_STATIC_ATTENTIONS, conv_schemes, get_temperature, restore_conv_schemes,
+                           set_temperature)
 from dyconv.models import ARCHS, build_model, count_flops
 from dyconv.schemes import POLICIES
 
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", type=_bounded(int, 1), default=4, help="K kernels per dynamic conv")
     g.add_argument("--reduction", type=_bounded(int, 1), default=4, help="attention reduction r")
     g.add_argument("--scale-factors", choices=pad.SCALE_FACTOR_VARIANTS, default="both")
+    g.add_argument("--odconv-static-attention", choices=ODCONV_STATIC_ATTENTIONS, default="none",
+                   help="PAD-ODConv: which attentions also scale the static part: none (the static part of "
+                        "DESIGN's Omega) or channel-filter (the authors' release: the input-channel and filter "
+                        "attentions scale the whole conv)")
     g.add_argument("--conv-scheme", choices=POLICIES, default="auto",
                    help="execution scheme of every dynamic conv: auto (per layer, by a cost model) or one forced "
                         "where exact; a resumed run keeps the schemes its checkpoint recorded")
@@ -226,6 +231,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.image_size = 224 if args.dataset == "imagenet" else 28
     if args.pad and args.conv == "static":
         raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
+    if args.odconv_static_attention != "none" and not (args.conv == "odconv" and args.pad):
+        raise UsageError("--odconv-static-attention needs --conv odconv --pad")
     if args.resnet_width != 64 and not args.arch.startswith("resnet"):
         raise UsageError(f"--resnet-width applies to the ResNets only; {args.arch} takes its width from its name")
     if args.evaluate and not args.resume:
@@ -341,7 +348,8 @@ def model_metadata(args: argparse.Namespace, num_classes: int, in_channels: int,
     """What a checkpoint must match to be loaded into this run's model."""
     return {"arch": args.arch, "conv": args.conv, "pad": args.pad, "kernels": args.kernels,
             "reduction": args.reduction, "scale_factors": args.scale_factors, "num_classes": num_classes,
-            "in_channels": in_channels, "small_input": small_input, "resnet_width": args.resnet_width}
+            "in_channels": in_channels, "small_input": small_input, "resnet_width": args.resnet_width,
+            "odconv_static_attention": args.odconv_static_attention}
 
 
 def make_loaders(train_set, val_set, args, ctx: Distributed) -> tuple[DataLoader, DataLoader]:
@@ -544,7 +552,8 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
         "params_dense": counts["dense"], "params_compact": counts["compact"], "mask_entries": counts["mask_entries"],
         "flops": count_flops(model, (info.in_channels, info.image_size, info.image_size)),
         "arch": args.arch, "resnet_width": args.resnet_width, "conv": args.conv, "pad": args.pad, "kernels": args.kernels,
-        "scale_factor_variant": args.scale_factors, "dataset": info.name, "image_size": info.image_size,
+        "scale_factor_variant": args.scale_factors, "odconv_static_attention": args.odconv_static_attention,
+        "dataset": info.name, "image_size": info.image_size,
         "num_classes": info.num_classes, "seed": args.seed,
         "scale_factors": {name: {"lambda_d": d, "lambda_s": s} for name, (d, s) in pad.scale_factors(model).items()},
         "temperature": get_temperature(model),
@@ -592,7 +601,8 @@ def evaluate_compact(args: argparse.Namespace, ctx: Distributed, output: Path, s
         model = build_model(args.arch, conv=args.conv, pad=True, num_classes=info.num_classes,
                             small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
                             reduction=args.reduction, scale_factors=args.scale_factors, temperature=1.0,
-                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width)
+                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width,
+                            odconv_static_attention=args.odconv_static_attention)
         pad.load_compact_file(model, args.resume)
     except FileNotFoundError:
         raise UsageError(f"compact file {args.resume} does not exist") from None
@@ -631,7 +641,8 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
         model = build_model(args.arch, conv=args.conv, pad=args.pad, num_classes=info.num_classes,
                             small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
                             reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init,
-                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width)
+                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width,
+                            odconv_static_attention=args.odconv_static_attention)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if checkpoint is not None:

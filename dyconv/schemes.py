@@ -6,7 +6,12 @@ every scheme computes the same ``(B, O, H', W')`` output::
 
     y_b = out_scale_b ⊙ conv(in_scale_b ⊙ x_b,  spatial_b ⊙ sum_k routing[b, k] W_k)  +  conv(x_b, static)
 
-(``⊙`` broadcasts over the channel axis; missing terms are ones / zero).  The schemes
+(``⊙`` broadcasts over the channel axis; missing terms are ones / zero), or, with ``static_scaled``
+(the static part inside the input and output scales, not the spatial one: PAD-ODConv as the
+authors' release computes it)::
+
+    y_b = out_scale_b ⊙ conv(in_scale_b ⊙ x_b,  spatial_b ⊙ sum_k routing[b, k] W_k  +  static)
+  The schemes
 differ in cost only:
 
 * ``grouped``: per-sample weights ``routing @ W.flatten(1)`` (``B x |W|`` memory), one
@@ -20,8 +25,9 @@ differ in cost only:
 * ``bmm``: 1x1 convs as a per-sample batched matmul ``W_b (O, C) @ x_b (C, H'W')``
   (strided input for stride > 1).
 
-The static part is added as a ``(K+1)``-th kernel with routing 1 where no input or
-output scale applies (CondConv PAD), else by one ordinary conv (ODConv PAD).
+The static part is added as a ``(K+1)``-th kernel with routing 1 where that is exact (no input or
+output scale applies, as for CondConv PAD, or the scales apply to it too and there is no spatial
+attention), else by one ordinary conv (ODConv PAD) or into the per-sample weight (``grouped``).
 """
 from __future__ import annotations
 
@@ -61,7 +67,8 @@ class ConvTerms(NamedTuple):
 
     routing: ``(B, K)``; kernels: ``(K, O, C // groups, kh, kw)``; static: ``(O, C // groups, kh, kw)``
     or ``None``; in_scale: ``(B, C)`` or ``None``; out_scale: ``(B, O)`` or ``None``;
-    spatial: ``(B, kh * kw)`` or ``None``.
+    spatial: ``(B, kh * kw)`` or ``None``; static_scaled: whether ``in_scale`` and ``out_scale``
+    scale the static part too (see the module docstring).
     """
     routing: torch.Tensor
     kernels: torch.Tensor
@@ -69,15 +76,17 @@ class ConvTerms(NamedTuple):
     in_scale: torch.Tensor | None = None
     out_scale: torch.Tensor | None = None
     spatial: torch.Tensor | None = None
+    static_scaled: bool = False
 
     @property
     def scaled(self) -> bool:
         return self.in_scale is not None or self.out_scale is not None
 
     def static_as_kernel(self) -> "ConvTerms":
-        """The static part moved into the kernels as one more kernel with routing 1 (exact
-        only without input/output scales, which the static part does not get)."""
-        if self.static is None or self.scaled:
+        """The static part moved into the kernels as one more kernel with routing 1, where that is
+        exact: the input/output scales apply to it as to the kernels (none, or ``static_scaled``) and
+        no spatial attention scales the kernels alone; otherwise the terms unchanged."""
+        if self.static is None or (self.scaled and not self.static_scaled) or self.spatial is not None:
             return self
         ones = self.routing.new_ones(self.routing.shape[0], 1)
         return self._replace(routing=torch.cat([self.routing, ones], 1),
@@ -117,12 +126,19 @@ def per_sample_weight(terms: ConvTerms) -> torch.Tensor:
     batch, out_channels, _, kh, kw = weight.shape
     if terms.spatial is not None:
         weight = weight * terms.spatial.view(batch, 1, 1, kh, kw)
+    if terms.static is not None and terms.static_scaled:
+        weight = weight + terms.static
     if terms.in_scale is not None:
         groups = terms.in_scale.shape[1] // weight.shape[2]
         weight = weight * _channel_scale_per_weight(terms.in_scale, out_channels, groups)
     if terms.out_scale is not None:
         weight = weight * terms.out_scale.view(batch, out_channels, 1, 1, 1)
-    return weight if terms.static is None else weight + terms.static
+    return weight if terms.static is None or terms.static_scaled else weight + terms.static
+
+
+def _static_unscaled(terms: ConvTerms) -> bool:
+    """Whether the static part must stay outside the input/output scales that the kernels get."""
+    return terms.static is not None and terms.scaled and not terms.static_scaled
 
 
 def grouped(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.Tensor:
@@ -130,7 +146,7 @@ def grouped(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.
     scales are applied to the activations unless a static part must stay unscaled,
     in which case everything is folded into the per-sample weight."""
     batch, channels, height, width = x.shape
-    if terms.static is not None and terms.scaled:
+    if _static_unscaled(terms):
         weight, inputs = per_sample_weight(terms), x
     else:
         weight = per_sample_weight(terms._replace(in_scale=None, out_scale=None))
@@ -140,7 +156,7 @@ def grouped(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.
                    weight.reshape(batch * out_channels, *weight.shape[2:]), None, geometry.stride,
                    geometry.padding, geometry.dilation, batch * geometry.groups)
     out = out.view(batch, out_channels, *out.shape[-2:])
-    if terms.static is not None and terms.scaled:
+    if _static_unscaled(terms):
         return out
     return out if terms.out_scale is None else out * terms.out_scale[:, :, None, None]
 
@@ -173,7 +189,7 @@ def bmm(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.Tens
         strided = F.pad(strided, [geometry.padding] * 4)
     if geometry.stride > 1:
         strided = strided[:, :, ::geometry.stride, ::geometry.stride]
-    own = terms if terms.scaled else terms.static_as_kernel()
+    own = terms.static_as_kernel()
     weight = per_sample_weight(own._replace(in_scale=None, out_scale=None, static=None))
     inputs = strided if own.in_scale is None else strided * own.in_scale[:, :, None, None]
     batch, channels, height, width = inputs.shape

@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Where a run writes, not what it computes.
 DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config", "save_checkpoints")
+# Settings added after runs were indexed, left out of the key at their default (which computes what the
+# runs before them computed), so that those runs keep their keys.
+DYCONV_LATER = {"odconv_static_attention": "none"}
 GLUE_WHERE = ("output_dir", "overwrite_output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
 
 
@@ -36,7 +39,8 @@ def _parsed(parse, argv: list[str], errors: tuple[type[Exception], ...]):
 def dyconv_settings(argv: list[str]) -> dict:
     from dyconv.main import UsageError, parse_args
     args = _parsed(parse_args, argv, (UsageError,))
-    return {key: value for key, value in vars(args).items() if key not in DYCONV_WHERE}
+    return {key: value for key, value in vars(args).items()
+            if key not in DYCONV_WHERE and not (key in DYCONV_LATER and value == DYCONV_LATER[key])}
 
 
 def glue_settings(argv: list[str]) -> dict:

@@ -2,7 +2,9 @@
 # Paper: PAD on other dynamic convolutions, CondConv and ODConv, fully dynamic vs PAD (ratio 0.3), ResNet-50.
 # Full: IMAGENET=/data/imagenet bash scripts/table_dynamic_convs.sh [--seeds N]; CPU: --mini (Fashion-MNIST,
 # ResNet-10, 3 seeds); --smoke: every full row for one step (IMAGENET=tiny GLUE_DIR=tiny).
-# Comparisons: PAD vs fully dynamic, per convolution.
+# Comparisons: PAD vs fully dynamic, per convolution. One row beyond the paper: PAD-ODConv with the static part
+# scaled by the channel and filter attentions too (--odconv-static-attention channel-filter, the authors' release),
+# against ODConv and against our default PAD-ODConv (whose static part no attention scales).
 source "$(dirname "$0")/lib.sh" "$@"
 arch=$([ "$MINI" = 1 ] && echo resnet10 || echo resnet50)
 for conv in condconv dyconv odconv; do
@@ -12,4 +14,8 @@ for conv in condconv dyconv odconv; do
     --pad --dynamic-ratio 0.3
   compare "$arch-$conv-pad0.3" "$arch-$conv"
 done
+dyconv_run "$arch-odconv-pad0.3-static-attention" resnet50_odconv_pad --arch $arch --conv odconv --reduction 16 \
+  --pad --dynamic-ratio 0.3 --odconv-static-attention channel-filter
+compare "$arch-odconv-pad0.3-static-attention" "$arch-odconv"
+compare "$arch-odconv-pad0.3-static-attention" "$arch-odconv-pad0.3"
 summarize "CondConv / DY-Conv / ODConv, fully dynamic vs PAD ($SCALE)"

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.usefixtures("float64")
 SMALL = dict(small_input=True, in_channels=1, num_classes=5)
 
 
-def trained_like_pad_model(conv, arch="resnet10", seed=0):
+def trained_like_pad_model(conv, arch="resnet10", seed=0, **options):
     """A PAD model with a random mask, phi != 0, a temperature of 1 and BatchNorm statistics of real batches."""
     torch.manual_seed(seed)
-    model = build_model(arch, conv, pad=True, temperature=1.0, **SMALL)
+    model = build_model(arch, conv, pad=True, temperature=1.0, **SMALL, **options)
     banks = dict(pad.weight_banks(model))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -56,6 +56,20 @@ def test_inference_form_gives_the_trained_models_logits(conv, arch):
             torch.testing.assert_close(layer.bank.kernels, dynamic, rtol=0, atol=1e-15)
             torch.testing.assert_close(layer.bank.static, static, rtol=0, atol=1e-15)
     assert len(list(pad.weight_banks(model))) == len(list(dynamic_convs(model)))  # the trained model is untouched
+
+
+def test_inference_form_of_odconv_with_the_authors_static_attention():
+    """channel-filter: the 1x1 convs (no spatial attention) hold the folded W'_k alone, the 3x3 convs
+    lambda_d M W_k and the static part apart; the logits are the trained model's."""
+    model = trained_like_pad_model("odconv", odconv_static_attention="channel-filter")
+    inference = to_inference(model)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), model(x), rtol=1e-10, atol=1e-10)
+    folded = {name: layer.bank.static is None for name, layer in dynamic_convs(inference)}
+    assert folded == {name: layer.kernel_size == 1 for name, layer in dynamic_convs(model)}
+    assert any(folded.values()) and not all(folded.values())
+    assert all(layer.static_attention == "channel-filter" for _, layer in dynamic_convs(inference))
 
 
 def test_inference_form_is_eval_only():

@@ -1,4 +1,5 @@
 """Execution schemes of dynamic convs: every scheme equals a per-sample reference loop in outputs and gradients."""
+import functools
 import math
 
 import pytest
@@ -15,7 +16,9 @@ from dyconv.schemes import POLICIES, SCHEMES, applicable_schemes, choose_scheme,
 
 torch.set_num_threads(1)
 
-LAYERS = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d}
+LAYERS = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d,
+          # PAD-ODConv as the authors' release computes it: the channel and filter attentions scale the static part too
+          "odconv-cf": functools.partial(ODConv2d, static_attention="channel-filter")}
 # (in, out, kernel, stride, padding, groups)
 GEOMETRIES = {
     "3x3_stride1": (6, 8, 3, 1, 1, 1),
@@ -46,7 +49,9 @@ def build(kind, geometry, use_pad, scheme, seed=0):
 
 
 def reference_forward(layer, x):
-    """A python loop of F.conv2d per sample, with Omega_b mixed explicitly from the layer's parameters."""
+    """A python loop of F.conv2d per sample, with Omega_b mixed explicitly from the layer's parameters.
+    ODConv: the channel and filter attentions scale W~ alone (static_attention "none") or, with
+    "channel-filter", the PAD mixture as a whole."""
     attention = layer.attention(x)
     bank = layer.bank
     outputs = []
@@ -56,19 +61,25 @@ def reference_forward(layer, x):
         else:
             coefficients = attention[b]
         weight = sum(c * kernel for c, kernel in zip(coefficients, bank.kernels))
+        channel_filter = 1.0
         if isinstance(layer, ODConv2d):
             out_ch, in_per_group = bank.shape[:2]
             channel = torch.stack([attention.channel[b][(o // (out_ch // layer.groups)) * in_per_group:
                                                         (o // (out_ch // layer.groups) + 1) * in_per_group]
                                    for o in range(out_ch)])
-            weight = weight * channel[:, :, None, None]
+            channel_filter = channel[:, :, None, None]
             if attention.filter is not None:
-                weight = weight * attention.filter[b].view(-1, 1, 1, 1)
+                channel_filter = channel_filter * attention.filter[b].view(-1, 1, 1, 1)
             if attention.spatial is not None:
                 weight = weight * attention.spatial[b].view(1, 1, layer.kernel_size, layer.kernel_size)
+        whole = isinstance(layer, ODConv2d) and layer.static_attention == "channel-filter"
+        if not whole:
+            weight = weight * channel_filter
         if isinstance(bank, pad.PartiallyDynamicWeights):
             lambda_d = 2 * torch.sigmoid(bank.scale.phi)
             weight = lambda_d * bank.mask * weight + (2 - lambda_d) * (1 - bank.mask) * bank.static_weight
+        if whole:
+            weight = weight * channel_filter
         outputs.append(F.conv2d(x[b:b + 1], weight, layer.bias, layer.stride, layer.padding, 1, layer.groups))
     return torch.cat(outputs)
 
@@ -98,6 +109,8 @@ def expected_scheme(policy, layer, batch):
 @pytest.mark.parametrize("use_pad", [False, True], ids=["full", "pad"])
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_every_scheme_equals_per_sample_reference(kind, use_pad, geometry, batch, training):
+    if kind == "odconv-cf" and not use_pad:
+        pytest.skip("the static attention of PAD-ODConv: without PAD there is no static part")
     x = torch.randn(batch, GEOMETRIES[geometry][0], 7, 7, generator=torch.Generator().manual_seed(1))
     reference_layer = build(kind, geometry, use_pad, "grouped").train(training)
     expected = outputs_and_gradients(reference_layer, x, reference_forward)
@@ -134,13 +147,14 @@ class _OpCounter(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("kind, scheme, convolutions", [
-    ("dyconv", "stacked", 1), ("condconv", "stacked", 1), ("odconv", "stacked", 2),
-    ("dyconv", "bmm", 0), ("condconv", "bmm", 0), ("odconv", "bmm", 1),
-    ("dyconv", "grouped", 1), ("odconv", "grouped", 1),
+    ("dyconv", "stacked", 1), ("condconv", "stacked", 1), ("odconv", "stacked", 2), ("odconv-cf", "stacked", 1),
+    ("dyconv", "bmm", 0), ("condconv", "bmm", 0), ("odconv", "bmm", 1), ("odconv-cf", "bmm", 0),
+    ("dyconv", "grouped", 1), ("odconv", "grouped", 1), ("odconv-cf", "grouped", 1),
 ])
 def test_pad_static_part_costs_no_extra_pass_where_exact(kind, scheme, convolutions):
     """DY-Conv folds W'_k and CondConv adds W_s as one more kernel: one conv (none for bmm);
-    ODConv's unscaled static part is one static conv outside the grouped scheme."""
+    ODConv's unscaled static part is one static conv outside the grouped scheme; with the
+    channel-filter static attention a 1x1 ODConv folds W'_k like DY-Conv."""
     torch.manual_seed(0)
     layer = LAYERS[kind](8, 8, 1, kernels=4, pad=True, scheme=scheme).eval()
     with _OpCounter() as counter, torch.no_grad():
@@ -164,7 +178,7 @@ def test_no_batch_times_kernels_tensor_and_stacked_builds_no_per_sample_weights(
         assert counter.largest < batch * weight_size
     else:
         assert counter.largest >= batch * weight_size
-    assert used == ("grouped" if kind == "odconv" else scheme)
+    assert used == ("grouped" if kind.startswith("odconv") else scheme)
 
 
 def test_cost_model_choices():

@@ -1,6 +1,8 @@
 """Unit-structured PAD convs: static output units by one ordinary conv, dynamic ones by the scheme, exactly
 the element-mask computation with the same mask (outputs and every gradient, float64); which of the two paths
 a layer takes (dyconv.schemes.prefers_unit_path), recorded and restored."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -14,7 +16,8 @@ from dyconv.schemes import POLICIES, UNIT_PATH_MIN_COST, prefers_unit_path
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("float64")
 
-LAYERS = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d}
+LAYERS = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d,
+          "odconv-cf": functools.partial(ODConv2d, static_attention="channel-filter")}
 # (in, out, kernel, stride, padding, groups)
 GEOMETRIES = {
     "3x3_stride1": (6, 8, 3, 1, 1, 1),
@@ -133,7 +136,11 @@ def test_layer_without_dynamic_units_keeps_every_parameter_in_the_graph(kind):
     layer = build(kind, "3x3_stride1", dynamic_units=[])
     got = outputs_and_gradients(layer, x)
     assert_same(got, expected)  # attention and kernels get zero gradients, not none (DDP needs them)
-    assert all(float(g.abs().max()) < 1e-12 for n, g in got[2].items() if n.startswith(("attention", "bank.kernels")))
+    # (with the channel-filter static attention the static filters are scaled by the attention: it learns)
+    unused = ("bank.kernels", "attention.kernel_fc", "attention.spatial_fc") if kind == "odconv-cf" else ("attention", "bank.kernels")
+    assert all(float(g.abs().max()) < 1e-12 for n, g in got[2].items() if n.startswith(unused))
+    if kind == "odconv-cf":
+        assert float(got[2]["attention.channel_fc.weight"].abs().max()) > 1e-6
 
 
 def test_fully_dynamic_and_grouped_layers_take_the_element_path():

@@ -32,7 +32,8 @@ def table2_rows(tasks):
 
 
 def dynamic_convs_rows(arch):
-    return [f"{arch}-{c}{p}" for c in ("condconv", "dyconv", "odconv") for p in ("", "-pad0.3")]
+    return ([f"{arch}-{c}{p}" for c in ("condconv", "dyconv", "odconv") for p in ("", "-pad0.3")]
+            + [f"{arch}-odconv-pad0.3-static-attention"])
 
 
 def ratio_rows(arch):
@@ -181,7 +182,8 @@ MINI_COMPARISONS = {
                                for x, y in (("dyconv-pad0.3", "dyconv"), ("dyconv", "static"), ("dyconv-pad0.3", "static"))],
     "table2_glue_moe": [f"{t}-{x} - {t}-{y}" for t in ("sst2", "rte") for x, y in (("pad", "moe"), ("moe", "none"))]
                        + ["average-pad - average-moe", "average-moe - average-none", "average-pad - average-none"],
-    "table_dynamic_convs": [f"resnet10-{c}-pad0.3 - resnet10-{c}" for c in ("condconv", "dyconv", "odconv")],
+    "table_dynamic_convs": [f"resnet10-{c}-pad0.3 - resnet10-{c}" for c in ("condconv", "dyconv", "odconv")]
+                           + [f"resnet10-odconv-pad0.3-static-attention - resnet10-odconv{p}" for p in ("", "-pad0.3")],
     "ablation_dynamic_ratio": [f"resnet10-pad{r} - resnet10-pad0.3" for r in ("0.1", "0.5", "0.7", "1.0")]
                               + [f"rte-pad{r} - rte-pad0.5" for r in ("0.3", "0.7", "0.9")],
     "ablation_partition": [f"resnet10-pad0.3-{c} - resnet10-pad0.3-taylor"
@@ -451,6 +453,14 @@ def test_run_key_resolves_defaults_and_ignores_where_a_run_writes():
     assert run_key("glue", *glue, "--dynamic_ratio", "0.5", "--seed", "0", "--output_dir", "y",
                    "--overwrite_output_dir") == key
     assert run_key("glue", *glue, "--dynamic_ratio", "0.7", "--seed", "0", "--output_dir", "x") != key
+
+
+def test_run_key_leaves_a_later_setting_out_at_its_default():
+    """--odconv-static-attention came after runs were indexed: at its default the key is the one those runs have."""
+    odconv = ["--config", "configs/dyconv/fashion_mnist_mini.yaml", "--conv", "odconv", "--pad", "--seed", "0"]
+    key = run_key("dyconv", *odconv)
+    assert run_key("dyconv", *odconv, "--odconv-static-attention", "none") == key
+    assert run_key("dyconv", *odconv, "--odconv-static-attention", "channel-filter") != key
 
 
 def test_run_key_bad_arguments_are_one_error_line():

@@ -17,13 +17,15 @@ _MOBILENET_WIDTHS = {"mobilenetv2_050": 0.5, "mobilenetv2_075": 0.75, "mobilenet
 def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes: int = 1000,
                 small_input: bool = False, in_channels: int = 3, kernels: int = 4, reduction: int = 4,
                 scale_factors: str = "both", temperature: float = 30.0, conv_scheme: str = "auto",
-                resnet_width: int = 64) -> nn.Module:
+                resnet_width: int = 64, odconv_static_attention: str = "none") -> nn.Module:
     """Builds ``arch`` with every block conv made by :func:`dyconv.layers.conv_factory`.
 
     ``conv_scheme``: the execution scheme of every dynamic conv, ``auto`` (chosen per
     layer, see :mod:`dyconv.schemes`) or one scheme forced wherever it is exact.
     ``resnet_width``: a ResNet's stem and first-stage channels (64 = the paper's ResNets; the
     stages double it); MobileNetV2 takes its width from the arch name and refuses another value.
+    ``odconv_static_attention``: which attentions scale PAD-ODConv's static part
+    (:data:`dyconv.layers.ODCONV_STATIC_ATTENTIONS`; ``none``, the default, or the authors' ``channel-filter``).
 
     ``forward`` maps ``(B, in_channels, H, W)`` to logits ``(B, num_classes)``.
     Raises ``ValueError`` for an unknown arch or conv, a bad factory argument, or
@@ -34,7 +36,7 @@ def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes:
     if num_classes < 1 or in_channels < 1:
         raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
     make = conv_factory(conv, pad=pad, kernels=kernels, reduction=reduction, scale_factors=scale_factors,
-                        temperature=temperature, scheme=conv_scheme)
+                        temperature=temperature, scheme=conv_scheme, odconv_static_attention=odconv_static_attention)
     if arch in RESNET_SPECS:
         block, layers = RESNET_SPECS[arch]
         return ResNet(make, block, layers, num_classes, small_input, in_channels, resnet_width)
