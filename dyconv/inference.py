@@ -8,7 +8,8 @@ holding, as buffers, exactly what the forward pass convolves:
 * CondConv and ODConv: ``lambda_d M W_k`` ``(K, *S)`` and the static part
   ``lambda_s (1 - M) W_s`` ``(*S)`` (their routing does not sum to 1, or their attentions do
   not scale the static part, so it stays a separate term); ODConv with the ``channel-filter``
-  static attention: folded like DY-Conv in its 1x1 convs (no spatial attention), apart in the others.
+  static attention: folded like DY-Conv in its 1x1 convs (no spatial attention), apart in the others;
+  with ``all``: folded everywhere.
 
 * a layer whose mask is unit-structured (``unit`` granularity, see
   :meth:`dyconv.layers._RoutedConv2d.unit_split`): an :class:`InferenceUnitWeights` holding

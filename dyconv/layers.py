@@ -19,7 +19,8 @@ part stays a separate term: one more kernel with routing 1 (CondConv) or one sta
 (ODConv under the ``stacked``/``bmm`` schemes; added to the per-sample weight under ``grouped``).
 ODConv with ``static_attention="channel-filter"`` (the authors' release) scales the static part
 by the channel and filter attentions too: folded where it has no spatial attention (1x1 convs),
-else added to the per-sample weight after the spatial attention.
+else added to the per-sample weight after the spatial attention; with ``"all"`` it is ODConv over
+the folded kernels.
 
 **Execution.**  The layer reduces its forward pass to :class:`dyconv.schemes.ConvTerms`
 and runs one of the exact schemes of :mod:`dyconv.schemes` (``grouped``: per-sample
@@ -65,9 +66,10 @@ from .schemes import (PATHS, POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms
 
 CONVS = ("static", "condconv", "dyconv", "odconv")
 # Which of ODConv's attentions also scale PAD's static part: "none" (the static part of DESIGN's Omega, no
-# attention) or "channel-filter" (the authors' release: the input-channel and filter attentions scale the whole
-# conv, the spatial and kernel attentions the dynamic part only).
-ODCONV_STATIC_ATTENTIONS = ("none", "channel-filter")
+# attention), "channel-filter" (the authors' release: the input-channel and filter attentions scale the whole
+# conv, the spatial and kernel attentions the dynamic part only) or "all" (ODConv over the folded kernels W'_k,
+# DESIGN's folding remark: every attention but the kernel one scales the static part too).
+ODCONV_STATIC_ATTENTIONS = ("none", "channel-filter", "all")
 
 ConvMaker = Callable[..., nn.Module]
 
@@ -329,6 +331,12 @@ class _RoutedConv2d(nn.Module):
         """Whether the attention's output scales kernel positions (ODConv's spatial attention)."""
         return False
 
+    @property
+    def static_units_are_one_conv(self) -> bool:
+        """Whether static output units are one ordinary conv of the (scaled) input, the unit path's
+        premise; not where an attention scales the static kernel positions per sample."""
+        return True
+
     def static_scales(self, attention) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(in_scale (B, C), out_scale (B, O))`` that PAD's static part gets from the attention's
         output, each ``None`` where it gets none (every layer but ODConv's ``channel-filter``)."""
@@ -395,7 +403,8 @@ class _RoutedConv2d(nn.Module):
         bank = self.bank
         if not isinstance(bank, PartiallyDynamicWeights):
             return bank.unit_split() if hasattr(bank, "unit_split") else None  # the inference form's
-        if bank.granularity != "unit" or not (self.groups == 1 or self.depthwise) or bank.mask.requires_grad:
+        if (bank.granularity != "unit" or not (self.groups == 1 or self.depthwise) or bank.mask.requires_grad
+                or not self.static_units_are_one_conv):
             return None
         if bank.unit_indices()[1].numel() == 0:
             return None  # fully dynamic: the element path costs the same
@@ -481,7 +490,10 @@ class ODConv2d(_RoutedConv2d):
       ``S`` is not folded into the kernels (see the module docstring);
     * ``"channel-filter"`` (the authors' release): ``a_c ⊙ a_f ⊙ (lambda_d M ⊙ a_s ⊙ sum_k a_w,k W_k + S)``,
       the input-channel and filter attentions scale the whole conv; folded into the kernels where
-      the layer has no spatial attention (the kernel attention sums to 1).
+      the layer has no spatial attention (the kernel attention sums to 1);
+    * ``"all"``: ``a_c ⊙ a_f ⊙ a_s ⊙ sum_k a_w,k W'_k``, ODConv over the folded kernels
+      ``W'_k = lambda_d M W_k + S`` (DESIGN's folding remark); unit-structured masks take the
+      element path where a spatial attention scales the static filters.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -499,10 +511,15 @@ class ODConv2d(_RoutedConv2d):
 
     @property
     def _static_scaled(self) -> bool:
-        return self.static_attention == "channel-filter"
+        return self.static_attention != "none"
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.bank(fold=self._static_scaled and self.attention.spatial_fc is None)
+        no_spatial = self.attention.spatial_fc is None
+        return self.bank(fold=self.static_attention == "all" or (self._static_scaled and no_spatial))
+
+    @property
+    def static_units_are_one_conv(self) -> bool:
+        return not (self.static_attention == "all" and self.attention.spatial_fc is not None)
 
     def has_spatial_attention(self, attention: ODConvAttentionWeights) -> bool:
         return attention.spatial is not None

@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale-factors", choices=pad.SCALE_FACTOR_VARIANTS, default="both")
     g.add_argument("--odconv-static-attention", choices=ODCONV_STATIC_ATTENTIONS, default="none",
                    help="PAD-ODConv: which attentions also scale the static part: none (the static part of "
-                        "DESIGN's Omega) or channel-filter (the authors' release: the input-channel and filter "
-                        "attentions scale the whole conv)")
+                        "DESIGN's Omega), channel-filter (the authors' release: the input-channel and filter "
+                        "attentions scale the whole conv) or all (ODConv over the folded kernels)")
     g.add_argument("--conv-scheme", choices=POLICIES, default="auto",
                    help="execution scheme of every dynamic conv: auto (per layer, by a cost model) or one forced "
                         "where exact; a resumed run keeps the schemes its checkpoint recorded")

@@ -58,18 +58,19 @@ def test_inference_form_gives_the_trained_models_logits(conv, arch):
     assert len(list(pad.weight_banks(model))) == len(list(dynamic_convs(model)))  # the trained model is untouched
 
 
-def test_inference_form_of_odconv_with_the_authors_static_attention():
+@pytest.mark.parametrize("static_attention", ["channel-filter", "all"])
+def test_inference_form_of_odconv_whose_attentions_scale_the_static_part(static_attention):
     """channel-filter: the 1x1 convs (no spatial attention) hold the folded W'_k alone, the 3x3 convs
-    lambda_d M W_k and the static part apart; the logits are the trained model's."""
-    model = trained_like_pad_model("odconv", odconv_static_attention="channel-filter")
+    lambda_d M W_k and the static part apart; all: every conv holds W'_k; the logits are the trained model's."""
+    model = trained_like_pad_model("odconv", odconv_static_attention=static_attention)
     inference = to_inference(model)
     x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(inference(x), model(x), rtol=1e-10, atol=1e-10)
     folded = {name: layer.bank.static is None for name, layer in dynamic_convs(inference)}
-    assert folded == {name: layer.kernel_size == 1 for name, layer in dynamic_convs(model)}
-    assert any(folded.values()) and not all(folded.values())
-    assert all(layer.static_attention == "channel-filter" for _, layer in dynamic_convs(inference))
+    assert folded == {name: static_attention == "all" or layer.kernel_size == 1 for name, layer in dynamic_convs(model)}
+    assert any(folded.values()) and (static_attention == "all" or not all(folded.values()))
+    assert all(layer.static_attention == static_attention for _, layer in dynamic_convs(inference))
 
 
 def test_inference_form_is_eval_only():

@@ -18,7 +18,9 @@ torch.set_num_threads(1)
 
 LAYERS = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d,
           # PAD-ODConv as the authors' release computes it: the channel and filter attentions scale the static part too
-          "odconv-cf": functools.partial(ODConv2d, static_attention="channel-filter")}
+          "odconv-cf": functools.partial(ODConv2d, static_attention="channel-filter"),
+          # ODConv over the folded kernels: every attention scales the static part too
+          "odconv-all": functools.partial(ODConv2d, static_attention="all")}
 # (in, out, kernel, stride, padding, groups)
 GEOMETRIES = {
     "3x3_stride1": (6, 8, 3, 1, 1, 1),
@@ -50,8 +52,8 @@ def build(kind, geometry, use_pad, scheme, seed=0):
 
 def reference_forward(layer, x):
     """A python loop of F.conv2d per sample, with Omega_b mixed explicitly from the layer's parameters.
-    ODConv: the channel and filter attentions scale W~ alone (static_attention "none") or, with
-    "channel-filter", the PAD mixture as a whole."""
+    ODConv: the channel, filter and spatial attentions scale W~ alone (static_attention "none"); with
+    "channel-filter" the channel and filter ones scale the PAD mixture as a whole, with "all" every one."""
     attention = layer.attention(x)
     bank = layer.bank
     outputs = []
@@ -61,7 +63,7 @@ def reference_forward(layer, x):
         else:
             coefficients = attention[b]
         weight = sum(c * kernel for c, kernel in zip(coefficients, bank.kernels))
-        channel_filter = 1.0
+        dynamic_only, whole = 1.0, 1.0  # attention factors of the dynamic part alone and of the whole mixture
         if isinstance(layer, ODConv2d):
             out_ch, in_per_group = bank.shape[:2]
             channel = torch.stack([attention.channel[b][(o // (out_ch // layer.groups)) * in_per_group:
@@ -70,16 +72,16 @@ def reference_forward(layer, x):
             channel_filter = channel[:, :, None, None]
             if attention.filter is not None:
                 channel_filter = channel_filter * attention.filter[b].view(-1, 1, 1, 1)
+            spatial = 1.0
             if attention.spatial is not None:
-                weight = weight * attention.spatial[b].view(1, 1, layer.kernel_size, layer.kernel_size)
-        whole = isinstance(layer, ODConv2d) and layer.static_attention == "channel-filter"
-        if not whole:
-            weight = weight * channel_filter
+                spatial = attention.spatial[b].view(1, 1, layer.kernel_size, layer.kernel_size)
+            dynamic_only, whole = {"none": (channel_filter * spatial, 1.0), "channel-filter": (spatial, channel_filter),
+                                   "all": (1.0, channel_filter * spatial)}[layer.static_attention]
+        weight = weight * dynamic_only
         if isinstance(bank, pad.PartiallyDynamicWeights):
             lambda_d = 2 * torch.sigmoid(bank.scale.phi)
             weight = lambda_d * bank.mask * weight + (2 - lambda_d) * (1 - bank.mask) * bank.static_weight
-        if whole:
-            weight = weight * channel_filter
+        weight = weight * whole
         outputs.append(F.conv2d(x[b:b + 1], weight, layer.bias, layer.stride, layer.padding, 1, layer.groups))
     return torch.cat(outputs)
 
@@ -109,7 +111,7 @@ def expected_scheme(policy, layer, batch):
 @pytest.mark.parametrize("use_pad", [False, True], ids=["full", "pad"])
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_every_scheme_equals_per_sample_reference(kind, use_pad, geometry, batch, training):
-    if kind == "odconv-cf" and not use_pad:
+    if kind in ("odconv-cf", "odconv-all") and not use_pad:
         pytest.skip("the static attention of PAD-ODConv: without PAD there is no static part")
     x = torch.randn(batch, GEOMETRIES[geometry][0], 7, 7, generator=torch.Generator().manual_seed(1))
     reference_layer = build(kind, geometry, use_pad, "grouped").train(training)
@@ -148,8 +150,9 @@ class _OpCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("kind, scheme, convolutions", [
     ("dyconv", "stacked", 1), ("condconv", "stacked", 1), ("odconv", "stacked", 2), ("odconv-cf", "stacked", 1),
-    ("dyconv", "bmm", 0), ("condconv", "bmm", 0), ("odconv", "bmm", 1), ("odconv-cf", "bmm", 0),
-    ("dyconv", "grouped", 1), ("odconv", "grouped", 1), ("odconv-cf", "grouped", 1),
+    ("odconv-all", "stacked", 1),
+    ("dyconv", "bmm", 0), ("condconv", "bmm", 0), ("odconv", "bmm", 1), ("odconv-cf", "bmm", 0), ("odconv-all", "bmm", 0),
+    ("dyconv", "grouped", 1), ("odconv", "grouped", 1), ("odconv-cf", "grouped", 1), ("odconv-all", "grouped", 1),
 ])
 def test_pad_static_part_costs_no_extra_pass_where_exact(kind, scheme, convolutions):
     """DY-Conv folds W'_k and CondConv adds W_s as one more kernel: one conv (none for bmm);

@@ -102,6 +102,29 @@ def test_unit_path_equals_element_path(kind, geometry, batch, training):
             assert layer.unit_calls == (path == "unit") and layer.chosen_paths == {scheme_key(x): path}
 
 
+@pytest.mark.parametrize("geometry", ["3x3_stride1", "depthwise_stride1", "1x1_stride2"])
+def test_odconv_with_every_attention_on_the_static_part_splits_only_without_a_spatial_attention(geometry):
+    """static_attention="all": a spatial attention scales the static filters per sample, so they are no
+    ordinary conv and the layer takes the element path; a 1x1 conv (no spatial attention) still splits.
+    Either way the outputs and gradients are the element mask's."""
+    x = torch.randn(3, GEOMETRIES[geometry][0], 7, 7, generator=torch.Generator().manual_seed(1))
+    kind = functools.partial(ODConv2d, static_attention="all")
+    LAYERS["odconv-all"] = kind
+    try:
+        element = build("odconv-all", geometry, granularity="element").train()
+        layer = on_path(build("odconv-all", geometry).train())
+    finally:
+        del LAYERS["odconv-all"]
+    expected = outputs_and_gradients(element, x)
+    assert_same(outputs_and_gradients(layer, x), expected)
+    has_spatial = layer.attention.spatial_fc is not None
+    assert (layer.unit_split() is None) == has_spatial
+    if has_spatial:
+        assert layer.unit_calls == 0
+    else:
+        assert layer.unit_split().dynamic.tolist() == DYNAMIC_UNITS
+
+
 class _ConvShapes(TorchDispatchMode):
     """Records the weight shape of every convolution."""
 

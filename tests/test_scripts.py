@@ -33,7 +33,7 @@ def table2_rows(tasks):
 
 def dynamic_convs_rows(arch):
     return ([f"{arch}-{c}{p}" for c in ("condconv", "dyconv", "odconv") for p in ("", "-pad0.3")]
-            + [f"{arch}-odconv-pad0.3-static-attention"])
+            + [f"{arch}-odconv-pad0.3-{a}" for a in ("channel-filter", "all")])
 
 
 def ratio_rows(arch):
@@ -183,7 +183,8 @@ MINI_COMPARISONS = {
     "table2_glue_moe": [f"{t}-{x} - {t}-{y}" for t in ("sst2", "rte") for x, y in (("pad", "moe"), ("moe", "none"))]
                        + ["average-pad - average-moe", "average-moe - average-none", "average-pad - average-none"],
     "table_dynamic_convs": [f"resnet10-{c}-pad0.3 - resnet10-{c}" for c in ("condconv", "dyconv", "odconv")]
-                           + [f"resnet10-odconv-pad0.3-static-attention - resnet10-odconv{p}" for p in ("", "-pad0.3")],
+                           + [f"resnet10-odconv-pad0.3-{a} - resnet10-odconv{p}" for a in ("channel-filter", "all")
+                              for p in ("", "-pad0.3")],
     "ablation_dynamic_ratio": [f"resnet10-pad{r} - resnet10-pad0.3" for r in ("0.1", "0.5", "0.7", "1.0")]
                               + [f"rte-pad{r} - rte-pad0.5" for r in ("0.3", "0.7", "0.9")],
     "ablation_partition": [f"resnet10-pad0.3-{c} - resnet10-pad0.3-taylor"
