@@ -226,7 +226,8 @@ def figure_per_layer(runs: Path, scale: str, seeds: int, path: Path) -> None:
 
 def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, summarize.Comparison]]:
     """``[(table, comparison)]``: the paper's comparisons, PAD vs fully dynamic and fully dynamic vs
-    static/dense, on every table."""
+    static/dense, on every table (table_dynamic_convs: also its PAD variants, e.g. PAD-ODConv whose static
+    part the attentions scale, against the fully dynamic conv)."""
     comparisons = []
     folder = script_dir(runs, "table1_imagenet_dyconv", scale)
     for pad_dir in rows_matching(folder, ""):
@@ -236,10 +237,11 @@ def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, 
                                 for v in ("dyconv-pad0.3", "dyconv", "static"))
             comparisons += [("table 1", summarize.compare(pad, dyn)), ("table 1", summarize.compare(dyn, static))]
     folder = script_dir(runs, "table_dynamic_convs", scale)
-    for pad_dir in rows_matching(folder, ""):
-        if pad_dir.name.endswith("-pad0.3"):
-            comparisons.append(("dynamic convs", summarize.compare(
-                summarize.load_row(pad_dir, seeds), summarize.load_row(folder / pad_dir.name[: -len("-pad0.3")], seeds))))
+    for pad_dir in rows_matching(folder, ""):  # <arch>-<conv>-pad0.3 and its variants <arch>-<conv>-pad0.3-<variant>
+        if pad_dir.name.endswith("-pad0.3") or "-pad0.3-" in pad_dir.name:
+            dynamic = folder / pad_dir.name.split("-pad0.3")[0]
+            comparisons.append(("dynamic convs", summarize.compare(summarize.load_row(pad_dir, seeds),
+                                                                   summarize.load_row(dynamic, seeds))))
     folder = script_dir(runs, "table2_glue_moe", scale)
     averages = {}
     for moe in ("none", "moe", "pad"):

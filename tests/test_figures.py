@@ -81,6 +81,8 @@ def runs(tmp_path_factory) -> Path:
         for k in range(SEEDS):
             dyconv_run(convs / f"resnet10-{conv}" / f"seed{k}", 90.0 + k, k)
             dyconv_run(convs / f"resnet10-{conv}-pad0.3" / f"seed{k}", 90.5 + 1.5 * k, k, ratio=0.3)
+    for k in range(SEEDS):  # a PAD variant of one conv (the ODConv static attention)
+        dyconv_run(convs / "resnet10-odconv-pad0.3-all" / f"seed{k}", 89.0 + k, k, ratio=0.3)
     table2 = root / "table2_glue_moe-mini"
     for task in ("sst2", "rte"):
         for k in range(SEEDS):
@@ -126,8 +128,10 @@ def test_headline_comparisons(runs):
                      "dynamic convs: resnet10-condconv-pad0.3 - resnet10-condconv",
                      "dynamic convs: resnet10-dyconv-pad0.3 - resnet10-dyconv",
                      "dynamic convs: resnet10-odconv-pad0.3 - resnet10-odconv",
+                     "dynamic convs: resnet10-odconv-pad0.3-all - resnet10-odconv",
                      "GLUE: GLUE average pad - GLUE average moe", "GLUE: GLUE average moe - GLUE average none"]
     assert comparisons[0][1].differences == pytest.approx([0.5, 2.0])
+    assert comparisons[5][1].differences == pytest.approx([-1.0, -1.0])  # 89 + k - (90 + k)
     assert comparisons[-1][1].differences == pytest.approx([-4.0, -3.0])  # (66 - 70), (68 - 71) on both tasks
 
 
