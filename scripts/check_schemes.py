@@ -1,7 +1,7 @@
 """Every exact execution scheme of every dynamic conv gives the same logits and gradients, on any device.
 
 For ResNet-18 and MobileNetV2 x1.0 with CondConv, DY-Conv and ODConv convs, fully dynamic and PAD (random
-element and output-unit masks at ratio 0.3), in eval mode (BatchNorm on running statistics taken from the
+element and output-unit masks at ratio 0.3; PAD-ODConv also with each --odconv-static-attention), in eval mode (BatchNorm on running statistics taken from the
 a batch of 32 first, so that the untrained model neither amplifies rounding through a batch of 4 nor lets its
 signal vanish), every scheme of :data:`dyconv.schemes.SCHEMES` that is exact for the
 model is compared with ``grouped``: logits, input gradient and every parameter gradient (each relative to
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dyconv.bench import set_random_mask  # noqa: E402
 from dyconv.inference import to_inference  # noqa: E402
-from dyconv.layers import set_conv_scheme  # noqa: E402
+from dyconv.layers import ODCONV_STATIC_ATTENTIONS, set_conv_scheme  # noqa: E402
 from dyconv.models import build_model  # noqa: E402
 from dyconv.schemes import SCHEMES  # noqa: E402
 
@@ -83,16 +83,22 @@ def main(argv=None) -> int:
     worst_seen = 0.0
     for arch in ("resnet18", "mobilenetv2_100"):
         for conv in ("condconv", "dyconv", "odconv"):
-            for pad, granularity in ((False, None), (True, "element"), (True, "unit")):
+            variants = [(False, None, "none"), (True, "element", "none"), (True, "unit", "none")]
+            if conv == "odconv":  # the other readings of PAD-ODConv (--odconv-static-attention)
+                variants += [(True, granularity, attention) for attention in ODCONV_STATIC_ATTENTIONS[1:]
+                             for granularity in ("element", "unit")]
+            for pad, granularity, attention in variants:
                 torch.manual_seed(0)
-                model = build_model(arch, conv, pad, num_classes=10).to(device, dtype)
+                model = build_model(arch, conv, pad, num_classes=10,
+                                    odconv_static_attention=attention).to(device, dtype)
                 if pad:
                     set_random_mask(model, 0.3, granularity=granularity)
                 x = torch.randn(4, 3, args.size, args.size, device=device, dtype=dtype)
                 set_conv_scheme(model, "grouped")
                 calibrate_batchnorm(model, torch.randn(32, 3, args.size, args.size, device=device, dtype=dtype))
                 ref_out, ref_grads = logits_and_grads(model, x)
-                label = f"{arch:16s} {conv:8s} {'pad ' + granularity if pad else 'dynamic':12s}"
+                label = (f"{arch:16s} {conv:8s} {'pad ' + granularity if pad else 'dynamic':12s}"
+                         + ("" if attention == "none" else f" static attention {attention}"))
                 for scheme in SCHEMES[1:]:
                     try:
                         set_conv_scheme(model, scheme)
