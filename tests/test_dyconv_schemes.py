@@ -370,3 +370,16 @@ def test_compiled_layer_traces_once_for_every_batch_size(kind, scheme):
             torch.testing.assert_close(got, want)
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+def test_check_schemes_script_refuses_a_missing_device_in_one_line():
+    """scripts/check_schemes.py (the whole-model check a GPU session runs) on a machine without CUDA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_schemes.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cuda"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == "error: --device cuda but CUDA is not available\n"
