@@ -19,36 +19,26 @@ time is counted and named; an unreadable record is one ``error:`` line, exit sta
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from summarize import InputError, read_results  # noqa: E402  (one reader of a run's records)
+
 EXIT_BAD_INPUT = 2
-
-
-class InputError(Exception):
-    """Bad input: printed as one ``error:`` line, exit status 2."""
 
 
 def run_seconds(run: Path) -> tuple[str, float | None]:
     """``(kind, seconds)`` of one finished run; ``kind`` is ``image`` or ``text``; ``None`` when it
     recorded no time; ``("", None)`` when it has not finished."""
-    for kind, name in (("image", "summary.json"), ("text", "all_results.json")):
-        path = run / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: unreadable ({err})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a JSON object")
-        if kind == "image":
-            return kind, data.get("wall_seconds")
-        parts = [data.get("train_runtime"), data.get("eval_runtime")]
-        return kind, None if None in parts else float(sum(parts))
-    return "", None
+    if not ((run / "summary.json").is_file() or (run / "all_results.json").is_file()):
+        return "", None
+    kind, data = read_results(run)
+    if kind == "dyconv":
+        return "image", data.get("wall_seconds")
+    parts = [data.get("train_runtime"), data.get("eval_runtime")]
+    return "text", None if None in parts else float(sum(parts))
 
 
 def suite_costs(runs: Path, scale: str) -> dict[str, dict]:
