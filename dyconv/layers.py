@@ -186,6 +186,13 @@ def _check_policy(scheme: str) -> str:
     return scheme
 
 
+def _check_static_attention(static_attention: str) -> str:
+    if static_attention not in ODCONV_STATIC_ATTENTIONS:
+        raise ValueError(f"unknown ODConv static attention {static_attention!r}; expected one of "
+                         f"{ODCONV_STATIC_ATTENTIONS}")
+    return static_attention
+
+
 def scheme_key(x: torch.Tensor) -> str:
     """The key a layer's choice is recorded under: batch class and input size, e.g. ``"batch@56x56"``
     (the cost model depends on the batch only through ``B == 1``)."""
@@ -500,9 +507,7 @@ class ODConv2d(_RoutedConv2d):
                  groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
                  scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto",
                  static_attention: str = "none"):
-        if static_attention not in ODCONV_STATIC_ATTENTIONS:
-            raise ValueError(f"unknown ODConv static attention {static_attention!r}; expected one of "
-                             f"{ODCONV_STATIC_ATTENTIONS}")
+        _check_static_attention(static_attention)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
                          scale_factors, scheme=scheme)
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
@@ -609,9 +614,7 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
         raise ValueError(f"unknown scale factors {scale_factors!r}; expected one of {SCALE_FACTOR_VARIANTS}")
     _check_positive_temperature(temperature)
     _check_policy(scheme)
-    if odconv_static_attention not in ODCONV_STATIC_ATTENTIONS:
-        raise ValueError(f"unknown ODConv static attention {odconv_static_attention!r}; expected one of "
-                         f"{ODCONV_STATIC_ATTENTIONS}")
+    _check_static_attention(odconv_static_attention)
     if odconv_static_attention != "none" and not (conv == "odconv" and pad):
         raise ValueError(f"the ODConv static attention {odconv_static_attention!r} needs PAD-ODConv (conv odconv "
                          f"with pad), not conv {conv} with pad={pad}")

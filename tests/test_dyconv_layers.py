@@ -306,10 +306,18 @@ def test_factory_builds_requested_layer(conv, use_pad):
     ({"conv": "dyconv", "scale_factors": "lambda"}, "unknown scale factors 'lambda'"),
     ({"conv": "odconv", "temperature": 0.0}, "temperature must be > 0"),
     ({"conv": "dyconv", "reduction": 0}, "reduction must be >= 1"),
+    ({"conv": "odconv", "pad": True, "odconv_static_attention": "both"}, "unknown ODConv static attention 'both'"),
+    ({"conv": "dyconv", "pad": True, "odconv_static_attention": "all"}, "needs PAD-ODConv"),
+    ({"conv": "odconv", "odconv_static_attention": "channel-filter"}, "needs PAD-ODConv"),
 ])
 def test_factory_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         conv_factory(**kwargs)
+
+
+def test_odconv_layer_rejects_an_unknown_static_attention():
+    with pytest.raises(ValueError, match="unknown ODConv static attention 'scaled'"):
+        ODConv2d(4, 4, 3, pad=True, static_attention="scaled")
 
 
 def test_pad_initialisation_is_conv_like():

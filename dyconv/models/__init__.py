@@ -25,7 +25,8 @@ def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes:
     ``resnet_width``: a ResNet's stem and first-stage channels (64 = the paper's ResNets; the
     stages double it); MobileNetV2 takes its width from the arch name and refuses another value.
     ``odconv_static_attention``: which attentions scale PAD-ODConv's static part
-    (:data:`dyconv.layers.ODCONV_STATIC_ATTENTIONS`; ``none``, the default, or the authors' ``channel-filter``).
+    (:data:`dyconv.layers.ODCONV_STATIC_ATTENTIONS`: ``none``, the default, the authors' ``channel-filter``
+    or ``all``).
 
     ``forward`` maps ``(B, in_channels, H, W)`` to logits ``(B, num_classes)``.
     Raises ``ValueError`` for an unknown arch or conv, a bad factory argument, or
