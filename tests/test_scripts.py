@@ -518,3 +518,52 @@ def test_committed_run_records_keep_results_and_drop_weights():
     result = subprocess.run(["git", "check-ignore", "--no-index", *kept, *dropped], capture_output=True, text=True,
                             cwd=REPO)
     assert sorted(result.stdout.split()) == sorted(dropped)
+
+
+# ---------------------------------------------------------------- protocol search
+
+SEARCH_IMAGE = ["w4-e2", "w8-e2", "w16-e2", "w4-e8", "w8-e8", "w16-e8"]
+SEARCH_TEXT = ["n4096-e1", "n8000-e1"]
+
+
+def search_rows(image, text):
+    return ([f"resnet10-{s}-{conv}" for s in image for conv in ("static", "dyconv")]
+            + [f"{task}-{s}-{moe}" for s in text for task in ("sst2", "rte") for moe in ("none", "moe")])
+
+
+def test_regime_search_screens_every_candidate_and_confirms_one(tmp_path):
+    """Screening tabulates fully dynamic - static/dense for every candidate of results/regime_selection.md;
+    CONFIRM=<setting> runs and tabulates that one candidate alone, in a table of its own."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for row in search_rows(SEARCH_IMAGE, SEARCH_TEXT):
+        for seed in range(3):
+            fake_run(runs / row / f"seed{seed}", row, seed)
+    env = {"RUNS": str(runs), "RESULTS": str(results)}
+    result = run_script("regime_search", "--mini", "--seeds", "3", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "== " not in result.stdout
+    table = (results / "regime_search-mini.md").read_text()
+    compared = [l.split(" | ")[0].lstrip("| ") for l in table.splitlines()
+                if l.startswith("| ") and " - " in l.split(" | ")[0]]
+    assert compared == ([f"resnet10-{s}-dyconv - resnet10-{s}-static" for s in SEARCH_IMAGE]
+                        + [c for s in SEARCH_TEXT for c in (f"sst2-{s}-moe - sst2-{s}-none", f"rte-{s}-moe - rte-{s}-none",
+                                                              f"average-{s}-moe - average-{s}-none")])
+    assert "pad" not in "".join(compared)
+    for seed in (3, 4):
+        for row in search_rows(["w8-e2"], []):
+            fake_run(runs / row / f"seed{seed}", row, seed)
+    result = run_script("regime_search", "--mini", "--seeds", "5", env={**env, "CONFIRM": "w8-e2"})
+    assert result.returncode == 0, result.stderr
+    table = (results / "regime_search-confirm-w8-e2-mini.md").read_text()
+    assert "Produced by `CONFIRM=w8-e2 bash scripts/regime_search.sh --mini --seeds 5`." in table
+    assert "| resnet10-w8-e2-dyconv - resnet10-w8-e2-static | " in table and " (5) |" in table
+    assert "w4-e2" not in table
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--mini"], {"CONFIRM": "w5-e3"}, "error: CONFIRM=w5-e3 is not a candidate"),
+    ([], {}, "error: regime_search.sh runs at CPU scale only: pass --mini"),
+])
+def test_regime_search_bad_input(args, env, message):
+    result = run_script("regime_search", *args, env=env)
+    assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
