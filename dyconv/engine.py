@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dyconv.layers import set_temperature, temperature_schedule
+from pad.runtime import TEMPORARY_SUFFIX, atomic_link, atomic_write
 
 LR_SCHEDULES = ("cosine", "step")
 STEP_MILESTONES = (0.3, 0.6, 0.9)
@@ -132,19 +133,41 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
+@dataclass
+class EpochProgress:
+    """Where a run is inside an epoch: batches done and the sum of their losses (a recovery checkpoint's record)."""
+    batches: int = 0
+    loss_sum: float = 0.0
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(1, self.batches)
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     settings: TrainSettings, step: int, device: torch.device, scaler=None, writer=None,
-                    epoch: int = 0, progress: bool = True, distributed: bool = False) -> tuple[float, int]:
+                    epoch: int = 0, progress: bool = True, distributed: bool = False,
+                    resume_at: EpochProgress | None = None, on_resumed=None, after_step=None) -> tuple[float, int]:
     """One pass over ``loader`` (batches ``(images (B, C, H, W), labels (B,))``).
 
     Sets lr and temperature before every iteration from the global ``step``.  The loss
     (averaged over ranks with ``distributed``, so every rank decides alike) is checked
     before the backward pass: a non-finite one raises :class:`TrainingDiverged` before
     the weights take the step.  Returns ``(mean training loss, global step after the epoch)``.
+
+    ``resume_at`` continues an epoch a recovery checkpoint stopped inside: its first ``batches`` batches are
+    drawn and dropped (so the shuffle and every worker's random stream advance exactly as they did), then
+    ``on_resumed()`` restores the saved random states.  ``after_step(step, progress)`` runs after every
+    optimizer step (recovery checkpoints, stop signals).
     """
     model.train()
-    total_loss, batches = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", disable=None if progress else True, leave=False)
+    done = EpochProgress() if resume_at is None else EpochProgress(resume_at.batches, resume_at.loss_sum)
+    batches = iter(loader)
+    for _ in range(done.batches):
+        next(batches)
+    if on_resumed is not None:
+        on_resumed()
+    bar = tqdm(batches, desc=f"epoch {epoch + 1} train", disable=None if progress else True, leave=False,
+               initial=done.batches, total=len(loader))
     for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         lr, temperature = settings.lr(step), settings.temperature(step)
@@ -173,14 +196,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         else:
             loss.backward()
             optimizer.step()
-        total_loss, batches = total_loss + value, batches + 1
+        done.batches, done.loss_sum = done.batches + 1, done.loss_sum + value
         if writer is not None:
             writer.add_scalar("train/loss", value, step)
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/temperature", temperature, step)
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}", tau=f"{temperature:.2f}")
         step += 1
-    return total_loss / max(1, batches), step
+        if after_step is not None:
+            after_step(step, done)
+    return done.mean_loss(), step
 
 
 @torch.no_grad()
@@ -263,70 +288,38 @@ def restore_random_states(states: dict, device: torch.device) -> None:
 
 CHECKPOINT_FORMAT = "dyconv-checkpoint-v2"
 CHECKPOINT_KEYS = ("model", "meta", "epoch", "step")
-CHECKPOINT_TEMPORARY_SUFFIX = ".tmp"
+CHECKPOINT_TEMPORARY_SUFFIX = TEMPORARY_SUFFIX
 OPTIONAL_KEY_TYPES = {"optimizer": dict, "scaler": dict, "rng": list, "metrics": dict, "partition": dict,
+                      "epoch_progress": dict,
                       "best_top1": (int, float), "train_loss": (int, float), "temperature": (int, float)}
 
 
-def _temporary(path: Path) -> Path:
-    """``path.tmp``, with any stale file of that name removed: never written through, since a stale
-    temporary file may be a hard link to a live checkpoint (:func:`link_checkpoint` killed half-way)."""
-    tmp = path.with_name(path.name + CHECKPOINT_TEMPORARY_SUFFIX)
-    tmp.unlink(missing_ok=True)
-    return tmp
-
-
-def _sync_folder(folder: Path) -> None:
-    """Makes the renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_durably(data, path: Path) -> None:
-    """Writes ``data`` (bytes, or a callable writing to a binary file) to ``path.tmp``, flushes it to disk
-    (fsync), then renames it over ``path`` and syncs the folder: a crash leaves the old file or the new one."""
-    tmp = _temporary(path)
-    with open(tmp, "xb") as f:
-        data(f) if callable(data) else f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _sync_folder(path.parent)
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Writes ``state`` (tensors and plain Python values only) with its SHA-256, atomically and durably."""
+    """Writes ``state`` (tensors and plain Python values only) with its SHA-256, atomically and durably
+    (:func:`pad.runtime.atomic_write`: a failed write raises ``WriteError`` and leaves ``path`` as it was)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getbuffer()
     wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
                "payload": torch.frombuffer(payload, dtype=torch.uint8)}  # a view of the buffer, not a copy
-    _write_durably(lambda f: torch.save(wrapper, f), Path(path))
+    # serialised in memory, so that a full disk surfaces as the OSError of a plain write, not a zip-writer error
+    outer = io.BytesIO()
+    torch.save(wrapper, outer)
+    del wrapper, payload
+    atomic_write(path, outer.getbuffer())
 
 
 def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Copies a checkpoint file atomically and durably (``best.pt`` from ``checkpoint.pt``)."""
-    _write_durably(Path(source).read_bytes(), Path(target))
+    atomic_write(target, Path(source).read_bytes())
 
 
 def link_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Gives the checkpoint file ``source`` the second name ``target``, atomically and durably, without
-    writing it again: a hard link under ``target.tmp`` renamed over ``target``.  Checkpoints are only
-    ever replaced by rename, never written in place, so replacing one name later leaves the other's
-    contents intact.  Falls back to :func:`copy_checkpoint` where the file system cannot link."""
-    source, target = Path(source), Path(target)
-    tmp = _temporary(target)
-    try:
-        os.link(source, tmp)
-    except OSError:  # no hard links here (FAT, some network file systems, another device)
+    writing it again.  Checkpoints are only ever replaced by rename, never written in place, so replacing
+    one name later leaves the other's contents intact.  Copies where the file system cannot link."""
+    if not atomic_link(source, target):
         copy_checkpoint(source, target)
-        return
-    os.replace(tmp, target)
-    _sync_folder(target.parent)
 
 
 def _deserialize(data, path: Path, map_location):

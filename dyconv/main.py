@@ -20,11 +20,20 @@ every random state of every rank (torch CPU and CUDA, Python, NumPy); the traini
 loader is reseeded per epoch, so a run resumed with the same flags ends bit for bit
 where the uninterrupted run ends (on CPU, with or without workers).
 
-Exit codes: 0 success; 2 bad input (unknown arch/conv, a value out of range or not
+Preemption: ``--save-steps N`` also writes ``recovery.pt`` every N optimizer steps (never replacing
+``checkpoint.pt``; removed once an epoch checkpoint supersedes it).  SIGTERM, SIGINT or SIGUSR1 finish the
+current step, save ``recovery.pt``, print one line naming it and exit with 128 + the signal number;
+``--resume auto`` continues from the folder's newest checkpoint or starts fresh, so a requeue script passes the
+same flags every time.  A run locks its ``--output`` folder (a second run into it is refused, naming the
+holder's PID and host), and a resume that would change what the run computes is refused, naming the flag
+(only ``RESUME_MAY_CHANGE`` may differ, e.g. ``--epochs`` to extend it).
+
+Exit codes: 0 success; 128 + signal after a stop signal; 2 bad input (unknown arch/conv, a value out of range or not
 finite, a bad ``--output``, a missing/empty/unreadable data folder or image, a
 missing, truncated, damaged or foreign checkpoint or config) or a diverging run (a
 non-finite loss, weight or BatchNorm statistic: stopped before anything of that
-epoch is saved), reported as one ``error: ...`` line on stderr.  Checkpoints carry
+epoch is saved) or a failed write (disk full, read-only folder, I/O error: the last good checkpoint stays and
+no temporary file is left), reported as one ``error: ...`` line on stderr.  Checkpoints carry
 a SHA-256 of their contents, are flushed to disk in a temporary file and renamed,
 so a failing run never leaves a broken checkpoint behind.
 """
@@ -39,7 +48,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -56,18 +65,18 @@ from torch.utils.tensorboard import SummaryWriter
 
 import pad
 from pad.compact import model_granularity
+from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, Preempted, StopSignals, WriteError, atomic_write, error_line,
+                         lock_folder)
 from dyconv.data import DATASETS, DataError, build_datasets
-from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, TrainingDiverged, TrainSettings,
-                           check_compatible, evaluate, link_checkpoint, load_checkpoint, nonfinite_tensors,
-                           parameter_groups, random_states, restore_random_states, save_checkpoint, train_one_epoch)
+from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, EpochProgress, TrainingDiverged,
+                           TrainSettings, check_compatible, evaluate, link_checkpoint, load_checkpoint,
+                           nonfinite_tensors, parameter_groups, random_states, restore_random_states, save_checkpoint,
+                           train_one_epoch)
 from dyconv.inference import to_inference
 from dyconv.layers import (CONVS, ODCONV_STATIC_ATTENTIONS, conv_schemes, get_temperature, restore_conv_schemes,
                            set_temperature)
 from dyconv.models import ARCHS, build_model, count_flops
 from dyconv.schemes import POLICIES
-
-EXIT_BAD_INPUT = 2
-
 
 class UsageError(Exception):
     """Expected bad input: printed as one ``error:`` line, exit code 2."""
@@ -174,9 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write checkpoint.pt (and best.pt) after each epoch; --no-save-checkpoints writes only "
                         "summary.json, TensorBoard and the compact model, so the run cannot be resumed (for "
                         "throwaway runs: the --smoke rows, whose ResNet-50 checkpoints are about 1 GB)")
+    g.add_argument("--save-steps", type=_bounded(int, 0), default=0,
+                   help="also write a recovery checkpoint (recovery.pt) every N optimizer steps, replacing the "
+                        "previous one and never checkpoint.pt; 0 = only at epoch ends. A stop signal (SIGTERM, "
+                        "SIGINT, SIGUSR1) always saves one at the current step")
     g.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --evaluate; --evaluate also "
                                     "takes a PAD run's model_compact.safetensors); a checkpoint inside --output "
-                                    "continues that run in place")
+                                    "continues that run in place. 'auto': the newest of --output's checkpoint.pt "
+                                    "and recovery.pt if there is one, else a fresh run (for requeue scripts)")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
                    help="only evaluate the --resume checkpoint and write summary.json into --output, which must "
                         "not hold a training run (checkpoint.pt or best.pt): a training folder is never overwritten")
@@ -237,6 +251,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UsageError(f"--resnet-width applies to the ResNets only; {args.arch} takes its width from its name")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate needs --resume CHECKPOINT")
+    if args.evaluate and args.resume == AUTO:
+        raise UsageError("--evaluate needs the checkpoint to evaluate named, not --resume auto")
+    if args.save_steps and not args.save_checkpoints:
+        raise UsageError("--save-steps writes recovery checkpoints, which --no-save-checkpoints turns off")
     if args.resume and args.resume.endswith(".safetensors") and not (args.evaluate and args.pad):
         raise UsageError("a compact .safetensors file can only be evaluated (--evaluate --pad); "
                          "resume training from checkpoint.pt")
@@ -245,8 +263,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- the output folder
 
-RUN_FILES = ("checkpoint.pt", "best.pt", "summary.json")  # a folder holding any of these holds a run
-TRAINING_FILES = ("checkpoint.pt", "best.pt")
+AUTO = "auto"
+RECOVERY_FILE = "recovery.pt"
+RUN_FILES = ("checkpoint.pt", "best.pt", "summary.json", RECOVERY_FILE)  # a folder holding any of these holds a run
+TRAINING_FILES = ("checkpoint.pt", "best.pt", RECOVERY_FILE)
 WRITTEN_FILES = RUN_FILES + ("model_compact.safetensors",)
 
 
@@ -254,12 +274,16 @@ def _inside(path: str, folder: Path) -> bool:
     return Path(path).resolve().parent == folder.resolve()
 
 
-def check_output_folder(args: argparse.Namespace) -> Path:
-    """``--output`` as a folder this run may write into; UsageError otherwise (before any data is read).
+def check_output_folder(args: argparse.Namespace, lock: bool = True):
+    """``--output`` as a folder this run may write into, and its lock; UsageError otherwise (before any data
+    is read).
 
-    It must be a folder or creatable as one (not a file, not under a file) and writable.  A fresh run
-    refuses a folder holding a run unless ``--overwrite-output-dir``; a ``--resume`` of a checkpoint in
-    the folder continues that run; ``--evaluate`` refuses a training folder whatever the flags.
+    It must be a folder or creatable as one (not a file, not under a file) and writable.  The run takes the
+    folder's lock first (:func:`pad.runtime.lock_folder`; ``lock=False`` on the other ranks of a torchrun job),
+    so a second run into it is refused before it writes anything.  ``--resume auto`` becomes the folder's
+    newest checkpoint, or no resume.  A fresh run refuses a folder holding a run unless
+    ``--overwrite-output-dir``; a ``--resume`` of a checkpoint in the folder continues that run; ``--evaluate``
+    refuses a training folder whatever the flags.
     """
     output = Path(args.output)
     for parent in (output, *output.parents):
@@ -268,11 +292,16 @@ def check_output_folder(args: argparse.Namespace) -> Path:
             raise UsageError(f"--output {output} {where}, not a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
+        handle = lock_folder(output) if lock else None
         fd, probe = tempfile.mkstemp(dir=output, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         raise UsageError(f"--output {output} is not a writable folder: {err.strerror or err}") from None
+    except FolderInUse as err:
+        raise UsageError(f"--output {err}") from None
+    if args.resume == AUTO:
+        args.resume = newest_checkpoint(output)
     held = [name for name in RUN_FILES if (output / name).exists()]
     if args.evaluate and any(name in TRAINING_FILES for name in held):
         raise UsageError(f"--output {output} holds a training run ({', '.join(held)}); --evaluate never overwrites "
@@ -281,7 +310,36 @@ def check_output_folder(args: argparse.Namespace) -> Path:
     if held and not args.overwrite_output_dir and not continuing:
         raise UsageError(f"--output {output} already holds a run ({', '.join(held)}); pass --overwrite-output-dir "
                          f"to replace it, or --resume {output / 'checkpoint.pt'} to continue it")
-    return output
+    return output, handle
+
+
+def newest_checkpoint(output: Path) -> str | None:
+    """The checkpoint of ``output`` a requeued run continues from: ``recovery.pt`` (mid-epoch) where it is
+    newer than ``checkpoint.pt`` (epoch end), else ``checkpoint.pt``; None where there is neither."""
+    found = [output / name for name in ("checkpoint.pt", RECOVERY_FILE) if (output / name).is_file()]
+    if len(found) == 2:
+        steps = [load_checkpoint(path)["step"] for path in found]
+        found = [found[1]] if steps[1] > steps[0] else [found[0]]
+    if found:
+        print(f"--resume auto: continuing from {found[0]}", flush=True)
+    return str(found[0]) if found else None
+
+
+# Flags a resume may change: where the run lives and reads from, how it is checkpointed and how many epochs it
+# runs in all (a longer run stretches the remaining schedule). Every other flag changes what the run computes.
+RESUME_MAY_CHANGE = ("config", "data", "workers", "output", "overwrite_output_dir", "save_checkpoints", "save_steps",
+                     "resume", "evaluate", "epochs", "conv_scheme")
+
+
+def check_same_run(recorded: dict, args: argparse.Namespace, path: str) -> None:
+    """CheckpointError naming the first flag whose value differs from the run ``path`` was saved by."""
+    for key, value in vars(args).items():
+        if key in RESUME_MAY_CHANGE or key not in recorded or recorded[key] == value:
+            continue
+        raise CheckpointError(
+            f"--{key.replace('_', '-')} is {value!r}, but checkpoint {path} was trained with {recorded[key]!r}: a "
+            f"resume continues the same run (a resume may change only "
+            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE if k not in ('resume', 'evaluate'))})")
 
 
 def discard_replaced_run(output: Path, writes_checkpoints: bool = True) -> None:
@@ -538,9 +596,7 @@ def log_epoch(writer: SummaryWriter, model: nn.Module, metrics: dict, train_loss
 
 
 def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + CHECKPOINT_TEMPORARY_SUFFIX)
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
@@ -591,37 +647,197 @@ class StepTiming:
         return self.seconds / self.steps if self.steps else None
 
 
+def build(args: argparse.Namespace, info, pad_layers: bool, temperature: float) -> nn.Module:
+    """The model the flags describe, for the data ``info`` describes (the one place a model is built)."""
+    try:
+        return build_model(args.arch, conv=args.conv, pad=pad_layers, num_classes=info.num_classes,
+                           small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
+                           reduction=args.reduction, scale_factors=args.scale_factors, temperature=temperature,
+                           conv_scheme=args.conv_scheme, resnet_width=args.resnet_width,
+                           odconv_static_attention=args.odconv_static_attention)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def finish_evaluation(model, args, info, metrics: dict, output: Path, extra: dict) -> None:
+    """The summary of an ``--evaluate`` run, and its one line."""
+    write_json(summarise(model, args, info, metrics, {"evaluate_only": True, **extra}), output / "summary.json")
+    print(f"evaluate {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", flush=True)
+
+
 def evaluate_compact(args: argparse.Namespace, ctx: Distributed, output: Path, start: float) -> int:
     """``--evaluate --resume model_compact.safetensors``: the PAD model built from the flags, loaded
     from the compact file and evaluated in inference form (folded kernels, attention temperature 1,
     where the schedule ends; the file holds no temperature)."""
     _, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset, args.val_subset,
                                       args.seed)
+    model = build(args, info, pad_layers=True, temperature=1.0)
     try:
-        model = build_model(args.arch, conv=args.conv, pad=True, num_classes=info.num_classes,
-                            small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
-                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=1.0,
-                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width,
-                            odconv_static_attention=args.odconv_static_attention)
         pad.load_compact_file(model, args.resume)
     except FileNotFoundError:
         raise UsageError(f"compact file {args.resume} does not exist") from None
     except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # unreadable, or another architecture
         raise UsageError(f"compact file {args.resume} cannot be loaded into {args.arch}/{args.conv}: "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                         f"{error_line(err)}") from None
     _, val_loader = make_loaders(val_set, val_set, args, ctx)
     metrics = evaluate(to_inference(model).to(ctx.device), val_loader, ctx.device, args.amp, ctx.enabled)
     if ctx.is_main:
-        summary = summarise(model, args, info, metrics, {"evaluate_only": True, "compact_file": args.resume,
-                                                         "wall_seconds": time.time() - start})
-        write_json(summary, output / "summary.json")
-        print(f"evaluate {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", flush=True)
+        finish_evaluation(model, args, info, metrics, output, {"compact_file": args.resume,
+                                                               "wall_seconds": time.time() - start})
     return 0
 
 
-def run(args: argparse.Namespace, ctx: Distributed) -> int:
+@dataclass
+class Training:
+    """What a training run carries from step to step, and saves in its checkpoints."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    meta: dict
+    partition: dict | None
+    epoch: int = 0
+    step: int = 0
+    best_top1: float = float("-inf")
+    metrics: dict | None = None
+    train_loss: float | None = None
+    resume_at: EpochProgress | None = None  # inside an epoch, where a recovery checkpoint stopped
+    last_good: LastGood = field(default_factory=LastGood)
+    timing: StepTiming = field(default_factory=StepTiming)
+
+    def state(self, args: argparse.Namespace, rng: list, epochs_done: int,
+              progress: EpochProgress | None = None) -> dict:
+        """A checkpoint after ``epochs_done`` epochs, and with ``progress`` that many batches into the next
+        one (a recovery checkpoint)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "epoch": epochs_done, "step": self.step, "temperature": get_temperature(self.model),
+                 "best_top1": self.best_top1, "metrics": self.metrics, "train_loss": self.train_loss,
+                 "partition": self.partition, "meta": self.meta, "args": vars(args), "rng": rng,
+                 "conv_schemes": conv_schemes(self.model)}
+        if progress is not None:
+            state["epoch_progress"] = {"batches": progress.batches, "loss_sum": progress.loss_sum}
+        return state
+
+    def restore(self, checkpoint: dict, path: str) -> None:
+        restore_optimizer(self.optimizer, self.scaler, checkpoint, path)
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        self.best_top1 = checkpoint.get("best_top1", self.best_top1)
+        self.metrics, self.train_loss = checkpoint.get("metrics"), checkpoint.get("train_loss")
+        progress = checkpoint.get("epoch_progress")
+        if progress is not None:
+            try:
+                self.resume_at = EpochProgress(int(progress["batches"]), float(progress["loss_sum"]))
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"checkpoint {path}: its position inside the epoch is malformed") from None
+        self.last_good = LastGood(path, self.epoch)
+
+
+def load_resume(args: argparse.Namespace, meta: dict) -> dict | None:
+    """The ``--resume`` checkpoint, checked against this run's model (and, when training, its flags)."""
+    if not args.resume:
+        return None
+    checkpoint = load_checkpoint(args.resume)
+    check_compatible(checkpoint["meta"], meta, args.resume)
+    if not args.evaluate and isinstance(checkpoint.get("args"), dict):
+        check_same_run(checkpoint["args"], args, args.resume)
+    return checkpoint
+
+
+def stop_requested(signals: StopSignals, ctx: Distributed) -> int | None:
+    """The stop signal any rank received (all ranks agree, so all stop at the same step), or None."""
+    if not ctx.enabled:
+        return signals.requested
+    flag = torch.tensor([signals.requested or 0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag) or None
+
+
+def save_recovery(run: Training, args, ctx: Distributed, output: Path, progress: EpochProgress) -> str:
+    """``recovery.pt`` at the current step (rank 0 writes; a collective under torchrun)."""
+    rng = gather_random_states(ctx)
+    path = output / RECOVERY_FILE
+    if ctx.is_main:
+        save_checkpoint(run.state(args, rng, run.epoch, progress), path)
+    return str(path)
+
+
+def train(run: Training, args, ctx: Distributed, output: Path, loaders, settings: TrainSettings,
+          signals: StopSignals, checkpoint: dict | None) -> None:
+    """The epochs from ``run.epoch`` on: train, evaluate, save; recovery checkpoints every ``--save-steps``
+    steps and at a stop signal (then :class:`Preempted`)."""
+    train_loader, val_loader = loaders
+    model = run.model
+    net = wrap_ddp(model, ctx)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    writer = SummaryWriter(str(output / "tb")) if ctx.is_main else None
+
+    def after_step(step: int, progress: EpochProgress, periodic: bool = True) -> None:
+        run.step = step
+        signum = stop_requested(signals, ctx)
+        if not args.save_checkpoints:
+            if signum:
+                raise Preempted(signum, "nothing saved (--no-save-checkpoints)")
+            return
+        if signum or (periodic and args.save_steps and step % args.save_steps == 0):
+            saved = save_recovery(run, args, ctx, output, progress)
+            if signum:
+                raise Preempted(signum, f"saved {saved} at step {step}; continue with --resume {saved} "
+                                        f"(or --resume auto)")
+
+    try:
+        if run.resume_at is None:  # a signal during the set-up (data, IMP): the partition is saved
+            after_step(run.step, EpochProgress(), periodic=False)
+        for run.epoch in range(run.epoch, args.epochs):
+            seed_epoch(train_loader, args, run.epoch)
+            resume_at, run.resume_at = run.resume_at, None
+            epoch_start, first_step = time.perf_counter(), run.step
+            run.train_loss, run.step = train_one_epoch(
+                net, train_loader, run.optimizer, criterion, settings, run.step, ctx.device, run.scaler, writer,
+                run.epoch, progress=ctx.is_main, distributed=ctx.enabled, resume_at=resume_at,
+                on_resumed=(lambda: restore_rank_random_states(checkpoint, ctx)) if resume_at else None,
+                after_step=after_step)
+            run.timing.add(time.perf_counter() - epoch_start, run.step - first_step)
+            end_epoch(run, args, ctx, output, val_loader, writer)
+            signum = stop_requested(signals, ctx)
+            if signum:
+                saved = run.last_good.path if args.save_checkpoints else None
+                raise Preempted(signum, f"saved {saved} at the end of epoch {run.epoch + 1}" if saved
+                                else "nothing saved (--no-save-checkpoints)")
+        if run.metrics is None:  # resumed a finished run: nothing to train
+            run.metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
+    except TrainingDiverged as err:
+        raise UsageError(f"{err}; stopped before saving anything of that epoch: {run.last_good.describe()}") from None
+    finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:  # the write that failed is reported; the close's own failure adds nothing
+                pass
+
+
+def end_epoch(run: Training, args, ctx: Distributed, output: Path, val_loader, writer) -> None:
+    """Evaluates, logs and saves the epoch ``run.epoch`` just trained (the recovery checkpoint then goes)."""
+    model = run.model
+    sync_buffers(model, ctx)
+    run.metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
+    check_finite(model, run.metrics, run.epoch + 1, run.step)  # before anything of this epoch is saved
+    rng = gather_random_states(ctx)
+    is_best = run.metrics["top1"] >= run.best_top1  # metrics are all-reduced: every rank agrees
+    run.best_top1 = max(run.best_top1, run.metrics["top1"])
+    if ctx.is_main:
+        log_epoch(writer, model, run.metrics, run.train_loss, run.epoch + 1)
+        print(f"epoch {run.epoch + 1}/{args.epochs}: train loss {run.train_loss:.4f}, val top1 "
+              f"{run.metrics['top1']:.2f} top5 {run.metrics['top5']:.2f} loss {run.metrics['loss']:.4f}", flush=True)
+    if args.save_checkpoints:
+        if ctx.is_main:
+            save_epoch(run.state(args, rng, run.epoch + 1), output, is_best)
+            (output / RECOVERY_FILE).unlink(missing_ok=True)  # older than the checkpoint just written
+        run.last_good = LastGood(str(output / "checkpoint.pt"), run.epoch + 1)
+
+
+def run(args: argparse.Namespace, ctx: Distributed, signals: StopSignals) -> int:
     start = time.time()
-    output = check_output_folder(args)  # before any data is read, any model built, any IMP run
+    output, _lock = check_output_folder(args, lock=ctx.is_main)  # before any data is read or model built
     if ctx.is_main:
         remove_stale_temporaries(output)
     if args.evaluate and args.resume.endswith(".safetensors"):
@@ -633,39 +849,26 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
         print(f"data: skipped {info.hidden_entries_skipped} hidden entries (names starting with '.', e.g. "
               f".ipynb_checkpoints, AppleDouble ._* files) in {args.data}", flush=True)
     meta = model_metadata(args, info.num_classes, info.in_channels, info.small_input)
-    checkpoint = None
-    if args.resume:  # checked before anything is built or written
-        checkpoint = load_checkpoint(args.resume)
-        check_compatible(checkpoint["meta"], meta, args.resume)
-    try:
-        model = build_model(args.arch, conv=args.conv, pad=args.pad, num_classes=info.num_classes,
-                            small_input=info.small_input, in_channels=info.in_channels, kernels=args.kernels,
-                            reduction=args.reduction, scale_factors=args.scale_factors, temperature=args.temp_init,
-                            conv_scheme=args.conv_scheme, resnet_width=args.resnet_width,
-                            odconv_static_attention=args.odconv_static_attention)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    checkpoint = load_resume(args, meta)  # checked before anything is built or written
+    model = build(args, info, pad_layers=args.pad, temperature=args.temp_init)
     if checkpoint is not None:
         restore_model(model, checkpoint, args.resume)
     model.to(ctx.device)
-    train_loader, val_loader = make_loaders(train_set, val_set, args, ctx)
+    loaders = make_loaders(train_set, val_set, args, ctx)
     sizes = {"train_samples": len(train_set), "val_samples": len(val_set), "world_size": ctx.world_size}
 
     if args.evaluate:
-        metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled)
+        metrics = evaluate(model, loaders[1], ctx.device, args.amp, ctx.enabled)
         if ctx.is_main:
-            summary = summarise(model, args, info, metrics, {
-                "epochs": checkpoint["epoch"], "evaluate_only": True, "partition": checkpoint.get("partition"),
+            finish_evaluation(model, args, info, metrics, output, {
+                "epochs": checkpoint["epoch"], "partition": checkpoint.get("partition"),
                 "wall_seconds": time.time() - start, **sizes})
-            write_json(summary, output / "summary.json")
-            print(f"evaluate {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", flush=True)
         return 0
 
     partition = checkpoint.get("partition") if checkpoint else None
     if args.pad and checkpoint is None:
         partition = run_partition(model, train_set, args, ctx)
-
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(loaders[0])
     settings = TrainSettings(base_lr=args.lr, lr_schedule=args.lr_schedule,
                              warmup_steps=round(args.warmup_epochs * steps_per_epoch),
                              total_steps=args.epochs * steps_per_epoch, temp_init=args.temp_init,
@@ -673,60 +876,19 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
                              mixup_alpha=args.mixup, amp=args.amp)
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler("cuda") if args.amp and ctx.device.type == "cuda" else None
-    epoch, step, best_top1, metrics, last_good = 0, 0, float("-inf"), None, LastGood()
+    run_state = Training(model, optimizer, scaler, meta, partition, last_good=LastGood())
     if checkpoint is not None:
-        restore_optimizer(optimizer, scaler, checkpoint, args.resume)
-        epoch, step = checkpoint["epoch"], checkpoint["step"]
-        best_top1, metrics = checkpoint.get("best_top1", best_top1), checkpoint.get("metrics")
-        last_good = LastGood(args.resume, epoch)
+        run_state.restore(checkpoint, args.resume)
         restore_rank_random_states(checkpoint, ctx)  # last: nothing random may run between this and training
     if ctx.is_main and checkpoint is None and args.overwrite_output_dir:
         discard_replaced_run(output, args.save_checkpoints)
-    net = wrap_ddp(model, ctx)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    writer = SummaryWriter(str(output / "tb")) if ctx.is_main else None
-    train_loss = checkpoint.get("train_loss") if checkpoint else None
-    timing = StepTiming()
-    try:
-        for epoch in range(epoch, args.epochs):
-            seed_epoch(train_loader, args, epoch)
-            epoch_start, first_step = time.perf_counter(), step
-            train_loss, step = train_one_epoch(net, train_loader, optimizer, criterion, settings, step, ctx.device,
-                                               scaler, writer, epoch, progress=ctx.is_main, distributed=ctx.enabled)
-            timing.add(time.perf_counter() - epoch_start, step - first_step)
-            sync_buffers(model, ctx)
-            metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
-            check_finite(model, metrics, epoch + 1, step)  # before anything of this epoch is saved
-            rng = gather_random_states(ctx)
-            is_best = metrics["top1"] >= best_top1  # metrics are all-reduced: every rank agrees
-            best_top1 = max(best_top1, metrics["top1"])
-            if ctx.is_main:
-                log_epoch(writer, model, metrics, train_loss, epoch + 1)
-                print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top1 {metrics['top1']:.2f} "
-                      f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}", flush=True)
-            if args.save_checkpoints:
-                if ctx.is_main:
-                    save_epoch({
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "epoch": epoch + 1, "step": step, "temperature": get_temperature(model),
-                        "best_top1": best_top1, "metrics": metrics, "train_loss": train_loss, "partition": partition,
-                        "meta": meta, "args": vars(args), "rng": rng, "conv_schemes": conv_schemes(model),
-                    }, output, is_best)
-                last_good = LastGood(str(output / "checkpoint.pt"), epoch + 1)
-        if metrics is None:  # resumed a finished run: nothing to train
-            metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled, progress=ctx.is_main)
-    except TrainingDiverged as err:
-        raise UsageError(f"{err}; stopped before saving anything of that epoch: {last_good.describe()}") from None
-    finally:
-        if writer is not None:
-            writer.close()
+    train(run_state, args, ctx, output, loaders, settings, signals, checkpoint)
     if ctx.is_main:
-        summary = summarise(model, args, info, metrics, {
+        summary = summarise(model, args, info, run_state.metrics, {
             "epochs": args.epochs if checkpoint is None else max(args.epochs, checkpoint["epoch"]),
-            "steps": step, "train_loss": train_loss, "best_top1": best_top1, "evaluate_only": False,
-            "partition": partition, "wall_seconds": time.time() - start,
-            "train_seconds_per_step": timing.per_step(), **sizes})
+            "steps": run_state.step, "train_loss": run_state.train_loss, "best_top1": run_state.best_top1,
+            "evaluate_only": False, "partition": partition, "wall_seconds": time.time() - start,
+            "train_seconds_per_step": run_state.timing.per_step(), **sizes})
         write_json(summary, output / "summary.json")
         if args.pad:
             pad.save_compact(model, output / "model_compact.safetensors")
@@ -735,15 +897,24 @@ def run(args: argparse.Namespace, ctx: Distributed) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ctx = None
+    signals = StopSignals().install()
     try:
         args = parse_args(sys.argv[1:] if argv is None else list(argv))
         pad.keep_freed_memory()
         ctx = init_distributed()
-        return run(args, ctx)
-    except (UsageError, DataError, CheckpointError) as err:
+        return run(args, ctx, signals)
+    except (UsageError, DataError, CheckpointError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except Preempted as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return err.exit_code()
+    except OSError as err:  # a write outside the project's own writers (TensorBoard's event file)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: cannot write {where}{err.strerror or error_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     finally:
+        signals.restore()
         if ctx is not None and ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
 

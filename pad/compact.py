@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .mixing import check_granularity, set_granularity, unit_grid, unit_view, weight_banks
+from .runtime import atomic_write
 
 GRANULARITY_KEY = "pad_granularity"
 CHECKSUM_KEY = "pad_sha256"
@@ -118,11 +119,10 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 def save_compact(model: nn.Module, path: str | os.PathLike) -> None:
     """Writes :func:`export_compact` to a safetensors file (atomically), the granularity and the
     :func:`state_digest` of the tensors in its metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = export_compact(model)
-    tmp = f"{path}.tmp"
-    save_file(state, tmp, metadata={GRANULARITY_KEY: model_granularity(model), CHECKSUM_KEY: state_digest(state)})
-    os.replace(tmp, path)
+    atomic_write(path, save(state, metadata={GRANULARITY_KEY: model_granularity(model),
+                                             CHECKSUM_KEY: state_digest(state)}))
 
 
 def load_compact_file(model: nn.Module, path: str | os.PathLike) -> str:

@@ -1,6 +1,206 @@
-"""Process-level settings shared by the training entry points."""
+"""Run infrastructure shared by the command lines of both pipelines and by the core's file writers.
+
+Not part of ``pad``'s public API; it depends on the standard library only (``torch`` is imported lazily by
+:func:`machine_description`).
+
+- :func:`atomic_write`: the one way a file is written (temporary file, fsync, rename, folder fsync); a
+  failed write removes its temporary file and raises :class:`WriteError`, naming the path and the error.
+- :func:`error_line` and :data:`EXIT_BAD_INPUT`: every CLI reports bad input as one ``error:`` line and exit 2.
+- :func:`lock_folder`: one run per output folder (an ``flock`` the operating system releases when the process dies).
+- :class:`StopSignals`: SIGTERM, SIGINT and SIGUSR1 become a request the training loop honours at the next step
+  boundary; the CLI then saves and exits with ``128 + signal``.
+- :func:`keep_freed_memory`, :func:`machine_description`, :func:`code_version`: process settings and the
+  provenance recorded with a run.
+"""
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import socket
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def error_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name where the message is empty)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------- writing files
+
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only folder, I/O error): names the path and the error."""
+
+    def __init__(self, path, err: OSError):
+        reason = err.strerror or error_line(err)
+        super().__init__(err.errno, f"cannot write {path}: {reason}")
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """``path.tmp``, with any stale file of that name removed: never written through, since a stale temporary
+    file may be a hard link to a live file (a link-and-rename killed half-way)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TEMPORARY_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    return tmp
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Makes the renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data) -> None:
+    """Writes ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix.
+
+    ``data``: bytes, a str (UTF-8), or a callable that writes to the open binary file.  It goes to ``path.tmp``,
+    is flushed to disk (fsync), renamed over ``path`` and the folder is synced.  Any ``OSError`` on the way
+    (ENOSPC, EROFS, EIO) removes the temporary file and raises :class:`WriteError`; ``path`` is untouched.
+    """
+    path = Path(path)
+    try:
+        tmp = temporary_path(path)
+    except OSError as err:
+        raise WriteError(path, err) from None
+    try:
+        with open(tmp, "xb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        sync_folder(path.parent)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise WriteError(path, err) from None
+
+
+def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Gives the file ``source`` the second name ``target`` atomically (a hard link under ``target.tmp``
+    renamed over ``target``), without writing it again.  False where the file system cannot link (the caller
+    then copies); :class:`WriteError` on any other failure."""
+    source, target = Path(source), Path(target)
+    try:
+        tmp = temporary_path(target)
+        try:
+            os.link(source, tmp)
+        except OSError as err:
+            if err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return False
+            raise
+        os.replace(tmp, target)
+        sync_folder(target.parent)
+    except OSError as err:
+        raise WriteError(target, err) from None
+    return True
+
+
+# ---------------------------------------------------------------- one run per folder
+
+LOCK_FILE = ".lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another live process holds the output folder's lock."""
+
+
+def lock_folder(folder: str | os.PathLike):
+    """Takes the exclusive lock of ``folder`` for this process and returns its open file (keep it open for
+    the whole run; the operating system releases the lock when the process ends, however it ends).
+
+    :class:`FolderInUse` names the holder's PID and host when another run holds it.  Where ``flock`` is not
+    available (not POSIX) the folder is not locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    path = Path(folder) / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that did not record itself"
+        handle.close()
+        raise FolderInUse(f"{folder} is in use by another run ({holder}); give this run its own folder, "
+                          f"or wait for that run to end") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+# ---------------------------------------------------------------- preemption
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
+class StopSignals:
+    """Turns SIGTERM, SIGINT and SIGUSR1 into a stop request (``requested``: the signal number, or None).
+
+    The training loop checks it at step boundaries, saves, and exits with :meth:`exit_code`.  A second
+    signal while the first is being honoured changes nothing (the save in progress is not interrupted).
+    """
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is None:
+            self.requested = signum
+
+    def install(self) -> "StopSignals":
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def exit_code(self) -> int:
+        return 128 + int(self.requested)
+
+    def name(self) -> str:
+        return signal.Signals(self.requested).name
+
+
+class Preempted(Exception):
+    """Raised where a run stops for a signal after saving; ``saved`` names the checkpoint (or says none)."""
+
+    def __init__(self, signum: int, saved: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name}: {saved}")
+        self.signum, self.saved = signum, saved
+
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+# ---------------------------------------------------------------- process settings and provenance
 
 def keep_freed_memory() -> bool:
     """Tells glibc malloc to serve big blocks from its heap and keep freed memory.

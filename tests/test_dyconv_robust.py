@@ -54,7 +54,8 @@ def sha(path) -> str:
 
 
 def hashes(folder: Path) -> dict:
-    return {p.name: sha(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file's SHA-256, but the folder lock's (it names the process that holds it)."""
+    return {p.name: sha(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
 
 
 def run_failing(argv, capsys) -> str:
@@ -114,12 +115,13 @@ def test_fresh_run_with_huge_lr_stops_before_saving(folder, tmp_path, capsys):
     assert not any((tmp_path / name).exists() for name in ("checkpoint.pt", "best.pt", "summary.json"))
 
 
-def test_diverging_resume_leaves_every_file_byte_identical(static_run, folder, tmp_path, capsys):
+def test_diverging_resume_leaves_every_file_byte_identical(static_run, folder, tmp_path, monkeypatch, capsys):
+    """The resumed epoch's weights blow up (a huge learning rate from the schedule; a resume may not change --lr)."""
     out = tmp_path / "run"
     shutil.copytree(static_run, out)
     before = hashes(out)
-    err = run_failing(static_args(folder, out, "--lr", "1e6", "--epochs", "3", "--resume", str(out / "checkpoint.pt")),
-                      capsys)
+    monkeypatch.setattr(engine.TrainSettings, "lr", lambda self, step: 1e6)
+    err = run_failing(static_args(folder, out, "--epochs", "3", "--resume", str(out / "checkpoint.pt")), capsys)
     assert err.startswith("error: training diverged in epoch 2 (iteration ")
     assert f"the last good checkpoint is {out / 'checkpoint.pt'} (epoch 1), left as it was" in err
     assert hashes(out) == before and {"checkpoint.pt", "best.pt", "summary.json"} <= set(before)
@@ -523,3 +525,158 @@ def test_torchrun_rank_without_validation_samples_does_not_hang(folder, tmp_path
     assert summary["world_size"] == 2 and summary["val_samples"] == 1
     state = engine.load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["metrics"]["samples"] == 1 and len(state["rng"]) == 2  # one random-state record per rank
+
+
+# ---------------------------------------------------------------- preemption, recovery checkpoints, locks
+
+import dyconv.main as dyconv_main  # noqa: E402
+import pad.runtime  # noqa: E402
+
+
+def stop_at_call(monkeypatch, call: int, signum=signal.SIGUSR1) -> None:
+    """Sends this process a real ``signum`` just before the ``call``-th stop check (1: before the first step,
+    k + 1: after the k-th step of the first epoch, then the epoch's end, ...)."""
+    calls = {"n": 0}
+    original = dyconv_main.stop_requested
+
+    def checking(signals, ctx):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signum)
+        return original(signals, ctx)
+    monkeypatch.setattr(dyconv_main, "stop_requested", checking)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("call", [1, 3, 5, 6])  # before training, inside epoch 1, at its end, first step of epoch 2
+def test_a_stop_signal_saves_and_the_resumed_run_ends_bit_for_bit(folder, tmp_path, monkeypatch, capsys, workers, call):
+    """Train 2 epochs of 3 steps; a signal at several points of an epoch saves at the current step and exits
+    128 + signal with one line naming the checkpoint; --resume auto then ends where the uninterrupted run ends."""
+    stopped = tmp_path / "stopped"
+    stop_at_call(monkeypatch, call)
+    assert main(resume_args(folder, stopped, workers)) == 128 + signal.SIGUSR1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGUSR1: saved "), lines
+    saved = lines[0].split("saved ")[1].split(" at ")[0]
+    assert Path(saved).name == ("checkpoint.pt" if call == 5 else "recovery.pt")
+    monkeypatch.undo()
+    assert main(resume_args(folder, stopped, workers) + ["--resume", "auto"]) == 0
+    assert not (stopped / "recovery.pt").exists()  # superseded by the epoch checkpoint
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(resume_args(folder, uninterrupted, workers)) == 0
+    for resumed, reference in zip(comparable(stopped), comparable(uninterrupted)):
+        assert same(resumed, reference)
+
+
+def test_save_steps_writes_recovery_checkpoints_and_never_replaces_the_epoch_checkpoint(folder, tmp_path, monkeypatch):
+    written = []
+    original = dyconv_main.save_checkpoint
+    monkeypatch.setattr(dyconv_main, "save_checkpoint", lambda state, path: (
+        written.append((Path(path).name, state["epoch"], state["step"], state.get("epoch_progress"))),
+        original(state, path)))
+    assert main(resume_args(folder, tmp_path / "run", 0) + ["--save-steps", "2"]) == 0
+    assert [w[:3] for w in written] == [("recovery.pt", 0, 2), ("best.pt", 1, 3), ("recovery.pt", 1, 4),
+                                        ("recovery.pt", 1, 6), ("best.pt", 2, 6)] or \
+        [w[:3] for w in written] == [("recovery.pt", 0, 2), ("best.pt", 1, 3), ("recovery.pt", 1, 4),
+                                     ("recovery.pt", 1, 6), ("checkpoint.pt", 2, 6)]
+    assert written[0][3] == {"batches": 2, "loss_sum": pytest.approx(written[0][3]["loss_sum"])}
+    assert not (tmp_path / "run" / "recovery.pt").exists()
+
+
+def test_resume_auto_starts_fresh_in_an_empty_folder(static_run, folder, tmp_path, capsys):
+    assert main(static_args(folder, tmp_path / "fresh", "--resume", "auto")) == 0
+    assert engine.load_checkpoint(tmp_path / "fresh" / "checkpoint.pt")["epoch"] == 1
+    shutil.copytree(static_run, tmp_path / "done")
+    assert main(static_args(folder, tmp_path / "done", "--resume", "auto", "--epochs", "2")) == 0
+    assert "--resume auto: continuing from" in capsys.readouterr().out
+    assert engine.load_checkpoint(tmp_path / "done" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(folder, tmp_path, capsys):
+    output = tmp_path / "busy"
+    output.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; import pad.runtime as r; "
+                               "h = r.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(output)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = run_failing(static_args(folder, output), capsys)
+        assert f"pid {holder.pid} on host" in message and str(output) in message
+        assert sorted(p.name for p in output.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(static_args(folder, output)) == 0  # released when its holder died
+
+
+@pytest.mark.parametrize("flag, value, recorded", [
+    ("--batch-size", "2", "4"), ("--image-size", "40", "32"), ("--seed", "5", "0"), ("--temp-init", "10", "30.0"),
+    ("--dynamic-ratio", "0.5", "0.3"), ("--lr", "0.5", "0.1"), ("--partition-criterion", "random", "'taylor'"),
+])
+def test_a_resume_that_changes_the_run_is_refused_by_name(static_run, folder, tmp_path, capsys, flag, value, recorded):
+    output = shutil.copytree(static_run, tmp_path / "run")
+    before = hashes(output)
+    message = run_failing(static_args(folder, output, "--resume", str(output / "checkpoint.pt"), "--epochs", "2",
+                                      flag, value), capsys)
+    assert message.startswith(f"error: {flag} is ") and f"trained with {recorded}" in message
+    assert hashes(output) == before
+
+
+def fail_writes_to(monkeypatch, names: tuple, errno_: int) -> None:
+    """Every write to the temporary file of one of ``names`` fails with ``errno_`` (pad.runtime.atomic_write)."""
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if any(Path(path).name == name + ".tmp" for name in names):
+            def write(data):
+                raise OSError(errno_, os.strerror(errno_))
+            handle.write = write
+        return handle
+    monkeypatch.setattr(pad.runtime, "open", failing_open, raising=False)
+
+
+@pytest.mark.parametrize("targets", [("checkpoint.pt", "best.pt"), ("recovery.pt",), ("summary.json",)])
+@pytest.mark.parametrize("errno_", [28, 30, 5])  # ENOSPC, EROFS, EIO
+def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(static_run, folder, tmp_path, monkeypatch,
+                                                                           capsys, targets, errno_):
+    output = shutil.copytree(static_run, tmp_path / "run")
+    before = hashes(output)
+    fail_writes_to(monkeypatch, targets, errno_)
+    message = run_failing(static_args(folder, output, "--resume", str(output / "checkpoint.pt"), "--epochs", "2",
+                                      "--save-steps", "1"), capsys)
+    assert any(message == f"error: cannot write {output / name}: {os.strerror(errno_)}" for name in targets), message
+    assert not list(output.glob("*.tmp"))
+    after = hashes(output)
+    if targets == ("summary.json",):  # the epoch checkpoint was written before: it is the last good one
+        assert engine.load_checkpoint(output / "checkpoint.pt")["epoch"] == 2
+        assert after["summary.json"] == before["summary.json"]
+    elif targets == ("recovery.pt",):
+        assert after == before
+    else:  # the recovery checkpoints of the epoch's steps were written; the epoch checkpoints are untouched
+        recovery = engine.load_checkpoint(output / "recovery.pt")
+        assert recovery["epoch"] == 1 and recovery["epoch_progress"]["batches"] == 6  # 24 images, batch 4
+        after.pop("recovery.pt")
+        assert after == before
+
+
+def test_a_failed_compact_export_is_one_error_line(folder, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "pad"
+    fail_writes_to(monkeypatch, ("model_compact.safetensors",), 28)
+    message = run_failing(resume_args(folder, output, 0), capsys)
+    assert message == f"error: cannot write {output / 'model_compact.safetensors'}: {os.strerror(28)}"
+    assert engine.load_checkpoint(output / "checkpoint.pt")["epoch"] == 2
+    assert not list(output.glob("*.tmp")) and not (output / "model_compact.safetensors").exists()
+
+
+def test_a_tensorboard_write_failure_is_one_error_line(static_run, folder, tmp_path, monkeypatch, capsys):
+    output = shutil.copytree(static_run, tmp_path / "run")
+    before = hashes(output)
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, os.strerror(30), str(output / "tb" / "events"))
+    monkeypatch.setattr(dyconv_main.SummaryWriter, "add_scalar", read_only)
+    message = run_failing(static_args(folder, output, "--resume", str(output / "checkpoint.pt"), "--epochs", "2"),
+                          capsys)
+    assert message == f"error: cannot write {output / 'tb' / 'events'}: Read-only file system"
+    assert hashes(output) == before
