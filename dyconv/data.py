@@ -9,14 +9,26 @@
   (names starting with ``.``: ``.ipynb_checkpoints``, ``.DS_Store``, AppleDouble
   ``._*`` files) are skipped, at any depth, and counted.
 
+The scan of an image folder opens no file.  It follows symbolic links to files and to
+folders, but refuses (:class:`DataError` naming the link) a link to a folder it has
+already scanned (a link loop such as ``c0/loop -> ..``, or a second way into the same
+folder), which would otherwise repeat images without end or count them twice; and an
+image-named entry that is not a regular file (a FIFO, socket or device, which would
+block the loader forever, or a broken link).
+
 Unreadable images are detected lazily, when the loader first opens them (a full
 upfront scan would read all of ImageNet before the first step): :func:`load_rgb_image`
-turns the PIL error into a :class:`DataError` naming the file.
+turns the PIL error into a :class:`DataError` naming the file, and so refuses a
+decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels) before decoding
+it.  16-bit greyscale images are scaled to 8 bits (``/ 257``), not clipped to white;
+32-bit integer and float images (no defined 8-bit range) are refused by name.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import stat
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,12 +158,34 @@ def fashion_mnist_transform(train: bool, image_size: int = 28):
 
 # ---------------------------------------------------------------- ImageNet layout
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB.  16-bit greyscale (``I;16*``, and ``I`` from a PNG, which has no 32-bit
+    greyscale) is scaled by ``1/257`` (65535 -> 255), where ``convert`` would clip every value
+    above 255 to white; ``ValueError`` for other 32-bit integer and float images."""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode in ("I", "F") or image.mode.startswith("I;"):
+        raise ValueError(f"{image.mode!r} pixels (32-bit integer or float) have no defined 8-bit range; "
+                         f"convert the image to 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
 def load_rgb_image(path: str) -> Image.Image:
-    """ImageFolder loader that names the file when PIL cannot read it."""
+    """ImageFolder loader that names the file when PIL cannot read it.
+
+    A decompression bomb (more than ``Image.MAX_IMAGE_PIXELS`` pixels: PIL's warning as well as its
+    error) is refused from the header alone, before anything is decoded."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(f)
-            return image.convert("RGB")
+            return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"cannot read image {path}: a decompression bomb ({err})") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
 
@@ -195,6 +229,90 @@ class VisibleImageFolder(datasets.ImageFolder):
             self.hidden_entries_skipped += 1
             return False
         return True
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's ``make_dataset`` (same samples in the same order), walked by :func:`scan_class`:
+        no folder twice, no file that is not a regular file."""
+        is_valid_file = is_valid_file or (lambda p: datasets.folder.has_file_allowed_extension(p, extensions))
+        roots = {name: os.path.join(directory, name) for name in sorted(class_to_idx)}
+        top = Path(os.path.realpath(directory))
+        visited = {str(folder): str(folder) for folder in (top, *top.parents)}  # a link up here is a loop
+        for name, root in roots.items():
+            real = os.path.realpath(root)
+            if real in visited:
+                raise DataError(f"class folders {visited[real]} and {root} are the same folder ({real}); "
+                                f"its images would be counted under two classes")
+            visited[real] = root
+        instances, empty = [], []
+        for name, root in roots.items():
+            found = [(path, class_to_idx[name]) for path in scan_class(root, is_valid_file, visited)]
+            instances += found
+            if not found:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
+        return instances
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _check_regular(path: str) -> None:
+    """``DataError`` unless ``path`` (its target, for a link) is a regular file; stat only, never opened
+    (opening a FIFO blocks until something writes to it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        what = "a broken symbolic link" if os.path.islink(path) else f"not readable ({err.strerror or err})"
+        raise DataError(f"image {path} is {what}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"image {path} is {_file_kind(mode)}, not a regular file; remove it from the data folder")
+
+
+def scan_class(root: str, is_valid_file, visited: dict[str, str]) -> list[str]:
+    """The files under ``root`` that ``is_valid_file`` accepts, in torchvision's order (folders sorted
+    by path, files by name).  Links to files and folders are followed, but a folder whose real path
+    is in ``visited`` (real path -> the path it was first reached by; updated here) is a
+    ``DataError``: a link loop or a second way into a folder would repeat its images.  An accepted
+    name that is not a regular file (FIFO, socket, device, broken link) is a ``DataError``."""
+    folders: list[tuple[str, list[str]]] = []
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        files = []
+        try:
+            with os.scandir(folder) as entries:
+                entries = sorted(entries, key=lambda e: e.name)
+        except OSError as err:
+            raise DataError(f"cannot read folder {folder}: {err.strerror or err}") from None
+        for entry in entries:
+            if entry.is_dir():  # follows links
+                real = os.path.realpath(entry.path)
+                if real in visited:
+                    raise DataError(f"{entry.path} leads to {real}, which the scan already reaches as "
+                                    f"{visited[real]} (a symbolic-link loop, or a second link to one folder, "
+                                    f"would repeat its images); remove the link")
+                visited[real] = entry.path
+                pending.append(entry.path)
+            else:
+                files.append((entry.name, entry.is_file()))  # is_file: a regular file (of the target, for a link)
+        folders.append((folder, files))
+    found = []
+    for folder, files in sorted(folders):
+        for name, regular in files:
+            path = os.path.join(folder, name)
+            if is_valid_file(path):
+                if not regular:
+                    _check_regular(path)
+                found.append(path)
+    return found
 
 
 def image_folder(root: str | os.PathLike, split: str, image_size: int, train: bool) -> VisibleImageFolder:

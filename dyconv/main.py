@@ -78,6 +78,10 @@ from dyconv.layers import (CONVS, ODCONV_STATIC_ATTENTIONS, conv_schemes, get_te
 from dyconv.models import ARCHS, build_model, count_flops
 from dyconv.schemes import POLICIES
 
+MAX_IMAGE_SIZE = 4096  # one 3 x 4096^2 float image is 200 MB: larger sizes only exhaust memory
+MAX_SEED = 2**63 - 1  # torch takes seeds below 2**64; the runs also seed with seed + 1 and seed + epoch
+
+
 class UsageError(Exception):
     """Expected bad input: printed as one ``error:`` line, exit code 2."""
 
@@ -123,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="ImageNet layout DIR/train/<class>/*, DIR/val/<class>/*; "
                                   "for fashion-mnist, a folder holding the IDX files (downloaded there if absent)")
     g.add_argument("--dataset", choices=DATASETS, help="default: imagenet with --data, else fashion-mnist")
-    g.add_argument("--image-size", type=_bounded(int, 8), help="default 224 (imagenet), 28 (fashion-mnist)")
+    g.add_argument("--image-size", type=_bounded(int, 8, MAX_IMAGE_SIZE),
+                   help=f"default 224 (imagenet), 28 (fashion-mnist); at most {MAX_IMAGE_SIZE}")
     g.add_argument("--train-subset", type=_bounded(int, 1), help="train on a seeded random subset of N samples")
     g.add_argument("--val-subset", type=_bounded(int, 1), help="evaluate on a seeded random subset of N samples")
     g.add_argument("--workers", type=_bounded(int, 0), default=4, help="DataLoader worker processes")
@@ -174,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="autocast: bfloat16 on CPU, float16 + GradScaler on CUDA")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_bounded(int, 0, MAX_SEED), default=0,
+                   help="seeds torch generators with seed, seed + 1 and seed + epoch: 0 to 2**63 - 1")
     g.add_argument("--output", default="runs/dyconv", help="output folder (checked before any data is read)")
     g.add_argument("--overwrite-output-dir", action=argparse.BooleanOptionalAction, default=False,
                    help="let a fresh run replace the run already in --output (its checkpoint.pt, best.pt, "
@@ -448,6 +454,11 @@ def partition_batches(train_set, args) -> list:
 def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict | None:
     """IMP on rank 0 at temperature ``--temp-init``, then every mask broadcast from rank 0."""
     report = None
+    try:  # on every rank, before any batch is drawn: a ratio that keeps no dynamic position is no PAD model
+        pad.check_dynamic_ratio(args.dynamic_ratio, model, args.partition_scope, args.partition_granularity,
+                                name="--dynamic-ratio")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if ctx.is_main:
         batches = partition_batches(train_set, args)
         device = ctx.device

@@ -325,6 +325,37 @@ def infer_text_columns(column_names: list[str]) -> tuple[str, ...]:
     return tuple(names[:2])
 
 
+def check_max_seq_length(tokenizer, text_columns: tuple[str, ...], max_seq_length: int) -> None:
+    """``ValueError`` naming ``--max_seq_length`` when sequences of ``max_seq_length`` tokens (after the
+    tokenizer's own ``model_max_length`` cap) cannot hold the tokenizer's special tokens plus one token of
+    each text column: below the special tokens the tokenizer does not truncate at all (sequences come
+    out longer than asked), and at them every text is cut to nothing."""
+    pair = len(text_columns) == 2
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    needed = special + len(text_columns)
+    length = min(max_seq_length, tokenizer.model_max_length)
+    if length < needed:
+        cap = "" if length == max_seq_length else f" (capped to the tokenizer's model_max_length {length})"
+        raise ValueError(f"--max_seq_length {max_seq_length}{cap} leaves no room for the text: the tokenizer adds "
+                         f"{special} special tokens to {'a pair of texts' if pair else 'a text'} "
+                         f"({', '.join(text_columns)}), so sequences need at least {needed} tokens "
+                         f"(one token per text)")
+
+
+def check_labels_known(labels: list, label_to_id: dict, where: str) -> list[int]:
+    """Class ids of the raw ``labels`` of files without a task; ``ValueError`` at the first value that
+    is not a key of ``label_to_id`` (the classes training has), naming ``where`` (``--validation_file``)
+    and the row: the model has no output for it, and evaluation would crash after training."""
+    ids = []
+    for row, value in enumerate(labels, start=1):
+        if str(value) not in label_to_id:
+            known = ", ".join(repr(k) for k in sorted(label_to_id))
+            raise ValueError(f"{where} row {row}: label {value!r} never occurs in the training data (its labels: "
+                             f"{known[:200]}); the model could not predict it")
+        ids.append(label_to_id[str(value)])
+    return ids
+
+
 # ---------------------------------------------------------------- metrics
 
 def compute_metrics(task_name: str | None, predictions, labels) -> dict[str, float]:

@@ -163,7 +163,20 @@ def parse_arguments(argv: list[str] | None):
     if argv and argv[0].endswith(".json"):
         argv = json_config_to_argv(argv[0]) + argv[1:]
     parser = ArgumentParser((ModelArguments, DataTrainingArguments, MoEArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    check_seeds(parsed[-1])
+    return parsed
+
+
+MAX_SEED = 2**32 - 1  # transformers.set_seed seeds numpy, whose seeds are 0 .. 2**32 - 1
+
+
+def check_seeds(training_args: TrainingArguments) -> None:
+    """``ValueError`` naming ``--seed`` or ``--data_seed`` when it is not a seed ``set_seed`` can take."""
+    for flag in ("seed", "data_seed"):
+        value = getattr(training_args, flag)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"--{flag} must be in [0, 2**32 - 1] (numpy's seeds), got {value}")
 
 
 # ---------------------------------------------------------------- data
@@ -215,15 +228,20 @@ def check_splits(raw, training_args: TrainingArguments, spec: glue.TaskSpec | No
 
 
 def labels_to_ids(raw, label_to_id: dict) -> None:
-    """Replaces raw label values (files without a task) by class ids, in place; unknown ones -> -1."""
+    """Replaces raw label values (files without a task) by class ids, in place; a value of a labelled
+    split that is not a class is a ``ValueError`` naming its file flag and row (test splits: -1)."""
     for split, ds in raw.items():
         if "label" in ds.column_names:
-            ids = [label_to_id.get(str(v), -1) for v in ds["label"]]
+            if split.startswith("test"):
+                ids = [label_to_id.get(str(v), -1) for v in ds["label"]]
+            else:
+                ids = glue.check_labels_known(ds["label"], label_to_id, f"--{split.split('_')[0]}_file")
             raw[split] = ds.remove_columns("label").add_column("label", ids)
 
 
 def tokenize(raw, tokenizer, text_columns: tuple[str, ...], data_args, training_args):
     """Tokenizes every split (labels pass through unchanged)."""
+    glue.check_max_seq_length(tokenizer, text_columns, data_args.max_seq_length)
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
     padding = "max_length" if data_args.pad_to_max_length else False
 

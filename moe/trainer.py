@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 
 import torch
@@ -133,6 +134,31 @@ class MoETrainer(Trainer):
             self._reset_running_means()
         super().log(logs, start_time)
 
+    def planned_training_steps(self) -> int:
+        """The optimizer steps ``train()`` will take, computed as ``Trainer.set_initial_training_values``
+        does: ``--max_steps`` when positive, else ``ceil(--num_train_epochs x steps per epoch)`` with
+        ``steps per epoch = max(ceil(batches per process / --gradient_accumulation_steps), 1)``."""
+        args = self.args
+        if args.max_steps > 0:
+            return args.max_steps
+        with torch.random.fork_rng(devices=[]):  # building the loader draws nothing, and surely changes nothing
+            batches = len(self.get_train_dataloader())
+        accumulation = args.gradient_accumulation_steps
+        per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+        return math.ceil(args.num_train_epochs * per_epoch)
+
+    def describe_planned_steps(self) -> str:
+        """How :meth:`planned_training_steps` came about, in flags."""
+        if self.args.max_steps > 0:
+            return f"--max_steps {self.args.max_steps}"
+        return f"--num_train_epochs {self.args.num_train_epochs:g} of {len(self.train_dataset)} examples"
+
+    def check_partition(self, dynamic_ratio: float, scope: str = "global", granularity: str = "element",
+                        **_) -> None:
+        """``ValueError`` naming ``--dynamic_ratio`` when it keeps no dynamic position of this model
+        (:func:`pad.check_dynamic_ratio`); checked before any batch is drawn or any step taken."""
+        pad.check_dynamic_ratio(dynamic_ratio, self.model, scope, granularity, name="--dynamic_ratio")
+
     def partition(self, dynamic_ratio: float, iterations: int, criterion: str = "taylor",
                   schedule: str = "exponential", scope: str = "global", num_batches: int = 8,
                   granularity: str = "element", batchnorm: str = "batch") -> pad.PartitionReport:
@@ -145,6 +171,7 @@ class MoETrainer(Trainer):
         """
         if num_batches < 1:
             raise ValueError(f"partition batches must be >= 1, got {num_batches}")
+        self.check_partition(dynamic_ratio, scope, granularity)
         batches = [self._prepare_inputs(batch) for batch in itertools.islice(self.get_train_dataloader(), num_batches)]
         self.partition_batches_used = len(batches)
         generator = torch.Generator().manual_seed(self.args.seed)
@@ -204,11 +231,22 @@ def check_not_data_parallel(args, model: torch.nn.Module, training: bool) -> Non
 class PartitionAtStep(TrainerCallback):
     """Runs ``trainer.partition(**settings)`` once, when training reaches optimizer step ``step``
     (``step`` steps of the fully dynamic model come first).  A run resumed past ``step``
-    keeps the masks of its checkpoint."""
+    keeps the masks of its checkpoint.
+
+    Checked here, before training: ``step`` must come before the run's last step (at or past it, IMP
+    would never run, or run with nothing left to train, and a fully dynamic MoE would be saved as
+    ``pad``), and the dynamic ratio must keep a dynamic position (:meth:`MoETrainer.check_partition`)."""
 
     def __init__(self, trainer: MoETrainer, step: int, **settings):
         if step < 1:
             raise ValueError(f"partition warm-up steps must be >= 1 here, got {step}")
+        total = trainer.planned_training_steps()
+        if step >= total:
+            raise ValueError(f"--partition_warmup_steps {step} is not below the run's {total} training steps "
+                             f"({trainer.describe_planned_steps()}): the model would never be partitioned, or "
+                             f"be partitioned after its last step, and end as a fully dynamic MoE labelled pad; "
+                             f"use fewer warm-up steps (at most {total - 1}) or train longer")
+        trainer.check_partition(**settings)
         self.trainer, self.step, self.settings = trainer, step, settings
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -156,9 +157,58 @@ def ratio_schedule(dynamic_ratio: float, iterations: int, schedule: str = "expon
     raise ValueError(f"unknown partition schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
-def check_dynamic_ratio(dynamic_ratio: float) -> None:
+def _ceil_significant(value: float, digits: int = 3) -> float:
+    """``value`` rounded up to ``digits`` significant digits (a printed bound that still passes)."""
+    if value <= 0:
+        return value
+    scale = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    candidate = float(f"{math.ceil(value / scale) * scale:.{digits}g}")
+    while candidate < value:
+        candidate = float(f"{candidate + scale:.{digits}g}")
+    return candidate
+
+
+def smallest_dynamic_ratio(model: nn.Module, scope: str = "global", granularity: str = "element") -> float:
+    """The smallest dynamic ratio for which IMP surely keeps a dynamic unit: one unit of the largest
+    size among all PAD layers (``global``: all layers are ranked together, so one dynamic unit in the
+    whole model), or one unit in every layer (``local``: each layer keeps its own share).
+
+    IMP keeps the prefix of ranked units closest to ``ratio * positions``; asking for at least one
+    whole unit makes that prefix non-empty whatever the scores.  ``ValueError`` for a model without
+    PAD layers, an unknown scope, or a granularity a layer's shape lacks."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown partition scope {scope!r}; expected one of {SCOPES}")
+    banks = dict(weight_banks(model))
+    if not banks:
+        raise ValueError("the model has no partially dynamic layers to partition")
+    _check_granularity_fits(banks, granularity)
+    layers = []  # (positions, positions per unit) of every layer
+    for bank in banks.values():
+        positions = math.prod(bank.shape)
+        layers.append((positions, positions // math.prod(unit_grid(bank.shape, granularity))))
+    if scope == "global":
+        return max(size for _, size in layers) / sum(positions for positions, _ in layers)
+    return max(size / positions for positions, size in layers)
+
+
+def check_dynamic_ratio(dynamic_ratio: float, model: nn.Module | None = None, scope: str = "global",
+                        granularity: str = "element", name: str = "dynamic ratio") -> None:
+    """``ValueError`` unless ``dynamic_ratio`` is in (0, 1] and, given the ``model`` it will partition,
+    keeps at least one dynamic unit (:func:`smallest_dynamic_ratio`): a smaller ratio would leave every
+    PAD layer (``global``) or some PAD layer (``local``) fully static, a static model labelled PAD.
+    ``name`` names the ratio in the message (e.g. the command-line flag)."""
     if not (0.0 < dynamic_ratio <= 1.0):
-        raise ValueError(f"dynamic ratio must be in (0, 1], got {dynamic_ratio}")
+        raise ValueError(f"{name} must be in (0, 1], got {dynamic_ratio}")
+    if model is None:
+        return
+    smallest = smallest_dynamic_ratio(model, scope, granularity)
+    if dynamic_ratio < smallest:
+        where = "the model" if scope == "global" else "some layer"
+        positions = sum(math.prod(b.shape) for _, b in weight_banks(model))
+        raise ValueError(f"{name} {dynamic_ratio:g} would leave no dynamic position in {where} ({positions} PAD "
+                         f"positions, {granularity} granularity, {scope} scope): a static model is not PAD; the "
+                         f"smallest ratio that keeps one dynamic {granularity} per "
+                         f"{'model' if scope == 'global' else 'layer'} is {_ceil_significant(smallest)}")
 
 
 def _check_batchnorm(batchnorm: str) -> None:
@@ -518,6 +568,7 @@ def iterative_mode_partition(model: nn.Module, batches: Sequence, loss_fn: LossF
     if not banks:
         raise ValueError("the model has no partially dynamic layers to partition")
     _check_granularity_fits(banks, granularity)
+    check_dynamic_ratio(dynamic_ratio, model, scope, granularity)  # before anything is scored
     batches = list(batches)
     _reset_masks(banks.values(), granularity)
     achieved, rounds = [], []

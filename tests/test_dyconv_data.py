@@ -181,3 +181,106 @@ def test_damaged_idx_files_raise_data_error(tmp_path):
         except DataError:
             outcomes["error"] += 1
     assert outcomes["error"] > len(good)  # every truncation at least
+
+
+# ---------------------------------------------------------------- hazards in image folders
+
+def write_bomb_png(path: Path, side: int = 20000) -> Path:
+    """A real, valid 1-bit PNG of ``side`` x ``side`` black pixels (20000^2 = 400 M pixels, over twice PIL's
+    limit): a few tens of KB on disk, 1.2 GB once decoded to RGB."""
+    import zlib as _zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", _zlib.crc32(kind + payload))
+
+    row = b"\x00" + bytes((side + 7) // 8)  # filter byte 0, then the packed bits
+    compressor = _zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_linked_folders_are_followed_once_and_loops_refused(tmp_path):
+    """A link loop inside a class folder used to multiply its images (os.walk(followlinks=True) went round
+    it until the path grew too long); now a folder reached twice is refused by name, a link to a new
+    folder (or to a file) is followed once."""
+    make_folder(tmp_path / "d")
+    outside = make_folder(tmp_path / "outside", classes=("x",), per_class=3)
+    (tmp_path / "d" / "train" / "b" / "more").symlink_to(outside / "train" / "x")
+    (tmp_path / "d" / "train" / "a" / "linked.png").symlink_to(outside / "val" / "x" / "0.png")
+    folder = data.image_folder(tmp_path / "d", "train", 16, train=True)
+    assert len(folder) == 2 + 1 + 2 + 3 and [label for _, label in folder.samples] == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert folder[2][0].shape == (3, 16, 16)  # the linked file loads
+
+    for name, target in (("loop", ".."), ("self", "."), ("twin", "../b")):
+        root = tmp_path / name
+        make_folder(root)
+        (root / "train" / "a" / name).symlink_to(target, target_is_directory=True)
+        with pytest.raises(DataError, match=f"{root}/train/a/{name} leads to .* already reaches"):
+            data.build_datasets("imagenet", str(root), 16)
+    make_folder(tmp_path / "same")
+    (tmp_path / "same" / "train" / "c").symlink_to(tmp_path / "same" / "train" / "b")
+    with pytest.raises(DataError, match="class folders .*/train/b and .*/train/c are the same folder"):
+        data.image_folder(tmp_path / "same", "train", 16, train=True)
+
+
+def test_special_files_named_like_images_are_refused_without_opening(tmp_path):
+    """A FIFO named ``*.png`` blocked the loader forever (open() waits for a writer); sockets and broken
+    links are refused too, by name, at scan time; hidden ones are skipped like any hidden entry."""
+    import signal
+    import socket
+    make_folder(tmp_path)
+    signal.alarm(60)  # a regression would hang here instead of failing
+    try:
+        fifo = tmp_path / "train" / "a" / "pipe.png"
+        __import__("os").mkfifo(fifo)
+        with pytest.raises(DataError, match=r"image .*/train/a/pipe\.png is a FIFO \(named pipe\), not a regular file"):
+            data.build_datasets("imagenet", str(tmp_path), 16)
+        fifo.rename(tmp_path / "train" / "a" / "._pipe.png")  # hidden: skipped and counted, never opened
+        assert data.image_folder(tmp_path, "train", 16, train=True).hidden_entries_skipped == 1
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(tmp_path / "val" / "b" / "sock.jpg"))
+            with pytest.raises(DataError, match=r"image .*/val/b/sock\.jpg is a socket"):
+                data.build_datasets("imagenet", str(tmp_path), 16)
+        (tmp_path / "val" / "b" / "sock.jpg").unlink()
+        (tmp_path / "val" / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+        with pytest.raises(DataError, match=r"image .*/val/b/gone\.png is a broken symbolic link"):
+            data.build_datasets("imagenet", str(tmp_path), 16)
+    finally:
+        signal.alarm(0)
+
+
+def test_scan_keeps_torchvision_sample_order(tmp_path):
+    """Same samples, same order as torchvision's own walk (seeded subsets pick the same images)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    make_folder(tmp_path, classes=("b", "a", "c"), per_class=3)
+    (tmp_path / "train" / "a" / "sub" / "z").mkdir(parents=True)
+    for rel in ("sub/9.png", "sub/z/1.png", "0b.png"):
+        (tmp_path / "train" / "a" / rel).write_bytes(b"x")
+    folder = data.image_folder(tmp_path, "train", 16, train=True)
+    assert folder.samples == make_dataset(str(tmp_path / "train"), folder.class_to_idx, IMG_EXTENSIONS)
+
+
+def test_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(DataError, match=r"cannot read image .*bomb\.png: a decompression bomb"):
+        data.load_rgb_image(str(bomb))
+    # between PIL's limit and twice it PIL only warns, then decodes: refused as well
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(tmp_path / "warns.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError, match=r"cannot read image .*warns\.png: a decompression bomb"):
+        data.load_rgb_image(str(tmp_path / "warns.png"))
+
+
+def test_16_bit_images_are_scaled_not_saturated(tmp_path):
+    values = np.array([[0, 257, 1000, 32896, 65280, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    rgb = np.asarray(data.load_rgb_image(str(tmp_path / "deep.png")))
+    assert rgb.shape == (1, 6, 3) and (rgb == rgb[..., :1]).all()
+    assert rgb[0, :, 0].tolist() == [0, 1, 4, 128, 254, 255]  # round(v / 257), not min(v, 255)
+    Image.fromarray(np.ones((2, 2), dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(DataError, match=r"cannot read image .*float\.tiff: 'F' pixels .* no defined 8-bit range"):
+        data.load_rgb_image(str(tmp_path / "float.tiff"))

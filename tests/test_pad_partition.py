@@ -452,3 +452,39 @@ def test_selection_counts_positions_exactly_beyond_float32_integers():
     torch.set_default_dtype(torch.float32)  # as in real runs (the fixture restores it)
     kept, selection = pad.partition._select_units(density, sizes, torch.ones(3, dtype=torch.bool), 2.0 ** 25 + 2, None)
     assert kept.tolist() == [True, True, False] and selection == pad.Selection(made_static=1, tie_broken=0)
+
+
+# ---------------------------------------------------------------- ratios that keep no dynamic position
+
+@pytest.mark.parametrize("scope, granularity, smallest", [
+    ("global", "element", 1 / 72), ("global", "kernel", 4 / 72), ("global", "unit", 12 / 72),
+    ("local", "element", 1 / 24), ("local", "kernel", 1 / 6), ("local", "unit", 1 / 4)])
+def test_a_ratio_that_keeps_no_dynamic_position_is_refused_before_scoring(scope, granularity, smallest):
+    """conv_shaped_model: 48 + 24 positions; kernels of 4 positions (12 and 6 of them), units of 12 and 4.
+    Global scope needs one unit of the largest size in the model, local scope one unit in every layer."""
+    model = conv_shaped_model()
+    assert pad.smallest_dynamic_ratio(model, scope, granularity) == pytest.approx(smallest)
+    before = masks(model)
+    scored = []
+    with pytest.raises(ValueError, match=rf"--ratio-flag 1e-09 would leave no dynamic position in .*smallest ratio "
+                                         rf"that keeps one dynamic {granularity} per .* is "):
+        pad.check_dynamic_ratio(1e-9, model, scope, granularity, name="--ratio-flag")
+    with pytest.raises(ValueError, match="dynamic ratio 1e-09 would leave no dynamic position"):
+        pad.iterative_mode_partition(model, batches(12, 6), lambda m, b: scored.append(1) or mse(m, b), 1e-9,
+                                     scope=scope, granularity=granularity)
+    assert not scored and all(torch.equal(a, b) for a, b in zip(before, masks(model)))
+    # the printed smallest ratio passes, and IMP then keeps at least one dynamic position
+    printed = float(str(pad.partition._ceil_significant(pad.smallest_dynamic_ratio(model, scope, granularity))))
+    pad.check_dynamic_ratio(printed, model, scope, granularity)
+    pad.iterative_mode_partition(model, batches(12, 6), mse, printed, iterations=2, scope=scope,
+                                 granularity=granularity)
+    kept = [int(b.mask.sum()) for _, b in pad.weight_banks(model)]
+    assert sum(kept) >= 1 and (scope == "global" or min(kept) >= 1), kept
+
+
+def test_ratio_check_without_a_model_is_the_range_check():
+    pad.check_dynamic_ratio(1e-9)
+    with pytest.raises(ValueError, match=r"^dynamic ratio must be in \(0, 1\], got 0$"):
+        pad.check_dynamic_ratio(0)
+    with pytest.raises(ValueError, match="no partially dynamic layers"):
+        pad.smallest_dynamic_ratio(nn.Linear(2, 2))
