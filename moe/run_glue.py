@@ -23,9 +23,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-if __package__ in (None, ""):  # `python moe/run_glue.py` from anywhere: make `moe` and `pad` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 import transformers
 from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, EvalPrediction, HfArgumentParser,

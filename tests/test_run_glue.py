@@ -397,7 +397,7 @@ def test_torchrun_two_processes_on_cpu(tiny_bert_dir, glue_dir, tmp_path):
     out = tmp_path / "ddp"
     args = base_args(tiny_bert_dir, glue_dir, out, "sst2", "--moe", "pad", "--do_train", "--do_eval",
                      "--partition_scope", "local")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "moe" / "run_glue.py"), *args, "--ddp_backend", "gloo"],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
+import summarize
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import summarize  # noqa: E402
 
 
 def write_dyconv(run: Path, top1: float, seed: int, top5: float = 99.0) -> None:
