@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pad import SCALE_FACTOR_VARIANTS, DynamicWeights, PartiallyDynamicWeights
-from pad.mixing import UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
+from pad import DynamicWeights, PartiallyDynamicWeights
+from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
 
 from .schemes import (PATHS, POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes,
                       choose_scheme, per_sample_weight, prefers_unit_path)

@@ -33,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 import pad
+from pad.mixing import weight_banks
 from moe import files
 from moe.modeling import aux_loss, expert_load, moe_layers, save_compact_model
 
@@ -89,7 +90,7 @@ class MoETrainer(Trainer):
         super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if not _internal_call and self.args.should_save and next(pad.weight_banks(model), None) is not None:
+        if not _internal_call and self.args.should_save and next(weight_banks(model), None) is not None:
             save_compact_model(model, output_dir)
         if self.args.should_save:
             files.write_checksums(output_dir)
@@ -154,7 +155,7 @@ class MoETrainer(Trainer):
             granularity=granularity, batchnorm=batchnorm)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             with torch.no_grad():
-                for _, bank in pad.weight_banks(self.model):
+                for _, bank in weight_banks(self.model):
                     torch.distributed.broadcast(bank.mask, src=0)
         moe_settings = getattr(getattr(self.model, "config", None), "moe", None)
         if isinstance(moe_settings, dict):  # saved with the model: a reload declares it again

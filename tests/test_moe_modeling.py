@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
 
 import pad
+from pad.mixing import weight_banks
 from conftest import tiny_bert_config
 from moe.gating import NoisyTopKGate
 from moe.modeling import (MOE_LAYERS, MOE_TYPES, MoELinear, aux_loss, convert_to_moe, expert_load,
@@ -334,7 +335,7 @@ def test_imp_hits_the_ratio_with_one_mask_per_layer_shared_by_experts(scope):
     report = pad.iterative_mode_partition(model, batches, loss_fn=lambda m, b: m(**b).loss, dynamic_ratio=0.5,
                                           iterations=2, scope=scope)
     layers = moe_layers(model)
-    names = [name for name, _ in pad.weight_banks(model)]
+    names = [name for name, _ in weight_banks(model)]
     assert names == [f"{name}.experts" for name in layers]  # exactly one bank (one mask) per MoE layer
     total = 0
     for layer in layers.values():
@@ -360,7 +361,7 @@ def set_random_masks(model, ratio, seed=0):
     """Exactly round(ratio * N) dynamic positions per PAD layer."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, bank in pad.weight_banks(model):
+        for _, bank in weight_banks(model):
             n = bank.mask.numel()
             flat = torch.zeros(n, dtype=bank.mask.dtype)
             flat[torch.randperm(n, generator=g)[:round(ratio * n)]] = 1
