@@ -89,9 +89,11 @@ class MoELinear(nn.Module):
     @torch.no_grad()
     def from_dense(cls, linear: nn.Linear, **kwargs) -> "MoELinear":
         """Upcycles ``linear``: every expert (weight and bias) and ``W_s`` are copies of it;
-        the gate starts at zero. ``kwargs`` as for the constructor."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype, **kwargs).to(linear.weight.device)
+        the gate starts at zero. ``kwargs`` as for the constructor.  Draws no random numbers: the
+        bank's random initialisation, overwritten here, runs on a forked random state."""
+        with torch.random.fork_rng(devices=[]):
+            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                        dtype=linear.weight.dtype, **kwargs).to(linear.weight.device)
         layer.train(linear.training)
         layer.experts.kernels.copy_(linear.weight.expand_as(layer.experts.kernels))
         if isinstance(layer.experts, pad.PartiallyDynamicWeights):

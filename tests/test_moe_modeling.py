@@ -103,6 +103,27 @@ def test_convert_records_settings_and_none_is_identity():
     assert model.config.to_dict()["moe"] == model.config.moe
 
 
+@pytest.mark.parametrize("moe", ["moe", "pad"])
+def test_upcycling_copies_the_dense_layer_and_draws_no_random_numbers(moe):
+    dense = nn.Linear(6, 5, dtype=F64)
+    before = torch.random.get_rng_state()
+    layer = MoELinear.from_dense(dense, num_experts=3, moe=moe)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(layer.experts.kernels, dense.weight.expand(3, 5, 6))
+    if moe == "pad":
+        assert torch.equal(layer.experts.static_weight, dense.weight)
+    assert not layer.gate.w_gate.any() and torch.equal(layer.bias, dense.bias.expand(3, 5))
+
+
+@pytest.mark.parametrize("moe", ["moe", "pad"])
+def test_a_new_moe_layer_has_initialised_experts(moe):
+    torch.manual_seed(0)
+    layer = MoELinear(6, 5, num_experts=3, moe=moe)
+    torch.manual_seed(0)
+    bank = pad.DynamicWeights(3, (5, 6)) if moe == "moe" else pad.PartiallyDynamicWeights(3, (5, 6))
+    assert torch.equal(layer.experts.kernels, bank.kernels) and layer.experts.kernels.std() > 0
+
+
 # ---------------------------------------------------------------- PAD-MoE against its two limits
 
 def make_layer(moe, scale_factors="both", num_experts=4, top_k=2, seed=0, in_features=6, out_features=5):

@@ -82,7 +82,37 @@ def test_scale_factors_start_at_one():
 
 def test_unknown_scale_factor_variant():
     with pytest.raises(ValueError, match="unknown scale-factor variant 'x'"):
-        pad.ScaleFactors("x")
+        ScaleFactors("x")
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_banks_initialise_their_weights_like_convs(partial):
+    """Kernel by kernel, then W_s: Kaiming normal, fan out; reset_parameters draws the same way and keeps the mask."""
+    shape = (8, 4, 3, 3)
+    torch.manual_seed(0)
+    bank = pad.PartiallyDynamicWeights(3, shape) if partial else pad.DynamicWeights(3, shape)
+    torch.manual_seed(0)
+    expected = torch.empty(4 if partial else 3, *shape)
+    for weight in expected:
+        nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+    assert torch.equal(bank.kernels, expected[:3])
+    if partial:
+        assert torch.equal(bank.static_weight, expected[3])
+        with torch.no_grad():
+            bank.mask[0] = 0
+    mask = bank.mask.clone() if partial else None
+    bank.reset_parameters()
+    assert not torch.equal(bank.kernels, expected[:3])
+    torch.manual_seed(0)
+    bank.reset_parameters()
+    assert torch.equal(bank.kernels, expected[:3])
+    if partial:
+        assert torch.equal(bank.static_weight, expected[3]) and torch.equal(bank.mask, mask)
+
+
+def test_bank_needs_a_static_shape_of_two_dimensions():
+    with pytest.raises(ValueError, match=r"at least two dimensions \(out, in, ...\), got \(5,\)"):
+        pad.DynamicWeights(2, (5,))
 
 
 def test_bank_returns_masked_scaled_parts():
