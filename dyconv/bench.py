@@ -15,7 +15,7 @@ in the same run, with the models built by ``dyconv.models.build_model`` as a use
 * the execution scheme every dynamic conv chose at each size (``--scheme`` forces one), and the
   path every layer of ``pad-unit`` took (:func:`dyconv.schemes.prefers_unit_path`);
 * stored parameters of DY-Conv dense vs PAD compact (``pad.parameter_counts``)
-  with a random mask at ``--dynamic-ratio`` (``pad.select_dynamic`` on random scores).
+  with a random mask at ``--dynamic-ratio`` (``pad.partition.select_dynamic`` on random scores).
 
 ``--compile [BACKEND]`` (default backend ``inductor``) times every model, the static one included,
 as ``torch.compile(model, backend=BACKEND, dynamic=True)`` (batch and image size symbolic; torch
@@ -68,6 +68,9 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 import pad
+from pad.mixing import weight_banks
+from pad.partition import check_dynamic_ratio, select_dynamic
+from pad.runtime import keep_freed_memory
 from .inference import to_inference
 from .layers import conv_schemes, dynamic_convs, set_conv_scheme
 from .models import ARCHS, build_model
@@ -89,11 +92,11 @@ RECOMPILE_LIMIT = 64
 def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0, granularity: str = "element") -> None:
     """Keeps a uniformly random ``dynamic_ratio`` of all PAD positions dynamic (global scope), whole
     units of ``granularity`` at a time."""
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     generator = torch.Generator().manual_seed(seed)
     scores = {name: torch.rand(bank.mask.shape, generator=generator) for name, bank in banks.items()}
     with torch.no_grad():
-        pad.select_dynamic(banks, scores, dynamic_ratio, "global", granularity=granularity)
+        select_dynamic(banks, scores, dynamic_ratio, "global", granularity=granularity)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -515,7 +518,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scheme", choices=POLICIES, default="auto",
                         help="execution scheme of every dynamic conv (default auto: chosen per layer)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="call pad.keep_freed_memory() first (glibc keeps freed memory; default: the "
+                        help="call pad.runtime.keep_freed_memory() first (glibc keeps freed memory; default: the "
                              "allocator a user's own script gets)")
     parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on CUDA")
     parser.add_argument("--variants", nargs="+", choices=[name for name in VARIANT_NAMES if name != "static"],
@@ -546,7 +549,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.kernels < 1:
         raise ValueError(f"--kernels must be >= 1, got {args.kernels}")
-    pad.check_dynamic_ratio(args.dynamic_ratio)
+    check_dynamic_ratio(args.dynamic_ratio)
     if args.static_shapes and not args.compile:
         raise ValueError("--static-shapes needs --compile")
     if args.layers and (args.compile or args.amp or args.variants or args.scheme != "auto"
@@ -566,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     allocator = "default allocator"
     if args.keep_freed_memory:
-        allocator = "pad.keep_freed_memory()" if pad.keep_freed_memory() else "keep_freed_memory unavailable"
+        allocator = "pad.runtime.keep_freed_memory()" if keep_freed_memory() else "keep_freed_memory unavailable"
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

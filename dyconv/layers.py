@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pad import SCALE_FACTOR_VARIANTS, DynamicWeights, PartiallyDynamicWeights
-from pad.mixing import UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
+from pad import DynamicWeights, PartiallyDynamicWeights
+from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
 
 from .schemes import (PATHS, POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes,
                       choose_scheme, per_sample_weight, prefers_unit_path)
@@ -75,12 +75,6 @@ ConvMaker = Callable[..., nn.Module]
 
 
 # ---------------------------------------------------------------- shared maths
-
-def _kaiming_like_conv(weight: torch.Tensor) -> None:
-    """Kaiming initialisation of one conv-shaped weight ``(O, I, kh, kw)``, as torchvision's
-    ResNets and MobileNetV2 initialise their convs: ``normal(0, sqrt(2 / (O kh kw)))``."""
-    nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
-
 
 def _check_positive_temperature(value: float) -> float:
     value = float(value)
@@ -267,20 +261,22 @@ class _RoutedConv2d(nn.Module):
         self._fold_cache: tuple | None = None
         self._split_cache: tuple | None = None
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
+        # The bank initialises its kernels and W_s like conv weights (pad.mixing.init_like_conv).
         self.bank = PartiallyDynamicWeights(kernels, shape, scale_factors) if pad else DynamicWeights(kernels, shape)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.reset_parameters()
+        self._init_bias()
+
+    def _init_bias(self) -> None:
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.bank.shape[1:].numel())
+            with torch.no_grad():
+                self.bias.uniform_(-bound, bound)
 
     def reset_parameters(self) -> None:
-        """Every kernel, and ``W_s`` for PAD, initialised like a conv weight (Kaiming, see above)."""
-        with torch.no_grad():
-            for kernel in self.bank.kernels:
-                _kaiming_like_conv(kernel)
-            if isinstance(self.bank, PartiallyDynamicWeights):
-                _kaiming_like_conv(self.bank.static_weight)
-            if self.bias is not None:
-                bound = 1 / math.sqrt(self.bank.shape[1:].numel())
-                self.bias.uniform_(-bound, bound)
+        """Every kernel, and ``W_s`` for PAD, initialised again like a conv weight (the bank's
+        :meth:`~pad.DynamicWeights.reset_parameters`), then the bias."""
+        self.bank.reset_parameters()
+        self._init_bias()
 
     @property
     def num_kernels(self) -> int:

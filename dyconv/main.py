@@ -51,9 +51,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -65,8 +62,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 import pad
 from pad.compact import model_granularity
-from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, Preempted, StopSignals, WriteError, atomic_write, error_line,
-                         lock_folder)
+from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, set_granularity, weight_banks
+from pad.partition import BATCHNORM_MODES, CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
+from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, Preempted, StopSignals, WriteError, atomic_write, code_version,
+                         error_line, keep_freed_memory, lock_folder, machine_description)
 from dyconv.data import DATASETS, DataError, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, EpochProgress, TrainingDiverged,
                            TrainSettings, check_compatible, evaluate, link_checkpoint, load_checkpoint,
@@ -113,7 +112,7 @@ def _bounded(kind, low=None, high=None, low_open=False):
 def _dynamic_ratio(text: str) -> float:
     value = _bounded(float)(text)
     try:
-        pad.check_dynamic_ratio(value)
+        check_dynamic_ratio(value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return value
@@ -140,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ResNet's stem and first-stage channels (the paper's 64; each stage doubles it)")
     g.add_argument("--kernels", type=_bounded(int, 1), default=4, help="K kernels per dynamic conv")
     g.add_argument("--reduction", type=_bounded(int, 1), default=4, help="attention reduction r")
-    g.add_argument("--scale-factors", choices=pad.SCALE_FACTOR_VARIANTS, default="both")
+    g.add_argument("--scale-factors", choices=SCALE_FACTOR_VARIANTS, default="both")
     g.add_argument("--odconv-static-attention", choices=ODCONV_STATIC_ATTENTIONS, default="none",
                    help="PAD-ODConv: which attentions also scale the static part: none (the static part of "
                         "DESIGN's Omega), channel-filter (the authors' release: the input-channel and filter "
@@ -150,16 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "where exact; a resumed run keeps the schemes its checkpoint recorded")
     g = p.add_argument_group("mode partition (IMP)")
     g.add_argument("--dynamic-ratio", type=_dynamic_ratio, default=0.3, help="kappa in (0, 1]")
-    g.add_argument("--partition-criterion", choices=pad.CRITERIA, default="taylor")
+    g.add_argument("--partition-criterion", choices=CRITERIA, default="taylor")
     g.add_argument("--partition-iterations", type=_bounded(int, 1), default=10)
-    g.add_argument("--partition-schedule", choices=pad.SCHEDULES, default="exponential")
-    g.add_argument("--partition-scope", choices=pad.SCOPES, default="global")
+    g.add_argument("--partition-schedule", choices=SCHEDULES, default="exponential")
+    g.add_argument("--partition-scope", choices=SCOPES, default="global")
     g.add_argument("--partition-batches", type=_bounded(int, 1), default=10)
-    g.add_argument("--partition-granularity", choices=pad.GRANULARITIES, default="element",
+    g.add_argument("--partition-granularity", choices=GRANULARITIES, default="element",
                    help="what IMP makes static: single positions (the paper's), kernel slices or whole output "
                         "filters (unit: the static filters then run as one ordinary conv); a resumed run keeps "
                         "its checkpoint's")
-    g.add_argument("--partition-batchnorm", choices=pad.BATCHNORM_MODES, default="batch",
+    g.add_argument("--partition-batchnorm", choices=BATCHNORM_MODES, default="batch",
                    help="BatchNorm statistics while IMP scores: the partition batches' own or the running ones")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_bounded(int, 1), default=100)
@@ -455,7 +454,7 @@ def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict |
     """IMP on rank 0 at temperature ``--temp-init``, then every mask broadcast from rank 0."""
     report = None
     try:  # on every rank, before any batch is drawn: a ratio that keeps no dynamic position is no PAD model
-        pad.check_dynamic_ratio(args.dynamic_ratio, model, args.partition_scope, args.partition_granularity,
+        check_dynamic_ratio(args.dynamic_ratio, model, args.partition_scope, args.partition_granularity,
                                 name="--dynamic-ratio")
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -481,9 +480,9 @@ def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict |
         print(result.format(), flush=True)
         report = {**result.as_dict(), "batches": len(batches), "batch_size": args.batch_size}
     if ctx.enabled:
-        for _, bank in pad.weight_banks(model):
+        for _, bank in weight_banks(model):
             dist.broadcast(bank.mask, src=0)
-        pad.set_granularity(model, args.partition_granularity)  # the other ranks' banks did not run IMP
+        set_granularity(model, args.partition_granularity)  # the other ranks' banks did not run IMP
     return report
 
 
@@ -507,7 +506,7 @@ def restore_granularity(model: nn.Module, partition, path: str) -> None:
     partitions recorded before granularities were have element masks."""
     granularity = partition.get("granularity", "element") if isinstance(partition, dict) else "element"
     try:
-        pad.set_granularity(model, granularity)
+        set_granularity(model, granularity)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: partition granularity: {err}") from None
 
@@ -625,7 +624,7 @@ def summarise(model: nn.Module, args, info, metrics: dict, extra: dict) -> dict:
         "scale_factors": {name: {"lambda_d": d, "lambda_s": s} for name, (d, s) in pad.scale_factors(model).items()},
         "temperature": get_temperature(model),
         "partition_granularity": model_granularity(model) if args.pad else None,
-        "machine": pad.machine_description(), "commit": pad.code_version(),
+        "machine": machine_description(), "commit": code_version(),
         **extra,
     }
 
@@ -911,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     signals = StopSignals().install()
     try:
         args = parse_args(sys.argv[1:] if argv is None else list(argv))
-        pad.keep_freed_memory()
+        keep_freed_memory()
         ctx = init_distributed()
         return run(args, ctx, signals)
     except (UsageError, DataError, CheckpointError, WriteError) as err:

@@ -30,6 +30,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pad
+from pad.partition import check_dynamic_ratio
+from pad.runtime import keep_freed_memory
 from moe.modeling import aux_loss, check_moe_settings, convert_to_moe, ffn_parameter_counts
 
 MINILM_SIZE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -63,7 +65,7 @@ def build_models(dense, num_experts: int, top_k: int, dynamic_ratio: float, seed
     """``{"dense", "moe", "pad", "pad-unit"}``; the PAD masks keep ``dynamic_ratio`` of each layer
     dynamic (exactly for ``pad``, to within one row for ``pad-unit``), chosen at random (timings and
     counts depend on how many positions or rows, not on which)."""
-    pad.check_dynamic_ratio(dynamic_ratio)
+    check_dynamic_ratio(dynamic_ratio)
     models = {"dense": dense, "moe": convert_to_moe(copy.deepcopy(dense), "moe", num_experts=num_experts, top_k=top_k)}
     for name, granularity in PAD_VARIANTS.items():
         models[name] = convert_to_moe(copy.deepcopy(dense), "pad", num_experts=num_experts, top_k=top_k,
@@ -198,7 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     check_moe_settings("pad", num_experts=args.num_experts, top_k=args.top_k)
-    pad.check_dynamic_ratio(args.dynamic_ratio)
+    check_dynamic_ratio(args.dynamic_ratio)
     for name in ("batch_size", "seq_length", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -206,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    pad.keep_freed_memory()
+    keep_freed_memory()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         args = parse_args(argv)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pad
+from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, set_granularity, weight_banks
 from moe.gating import NoisyTopKGate
 
 MOE_TYPES = ("none", "moe", "pad")
@@ -47,7 +48,7 @@ class MoELinear(nn.Module):
         in_features, out_features: the replaced linear layer's sizes.
         num_experts: ``E``; top_k: ``k``; aux_loss_coef: the gate's load-balancing coefficient.
         moe: ``"moe"`` (fully dynamic experts) or ``"pad"`` (partially dynamic, shared ``W_s``).
-        scale_factors: PAD scale-factor variant (``pad.SCALE_FACTOR_VARIANTS``); unused for ``"moe"``.
+        scale_factors: PAD scale-factor variant (``pad.mixing.SCALE_FACTOR_VARIANTS``); unused for ``"moe"``.
         bias: whether the experts have biases.
     Attributes:
         gate: :class:`~moe.gating.NoisyTopKGate`.
@@ -88,9 +89,11 @@ class MoELinear(nn.Module):
     @torch.no_grad()
     def from_dense(cls, linear: nn.Linear, **kwargs) -> "MoELinear":
         """Upcycles ``linear``: every expert (weight and bias) and ``W_s`` are copies of it;
-        the gate starts at zero. ``kwargs`` as for the constructor."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype, **kwargs).to(linear.weight.device)
+        the gate starts at zero. ``kwargs`` as for the constructor.  Draws no random numbers: the
+        bank's random initialisation, overwritten here, runs on a forked random state."""
+        with torch.random.fork_rng(devices=[]):
+            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                        dtype=linear.weight.dtype, **kwargs).to(linear.weight.device)
         layer.train(linear.training)
         layer.experts.kernels.copy_(linear.weight.expand_as(layer.experts.kernels))
         if isinstance(layer.experts, pad.PartiallyDynamicWeights):
@@ -139,7 +142,7 @@ class MoELinear(nn.Module):
         outputs = outputs * routing.top_gates.reshape(-1)[order].unsqueeze(1).to(outputs.dtype)
         return outputs.new_zeros(tokens.shape[0], weights.shape[1]).index_add_(0, token_of, outputs)
 
-    def unit_split(self) -> pad.UnitSplit | None:
+    def unit_split(self) -> UnitSplit | None:
         """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) when its
         mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output).
         A mask that requires grad is being scored (IMP's ``dL/dM``), which the unit path, not multiplying
@@ -151,7 +154,7 @@ class MoELinear(nn.Module):
             return None
         return bank.unit_split(scaled=False)
 
-    def _unit_forward(self, tokens: torch.Tensor, routing, split: pad.UnitSplit) -> torch.Tensor:
+    def _unit_forward(self, tokens: torch.Tensor, routing, split: UnitSplit) -> torch.Tensor:
         """A ``unit``-structured PAD layer, exactly: every expert's static rows are
         ``lambda_s W_s[static]`` and the top-k gates sum to 1, so the static rows are one dense
         matmul per token; only the dynamic rows go through the experts.  The per-expert biases of
@@ -220,8 +223,8 @@ def check_moe_settings(moe: str = "moe", num_experts: int = 8, top_k: int = 2, m
         raise ValueError(f"unknown moe type {moe!r}; expected one of {MOE_TYPES}")
     if moe_layers not in MOE_LAYERS:
         raise ValueError(f"unknown moe_layers {moe_layers!r}; expected one of {MOE_LAYERS}")
-    if scale_factors not in pad.SCALE_FACTOR_VARIANTS:
-        raise ValueError(f"unknown scale_factors {scale_factors!r}; expected one of {pad.SCALE_FACTOR_VARIANTS}")
+    if scale_factors not in SCALE_FACTOR_VARIANTS:
+        raise ValueError(f"unknown scale_factors {scale_factors!r}; expected one of {SCALE_FACTOR_VARIANTS}")
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an integer >= 1, got {num_experts}")
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -258,7 +261,7 @@ def convert_to_moe(model: nn.Module, moe: str = "moe", num_experts: int = 8, top
             holder = getattr(block, part)
             holder.dense = MoELinear.from_dense(holder.dense, num_experts=num_experts, top_k=top_k, moe=moe,
                                                 aux_loss_coef=aux_loss_coef, scale_factors=scale_factors)
-    pad.set_granularity(model, partition_granularity)
+    set_granularity(model, partition_granularity)
     model.register_forward_pre_hook(_record_token_mask, with_kwargs=True)
     model.register_forward_hook(_clear_token_mask, always_call=True)
     config = getattr(model, "config", None)
@@ -349,7 +352,7 @@ def save_compact_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     PAD layer only at the positions it uses, masks as bits) to ``directory/model_compact.safetensors``
     and returns the path.  With the directory's ``config.json`` it is a complete model:
     :func:`load_model` reads it when ``model.safetensors`` is absent."""
-    if next(pad.weight_banks(model), None) is None:
+    if next(weight_banks(model), None) is None:
         raise ValueError(f"{type(model).__name__} has no PAD layers: nothing to export compactly")
     path = Path(directory) / COMPACT_WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,6 +403,6 @@ def _declare_saved_granularity(model: nn.Module, settings: dict, source) -> None
     """Declares ``config.moe``'s partition granularity (``element`` for configs saved before it was
     recorded) on the loaded masks; ``ValueError`` naming ``source`` when they are not so structured."""
     try:
-        pad.set_granularity(model, settings.get("partition_granularity", "element"))
+        set_granularity(model, settings.get("partition_granularity", "element"))
     except ValueError as err:
         raise ValueError(f"{source}: the saved masks do not match config.moe's partition granularity: {err}") from None

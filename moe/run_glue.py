@@ -23,9 +23,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-if __package__ in (None, ""):  # `python moe/run_glue.py` from anywhere: make `moe` and `pad` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 import transformers
 from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, EvalPrediction, HfArgumentParser,
@@ -33,6 +30,9 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Ev
 from transformers.trainer_utils import get_last_checkpoint
 
 import pad
+from pad.mixing import SCALE_FACTOR_VARIANTS, set_granularity
+from pad.partition import CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
+from pad.runtime import code_version, keep_freed_memory, machine_description
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
@@ -103,14 +103,14 @@ class MoEArguments:
                                                       "help": "Which FFN dense layers become MoE layers"})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "Coefficient of the load-balancing loss"})
     dynamic_ratio: float = field(default=0.5, metadata={"help": "PAD: share of dynamic positions, in (0, 1]"})
-    scale_factors: str = field(default="both", metadata={"choices": list(pad.SCALE_FACTOR_VARIANTS),
+    scale_factors: str = field(default="both", metadata={"choices": list(SCALE_FACTOR_VARIANTS),
                                                          "help": "PAD: learned scale factors"})
-    partition_criterion: str = field(default="taylor", metadata={"choices": list(pad.CRITERIA),
+    partition_criterion: str = field(default="taylor", metadata={"choices": list(CRITERIA),
                                                                  "help": "PAD: IMP scoring criterion"})
     partition_iterations: int = field(default=10, metadata={"help": "PAD: IMP iterations (T)"})
-    partition_schedule: str = field(default="exponential", metadata={"choices": list(pad.SCHEDULES),
+    partition_schedule: str = field(default="exponential", metadata={"choices": list(SCHEDULES),
                                                                      "help": "PAD: IMP ratio schedule"})
-    partition_scope: str = field(default="global", metadata={"choices": list(pad.SCOPES),
+    partition_scope: str = field(default="global", metadata={"choices": list(SCOPES),
                                                              "help": "PAD: rank positions over all layers or per layer"})
     partition_batches: int = field(default=8, metadata={"help": "PAD: training batches IMP scores on"})
     partition_granularity: str = field(default="element", metadata={
@@ -124,7 +124,7 @@ class MoEArguments:
     def __post_init__(self):
         check_moe_settings(self.moe or "none", self.num_experts, self.top_k, self.moe_layers, self.aux_loss_coef,
                            self.scale_factors, self.partition_granularity)
-        pad.check_dynamic_ratio(self.dynamic_ratio)
+        check_dynamic_ratio(self.dynamic_ratio)
         if self.partition_iterations < 1:
             raise ValueError(f"--partition_iterations must be >= 1, got {self.partition_iterations}")
         if self.partition_batches < 1:
@@ -321,8 +321,8 @@ def moe_summary(model) -> dict:
     ratio = pad.dynamic_ratio(model)
     if ratio is None:  # fully dynamic experts: every position dynamic; dense: none
         ratio = 1.0 if settings["moe"] == "moe" else 0.0
-    summary = {"moe": settings["moe"], "dynamic_ratio": ratio, "machine": pad.machine_description(),
-               "commit": pad.code_version()}
+    summary = {"moe": settings["moe"], "dynamic_ratio": ratio, "machine": machine_description(),
+               "commit": code_version()}
     try:
         counts = ffn_parameter_counts(model)
         summary.update(ffn_params_dense=counts["dense"], ffn_params_compact=counts["compact"])
@@ -335,9 +335,9 @@ def moe_summary(model) -> dict:
 
 
 def declare_partition_granularity(model, granularity: str) -> None:
-    """Declares ``granularity`` on every PAD layer (:func:`pad.set_granularity`; ``ValueError`` if a mask is
+    """Declares ``granularity`` on every PAD layer (:func:`pad.mixing.set_granularity`; ``ValueError`` if a mask is
     not so structured) and in ``config.moe``, so that ``save_pretrained`` records it."""
-    pad.set_granularity(model, granularity)
+    set_granularity(model, granularity)
     settings = getattr(model.config, "moe", None)
     if isinstance(settings, dict):
         settings["partition_granularity"] = granularity
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return fail(err)
     handler = setup_logging(training_args)
-    pad.keep_freed_memory()
+    keep_freed_memory()
     try:
         run(model_args, data_args, moe_args, training_args)
     except (ValueError, OSError) as err:

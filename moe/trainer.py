@@ -34,6 +34,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 import pad
+from pad.mixing import weight_banks
+from pad.partition import check_dynamic_ratio
 from moe import files
 from moe.modeling import aux_loss, expert_load, moe_layers, save_compact_model
 
@@ -90,7 +92,7 @@ class MoETrainer(Trainer):
         super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if not _internal_call and self.args.should_save and next(pad.weight_banks(model), None) is not None:
+        if not _internal_call and self.args.should_save and next(weight_banks(model), None) is not None:
             save_compact_model(model, output_dir)
         if self.args.should_save:
             files.write_checksums(output_dir)
@@ -156,8 +158,8 @@ class MoETrainer(Trainer):
     def check_partition(self, dynamic_ratio: float, scope: str = "global", granularity: str = "element",
                         **_) -> None:
         """``ValueError`` naming ``--dynamic_ratio`` when it keeps no dynamic position of this model
-        (:func:`pad.check_dynamic_ratio`); checked before any batch is drawn or any step taken."""
-        pad.check_dynamic_ratio(dynamic_ratio, self.model, scope, granularity, name="--dynamic_ratio")
+        (:func:`pad.partition.check_dynamic_ratio`); checked before any batch is drawn or any step taken."""
+        check_dynamic_ratio(dynamic_ratio, self.model, scope, granularity, name="--dynamic_ratio")
 
     def partition(self, dynamic_ratio: float, iterations: int, criterion: str = "taylor",
                   schedule: str = "exponential", scope: str = "global", num_batches: int = 8,
@@ -181,7 +183,7 @@ class MoETrainer(Trainer):
             granularity=granularity, batchnorm=batchnorm)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             with torch.no_grad():
-                for _, bank in pad.weight_banks(self.model):
+                for _, bank in weight_banks(self.model):
                     torch.distributed.broadcast(bank.mask, src=0)
         moe_settings = getattr(getattr(self.model, "config", None), "moe", None)
         if isinstance(moe_settings, dict):  # saved with the model: a reload declares it again

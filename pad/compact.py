@@ -10,7 +10,7 @@ For every :class:`~pad.PartiallyDynamicWeights` at ``name`` the compact state ho
 
 and every other entry of the state dict unchanged.  :func:`save_compact` records the
 granularity in the safetensors metadata (``pad_granularity``) and :func:`load_compact_file`
-declares it again (:func:`pad.set_granularity`), so a reloaded model computes with the same
+declares it again (:func:`pad.mixing.set_granularity`), so a reloaded model computes with the same
 structure.  It also records a SHA-256 of the tensors (:func:`state_digest`, metadata key
 ``pad_sha256``) that :func:`load_compact_file` verifies, so bytes overwritten inside the file
 (same size, still a valid safetensors file) are reported instead of evaluated.  Loading scatters the values back into a dense model of the same architecture,

@@ -224,21 +224,39 @@ class ScaleFactors(nn.Module):
         return f"variant={self.variant!r}"
 
 
+@torch.no_grad()
+def init_like_conv(weight: torch.Tensor) -> None:
+    """Initialises one weight of static shape ``S = (out, in, ...)`` in place as torchvision's ResNets and
+    MobileNetV2 initialise their convs (Kaiming normal, fan out): ``normal(0, sqrt(2 / (S[0] prod(S[2:]))))``."""
+    nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+
+
 class DynamicWeights(nn.Module):
     """``K`` kernels of static shape ``S``, all positions dynamic.
 
     Args:
         num_kernels: ``K`` (kernels, or experts).
-        shape: the static shape ``S``.
+        shape: the static shape ``S``, ``(out, in, ...)``: at least two dimensions.
     Attributes:
-        kernels: parameter ``(K, *S)``.
+        kernels: parameter ``(K, *S)``, each kernel initialised by :func:`init_like_conv`.
     """
 
     def __init__(self, num_kernels: int, shape: tuple[int, ...], dtype: torch.dtype | None = None):
         super().__init__()
         if num_kernels < 1:
             raise ValueError(f"number of kernels must be >= 1, got {num_kernels}")
+        if len(shape) < 2:
+            raise ValueError(f"a bank's static shape has at least two dimensions (out, in, ...), got {tuple(shape)}")
         self.kernels = nn.Parameter(torch.empty(num_kernels, *shape, dtype=dtype))
+        self._init_kernels()
+
+    def _init_kernels(self) -> None:
+        for kernel in self.kernels:
+            init_like_conv(kernel)
+
+    def reset_parameters(self) -> None:
+        """Initialises every weight of the bank again (:func:`init_like_conv`, kernel by kernel)."""
+        self._init_kernels()
 
     @property
     def num_kernels(self) -> int:
@@ -258,7 +276,7 @@ class PartiallyDynamicWeights(DynamicWeights):
 
     Attributes:
         kernels: parameter ``(K, *S)``, the dynamic kernels ``W_k``.
-        static_weight: parameter ``(*S)``, ``W_s``.
+        static_weight: parameter ``(*S)``, ``W_s``; like every kernel, initialised by :func:`init_like_conv`.
         mask: float buffer ``(*S)`` of 0/1, 1 = dynamic position (starts all ones).
         scale: :class:`ScaleFactors`.
         granularity: which blocks of the mask move together (``element``, ``kernel``,
@@ -276,8 +294,15 @@ class PartiallyDynamicWeights(DynamicWeights):
         unit_grid(shape, granularity)  # validates
         self.granularity = granularity
         self.static_weight = nn.Parameter(torch.empty(*shape, dtype=dtype))
+        init_like_conv(self.static_weight)
         self.register_buffer("mask", torch.ones(*shape, dtype=dtype if dtype is not None else torch.get_default_dtype()))
         self.scale = ScaleFactors(scale_factors)
+
+    def reset_parameters(self) -> None:
+        """Initialises the kernels, then ``W_s``, again (:func:`init_like_conv`); the mask and the scale
+        factors stay as they are."""
+        super().reset_parameters()
+        init_like_conv(self.static_weight)
 
     def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(lambda_d * M * W_k  (K, *S),  lambda_s * (1 - M) * W_s  (*S))``; with ``fold``

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dyconv.bench import set_random_mask  # noqa: E402
-from dyconv.inference import to_inference  # noqa: E402
-from dyconv.layers import ODCONV_STATIC_ATTENTIONS, set_conv_scheme  # noqa: E402
-from dyconv.models import build_model  # noqa: E402
-from dyconv.schemes import SCHEMES  # noqa: E402
+from dyconv.bench import set_random_mask
+from dyconv.inference import to_inference
+from dyconv.layers import ODCONV_STATIC_ATTENTIONS, set_conv_scheme
+from dyconv.models import build_model
+from dyconv.schemes import SCHEMES
 
 
 def logits_and_grads(model, x):

@@ -34,8 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import summarize  # noqa: E402
+import summarize  # noqa: E402  (a sibling script)
 from summarize import InputError  # noqa: E402
 
 FIGURES = {"ratio": "accuracy_vs_dynamic_ratio.png", "lambdas": "scale_factors_over_training.png",

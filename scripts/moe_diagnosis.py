@@ -28,15 +28,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-from moe import glue  # noqa: E402
-from moe.modeling import MoELinear, _feed_forward_blocks, load_model, moe_layers  # noqa: E402
-from moe.run_glue import default_model_path  # noqa: E402
+from moe import glue
+from moe.modeling import MoELinear, _feed_forward_blocks, load_model, moe_layers
+from moe.run_glue import default_model_path
 
 
 def dev_batches(tokenizer, glue_dir: str, task: str, n: int, max_length: int, batch_size: int = 100):

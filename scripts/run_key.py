@@ -15,9 +15,6 @@ import dataclasses
 import hashlib
 import json
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Where a run writes, not what it computes.
 DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config", "save_checkpoints")

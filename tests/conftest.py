@@ -8,6 +8,10 @@ weights, seed 0) plus a WordPiece ``vocab.txt`` and the tokenizer files
 common words, every lowercase letter and digit and their ``##`` continuations,
 so any lowercase ASCII text tokenizes without falling back to ``[UNK]`` for
 whole words.
+
+Subprocesses the tests start (``python dyconv/main.py``, ``python moe/run_glue.py``, torchrun, the
+scripts) import the packages of this checkout, whatever the environment has installed: ``PYTHONPATH``
+starts with the repository root.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["the", "is", "was", "not", "good", "bad", "movie", "film", "great", "and", "it", "of", "to"]

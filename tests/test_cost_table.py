@@ -4,10 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+import cost_table
 
-import cost_table  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, data: dict) -> None:

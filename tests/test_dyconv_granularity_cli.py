@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import pad
+from pad.mixing import GRANULARITIES, unit_view
+from pad.partition import BATCHNORM_MODES
 from dyconv import engine
 from dyconv.main import main
 
@@ -34,7 +36,7 @@ def masks(folder_path) -> dict:
 
 
 def structured_at(mask: torch.Tensor, granularity: str) -> bool:
-    units = pad.unit_view(mask > 0, granularity)
+    units = unit_view(mask > 0, granularity)
     return torch.equal(units.all(1), units.any(1))
 
 
@@ -100,8 +102,8 @@ def test_checkpoint_with_a_granularity_its_masks_do_not_have_is_refused(runs, fo
     assert err[0].startswith("error: checkpoint") and "not structured at unit granularity" in err[0]
 
 
-@pytest.mark.parametrize("flag, choices", [("--partition-granularity", pad.GRANULARITIES),
-                                           ("--partition-batchnorm", pad.BATCHNORM_MODES)])
+@pytest.mark.parametrize("flag, choices", [("--partition-granularity", GRANULARITIES),
+                                           ("--partition-batchnorm", BATCHNORM_MODES)])
 def test_unknown_values_are_refused(flag, choices, folder, tmp_path, capsys):
     rc = main(pad_args(folder, tmp_path, flag, "rows"))
     listed = ", ".join(repr(c) for c in choices)

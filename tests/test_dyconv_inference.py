@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import pad
+from pad.mixing import weight_banks
+from pad.partition import select_dynamic
 from dyconv.inference import InferenceWeights, load_inference, to_inference
 from dyconv.layers import DynamicConv2d, conv_schemes, dynamic_convs
 from dyconv.models import build_model
@@ -17,10 +19,10 @@ def trained_like_pad_model(conv, arch="resnet10", seed=0, **options):
     """A PAD model with a random mask, phi != 0, a temperature of 1 and BatchNorm statistics of real batches."""
     torch.manual_seed(seed)
     model = build_model(arch, conv, pad=True, temperature=1.0, **SMALL, **options)
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        pad.select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
+        select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
                            0.3, "global")
         for i, bank in enumerate(banks.values()):
             bank.scale.phi.fill_(0.1 * (i % 5) - 0.2)
@@ -40,7 +42,7 @@ def test_inference_form_gives_the_trained_models_logits(conv, arch):
         torch.testing.assert_close(inference(x[:1]), model(x[:1]), rtol=1e-10, atol=1e-10)
     state = inference.state_dict()
     assert not any(k.endswith((".mask", ".static_weight", ".phi")) for k in state)
-    assert not list(pad.weight_banks(inference)) and not inference.training
+    assert not list(weight_banks(inference)) and not inference.training
     assert not any(p.requires_grad for p in inference.parameters())
     assert conv_schemes(inference) == conv_schemes(model)
     for (name, layer), (_, original) in zip(dynamic_convs(inference), dynamic_convs(model)):
@@ -55,7 +57,7 @@ def test_inference_form_gives_the_trained_models_logits(conv, arch):
         else:
             torch.testing.assert_close(layer.bank.kernels, dynamic, rtol=0, atol=1e-15)
             torch.testing.assert_close(layer.bank.static, static, rtol=0, atol=1e-15)
-    assert len(list(pad.weight_banks(model))) == len(list(dynamic_convs(model)))  # the trained model is untouched
+    assert len(list(weight_banks(model))) == len(list(dynamic_convs(model)))  # the trained model is untouched
 
 
 @pytest.mark.parametrize("static_attention", ["channel-filter", "all"])

@@ -329,6 +329,24 @@ def test_pad_initialisation_is_conv_like():
     assert not torch.equal(layer.bank.kernels[0], layer.bank.kernels[1])
 
 
+@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("partial", [False, True])
+def test_reset_parameters_draws_what_construction_draws(name, partial):
+    """The bank initialises itself (kernels, then W_s), the layer then its bias: reset_parameters at a
+    seed gives the same bank and bias as a layer built at that seed."""
+    torch.manual_seed(3)
+    built = LAYERS[name](6, 8, 3, padding=1, bias=True, pad=partial)
+    torch.manual_seed(3)
+    bank = pad.PartiallyDynamicWeights(4, (8, 6, 3, 3)) if partial else pad.DynamicWeights(4, (8, 6, 3, 3))
+    assert torch.equal(built.bank.kernels, bank.kernels)
+    layer = LAYERS[name](6, 8, 3, padding=1, bias=True, pad=partial)
+    torch.manual_seed(3)
+    layer.reset_parameters()
+    names = ["bank.kernels", "bias"] + (["bank.static_weight"] if partial else [])
+    for key in names:
+        assert torch.equal(layer.state_dict()[key], built.state_dict()[key]), key
+
+
 # ---------------------------------------------------------------- temperature
 
 def _entropy(p):

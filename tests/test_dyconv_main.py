@@ -16,6 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pad
+from pad.runtime import code_version, machine_description
 from dyconv import engine
 from dyconv.main import main, parse_args
 
@@ -322,8 +323,8 @@ def test_resnet_width_builds_narrow_stages_and_must_match_on_resume(folder, tmp_
     assert main(static_args(folder, out, "--resnet-width", "8")) == 0
     summary = read_json(out / "summary.json")
     assert summary["resnet_width"] == 8
-    assert summary["machine"] == pad.machine_description()  # where it ran, for the tables
-    assert summary["commit"] == pad.code_version()
+    assert summary["machine"] == machine_description()  # where it ran, for the tables
+    assert summary["commit"] == code_version()
     state = engine.load_checkpoint(out / "checkpoint.pt")
     assert state["meta"]["resnet_width"] == 8
     assert [state["model"][f"layer{i}.0.conv1.weight"].shape[0] for i in (1, 2, 3, 4)] == [8, 16, 32, 64]

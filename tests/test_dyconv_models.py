@@ -11,6 +11,8 @@ import torchvision
 from torch import nn
 
 import pad
+from pad.mixing import weight_banks
+from pad.partition import SCHEDULES, SCOPES, ratio_schedule, score_positions, select_dynamic
 from dyconv import bench
 from dyconv.layers import CONVS, CondConv2d, DynamicConv2d, ODConv2d, dynamic_convs
 from dyconv.models import ARCHS, build_model, count_flops, count_parameters
@@ -134,11 +136,11 @@ def test_pad_dyconv_parameter_counts_dense_and_compact():
                 for m in block_convs(static))
     assert count_parameters(partial) == count_parameters(static) + extra
 
-    banks = dict(pad.weight_banks(partial))
+    banks = dict(weight_banks(partial))
     scores = {name: torch.rand(bank.mask.shape, generator=torch.Generator().manual_seed(i))
               for i, (name, bank) in enumerate(banks.items())}
     with torch.no_grad():
-        pad.select_dynamic(banks, scores, ratio, "global")
+        select_dynamic(banks, scores, ratio, "global")
     assert abs(pad.dynamic_ratio(partial) - ratio) * sum(b.mask.numel() for b in banks.values()) <= len(banks)
     for layer in block_convs(partial):
         dynamic = int(layer.bank.mask.sum())
@@ -193,20 +195,20 @@ def tiny_pad_resnet():
     return build_model("resnet10", "dyconv", pad=True, small_input=True, in_channels=1, num_classes=10)
 
 
-@pytest.mark.parametrize("scope", pad.SCOPES)
-@pytest.mark.parametrize("schedule", pad.SCHEDULES)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_imp_hits_ratio_and_only_shrinks(tiny_pad_resnet, scope, schedule):
     model, ratio, iterations = tiny_pad_resnet, 0.3, 2
     batches = random_batches(count=1, batch=3)
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
 
     # the first round by hand, from all-dynamic masks
     with torch.no_grad():
         for bank in banks.values():
             bank.mask.fill_(1)
-    scores = pad.score_positions(model, batches, cross_entropy, "taylor")
+    scores = score_positions(model, batches, cross_entropy, "taylor")
     with torch.no_grad():
-        pad.select_dynamic(banks, scores, pad.ratio_schedule(ratio, iterations, schedule)[0], scope)
+        select_dynamic(banks, scores, ratio_schedule(ratio, iterations, schedule)[0], scope)
     first = {name: bank.mask.clone() for name, bank in banks.items()}
 
     report = pad.iterative_mode_partition(model, batches, cross_entropy, ratio, iterations=iterations,
@@ -245,7 +247,7 @@ def test_taylor_scores_equal_independent_autograd(layer_cls):
         def loss_fn(m, batch):
             return ((m(batch[0]) - batch[1]) ** 2).mean()
 
-        scores = pad.score_positions(model, batches, loss_fn, "taylor")["0.bank"]
+        scores = score_positions(model, batches, loss_fn, "taylor")["0.bank"]
 
         lambda_d = 2 * torch.sigmoid(torch.tensor(-0.4))
         lambda_s = 2 - lambda_d
@@ -341,7 +343,7 @@ def test_bench_forced_scheme_and_allocator_flags(capsys):
                              "--param-archs", "resnet10", "--scheme", "stacked", "--keep-freed-memory", "--amp",
                              "--passes", "infer1")
     assert code == 0
-    assert "scheme stacked, pad.keep_freed_memory(), amp" in out
+    assert "scheme stacked, pad.runtime.keep_freed_memory(), amp" in out
     # stacked is forced wherever it is exact (every MobileNetV2 conv), grouped at batch 1 stays forced too
     (summary,) = [line for line in out.splitlines() if line.startswith("mobilenetv2_050 40 px:")]
     layers = expected_block_conv_count("mobilenetv2_050")

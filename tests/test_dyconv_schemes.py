@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
+from pad.partition import score_positions
 from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, conv_factory, conv_schemes, restore_conv_schemes,
                            set_conv_scheme)
 from dyconv.models import build_model
@@ -247,7 +248,7 @@ def test_taylor_scores_do_not_depend_on_the_scheme():
         torch.manual_seed(0)
         model = build_model("resnet10", "dyconv", pad=True, small_input=True, in_channels=1, num_classes=4,
                             conv_scheme=scheme, temperature=2.0)
-        scores[scheme] = pad.score_positions(model, batches, loss_fn, "taylor")
+        scores[scheme] = score_positions(model, batches, loss_fn, "taylor")
         assert {s for e in conv_schemes(model).values() for s in e["chosen"].values()} >= (
             {scheme} if scheme != "auto" else {"grouped", "stacked", "bmm"})
     for scheme in SCHEMES:

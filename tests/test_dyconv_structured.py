@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
+from pad.mixing import set_granularity, weight_banks
+from pad.partition import score_positions, select_dynamic
 from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, UnitSplit, conv_schemes, dynamic_convs,
                            restore_conv_schemes, scheme_key, set_conv_scheme, unit_order)
 from dyconv.schemes import POLICIES, UNIT_PATH_MIN_COST, prefers_unit_path
@@ -222,9 +224,9 @@ def unit_pad_model(conv, seed=0, arch="resnet10"):
 def random_unit_mask(model, seed, scope) -> torch.Generator:
     """Masks ``model`` at unit granularity from random scores (30% of positions dynamic, ``scope``) and sets
     phi != 0 per bank; returns the generator, seeded with ``seed``, for the caller's further draws."""
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     generator = torch.Generator().manual_seed(seed)
-    pad.select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
+    select_dynamic(banks, {n: torch.rand(b.mask.shape, generator=generator) for n, b in banks.items()},
                        0.3, scope, granularity="unit")
     for i, bank in enumerate(banks.values()):
         bank.scale.phi.fill_(0.1 * (i % 5) - 0.2)
@@ -260,20 +262,20 @@ def test_compact_export_records_the_granularity_and_stores_one_mask_bit_per_unit
     from dyconv.models import build_model
     model = unit_pad_model("dyconv")
     if granularity == "kernel":
-        pad.set_granularity(model, "kernel")  # a unit mask is kernel-structured as well
+        set_granularity(model, "kernel")  # a unit mask is kernel-structured as well
     counts = pad.parameter_counts(model)
-    units = sum(b.shape[0] * (b.shape[1] if granularity == "kernel" else 1) for _, b in pad.weight_banks(model))
+    units = sum(b.shape[0] * (b.shape[1] if granularity == "kernel" else 1) for _, b in weight_banks(model))
     assert counts["mask_entries"] == units
     state = pad.export_compact(model)
-    assert sum(state[f"{n}.mask"].numel() for n, _ in pad.weight_banks(model)) == sum(
-        -(-(b.shape[0] * (b.shape[1] if granularity == "kernel" else 1)) // 8) for _, b in pad.weight_banks(model))
+    assert sum(state[f"{n}.mask"].numel() for n, _ in weight_banks(model)) == sum(
+        -(-(b.shape[0] * (b.shape[1] if granularity == "kernel" else 1)) // 8) for _, b in weight_banks(model))
     path = tmp_path / "model_compact.safetensors"
     pad.save_compact(model, path)
     fresh = build_model("resnet10", "dyconv", pad=True, temperature=1.0, small_input=True, in_channels=1,
                         num_classes=5).eval()
     assert pad.load_compact_file(fresh, path) == granularity
-    assert {b.granularity for _, b in pad.weight_banks(fresh)} == {granularity}
-    for (_, a), (_, b) in zip(pad.weight_banks(fresh), pad.weight_banks(model)):
+    assert {b.granularity for _, b in weight_banks(fresh)} == {granularity}
+    for (_, a), (_, b) in zip(weight_banks(fresh), weight_banks(model)):
         assert torch.equal(a.mask, b.mask)
     x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -287,7 +289,7 @@ def test_bench_unit_variant_has_a_unit_structured_mask_at_the_ratio():
     assert list(models) == ["static", "dyconv", "pad-dyconv", "pad-folded", "pad-unit", "unit-folded"]
     unit = models["pad-unit"]
     assert pad.dynamic_ratio(unit) == pytest.approx(0.3, abs=0.02)
-    banks = [b for _, b in pad.weight_banks(unit)]
+    banks = [b for _, b in weight_banks(unit)]
     assert {b.granularity for b in banks} == {"unit"}
     assert sum(int((~b.unit_mask()).sum()) for b in banks) > 0  # unit_mask() raises unless unit-structured
     assert any(isinstance(m, InferenceUnitWeights) for m in models["unit-folded"].modules())
@@ -473,11 +475,11 @@ def test_imp_scores_a_unit_structured_model_through_its_mask():
 
     unit = unit_model("resnet10").train()
     element = unit_model("resnet10").train()
-    pad.set_granularity(element, "element")
-    scores = pad.score_positions(unit, batches, loss_fn, "taylor")
-    for name, value in pad.score_positions(element, batches, loss_fn, "taylor").items():
+    set_granularity(element, "element")
+    scores = score_positions(unit, batches, loss_fn, "taylor")
+    for name, value in score_positions(element, batches, loss_fn, "taylor").items():
         torch.testing.assert_close(scores[name], value, rtol=1e-8, atol=1e-14)
-    dynamic = [s[b.mask > 0] for (n, b) in pad.weight_banks(unit) for s in (scores[n],)]
+    dynamic = [s[b.mask > 0] for (n, b) in weight_banks(unit) for s in (scores[n],)]
     assert all(float(d.abs().sum()) > 0 for d in dynamic)
-    assert not any(b.mask.requires_grad for _, b in pad.weight_banks(unit))
+    assert not any(b.mask.requires_grad for _, b in weight_banks(unit))
     assert all(layer.unit_split() is not None for _, layer in dynamic_convs(unit))  # after scoring: split again

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
+import figures
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import figures  # noqa: E402
 
 SEEDS = 2
 LAYERS = ["layer1.0.conv1.bank", "layer1.0.conv2.bank", "layer2.0.conv1.bank"]

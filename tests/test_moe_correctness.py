@@ -9,6 +9,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, TrainingArguments
 
 import pad
+from pad.partition import score_positions
 from conftest import tiny_bert_config
 from moe.gating import NoisyTopKGate
 from moe.modeling import (COMPACT_WEIGHTS, MoELinear, aux_loss, convert_to_moe, expert_load, load_model,
@@ -146,7 +147,7 @@ def test_config_driven_pad_run_partitions_on_nonzero_scores(config, tiny_bert_di
     imp = pad.iterative_mode_partition
 
     def recording_imp(model, batches, loss_fn, *args, **kwargs):
-        scores = pad.score_positions(model, batches, loss_fn, "taylor")
+        scores = score_positions(model, batches, loss_fn, "taylor")
         seen.append(torch.cat([s.flatten() for s in scores.values()]))
         return imp(model, batches, loss_fn, *args, **kwargs)
 

@@ -1,17 +1,13 @@
 """scripts/moe_diagnosis.py on a tiny saved MoE model and a tiny GLUE folder."""
 import re
 import shutil
-import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
+import moe_diagnosis
 from moe.modeling import convert_to_moe, moe_layers
 from test_run_glue import make_glue_dir
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import moe_diagnosis  # noqa: E402
 
 torch.set_num_threads(1)
 

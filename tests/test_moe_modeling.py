@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
 
 import pad
+from pad.mixing import weight_banks
 from conftest import tiny_bert_config
 from moe.gating import NoisyTopKGate
 from moe.modeling import (MOE_LAYERS, MOE_TYPES, MoELinear, aux_loss, convert_to_moe, expert_load,
@@ -100,6 +101,27 @@ def test_convert_records_settings_and_none_is_identity():
     assert model.config.moe == {"moe": "pad", "num_experts": 3, "top_k": 1, "moe_layers": "output",
                                 "aux_loss_coef": 0.1, "scale_factors": "s", "partition_granularity": "element"}
     assert model.config.to_dict()["moe"] == model.config.moe
+
+
+@pytest.mark.parametrize("moe", ["moe", "pad"])
+def test_upcycling_copies_the_dense_layer_and_draws_no_random_numbers(moe):
+    dense = nn.Linear(6, 5, dtype=F64)
+    before = torch.random.get_rng_state()
+    layer = MoELinear.from_dense(dense, num_experts=3, moe=moe)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(layer.experts.kernels, dense.weight.expand(3, 5, 6))
+    if moe == "pad":
+        assert torch.equal(layer.experts.static_weight, dense.weight)
+    assert not layer.gate.w_gate.any() and torch.equal(layer.bias, dense.bias.expand(3, 5))
+
+
+@pytest.mark.parametrize("moe", ["moe", "pad"])
+def test_a_new_moe_layer_has_initialised_experts(moe):
+    torch.manual_seed(0)
+    layer = MoELinear(6, 5, num_experts=3, moe=moe)
+    torch.manual_seed(0)
+    bank = pad.DynamicWeights(3, (5, 6)) if moe == "moe" else pad.PartiallyDynamicWeights(3, (5, 6))
+    assert torch.equal(layer.experts.kernels, bank.kernels) and layer.experts.kernels.std() > 0
 
 
 # ---------------------------------------------------------------- PAD-MoE against its two limits
@@ -334,7 +356,7 @@ def test_imp_hits_the_ratio_with_one_mask_per_layer_shared_by_experts(scope):
     report = pad.iterative_mode_partition(model, batches, loss_fn=lambda m, b: m(**b).loss, dynamic_ratio=0.5,
                                           iterations=2, scope=scope)
     layers = moe_layers(model)
-    names = [name for name, _ in pad.weight_banks(model)]
+    names = [name for name, _ in weight_banks(model)]
     assert names == [f"{name}.experts" for name in layers]  # exactly one bank (one mask) per MoE layer
     total = 0
     for layer in layers.values():
@@ -360,7 +382,7 @@ def set_random_masks(model, ratio, seed=0):
     """Exactly round(ratio * N) dynamic positions per PAD layer."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, bank in pad.weight_banks(model):
+        for _, bank in weight_banks(model):
             n = bank.mask.numel()
             flat = torch.zeros(n, dtype=bank.mask.dtype)
             flat[torch.randperm(n, generator=g)[:round(ratio * n)]] = 1

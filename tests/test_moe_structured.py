@@ -5,6 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
+from pad.mixing import weight_banks
+from pad.partition import score_positions
 from moe.modeling import MoELinear, check_moe_settings
 
 torch.set_num_threads(1)
@@ -103,14 +105,14 @@ def test_unit_model_round_trips_through_the_compact_export(tmp_path):
     pad.iterative_mode_partition(model, [], None, 0.5, iterations=1, criterion="random", scope="local",
                                  generator=torch.Generator().manual_seed(0), granularity="unit")
     with torch.no_grad():
-        for _, bank in pad.weight_banks(model):
+        for _, bank in weight_banks(model):
             bank.kernels.normal_()
     model.config.save_pretrained(tmp_path)
     save_compact_model(model, tmp_path)
     counts = pad.parameter_counts(model)
-    assert counts["mask_entries"] == sum(b.shape[0] for _, b in pad.weight_banks(model))
+    assert counts["mask_entries"] == sum(b.shape[0] for _, b in weight_banks(model))
     loaded = load_model(tmp_path, model.config).to(torch.float64).eval()
-    assert {b.granularity for _, b in pad.weight_banks(loaded)} == {"unit"}
+    assert {b.granularity for _, b in weight_banks(loaded)} == {"unit"}
     inputs = batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-10, atol=1e-10)
@@ -123,7 +125,7 @@ def test_imp_scores_a_unit_structured_layer_through_its_mask():
     scores = {}
     for granularity in ("unit", "element"):
         layer = build(granularity).eval()
-        scores[granularity] = pad.score_positions(layer, [x], lambda m, b: m(b).square().sum(), "taylor")["experts"]
+        scores[granularity] = score_positions(layer, [x], lambda m, b: m(b).square().sum(), "taylor")["experts"]
         assert not layer.experts.mask.requires_grad
     torch.testing.assert_close(scores["unit"], scores["element"], rtol=1e-10, atol=1e-12)
     assert (scores["unit"][DYNAMIC_ROWS] > 0).all()

@@ -6,6 +6,9 @@ import torch
 from torch import nn
 
 import pad
+from pad.mixing import ScaleFactors, weight_banks
+from pad.partition import CRITERIA, SCHEDULES, SCOPES, ratio_schedule, score_positions, select_dynamic
+from pad.runtime import keep_freed_memory
 
 
 
@@ -59,7 +62,7 @@ def batches(n=3, size=8):
                                               ("d", (2 / (1 + math.exp(-0.7)), 1.0)),
                                               ("none", (1.0, 1.0))])
 def test_scale_factor_variants(variant, expected):
-    scale = pad.ScaleFactors(variant)
+    scale = ScaleFactors(variant)
     if variant != "none":
         with torch.no_grad():
             scale.phi.fill_(0.7)
@@ -73,13 +76,43 @@ def test_scale_factor_variants(variant, expected):
 
 def test_scale_factors_start_at_one():
     with torch.no_grad():
-        lambda_d, lambda_s = pad.ScaleFactors("both")()
+        lambda_d, lambda_s = ScaleFactors("both")()
     assert float(lambda_d) == 1.0 and float(lambda_s) == 1.0
 
 
 def test_unknown_scale_factor_variant():
     with pytest.raises(ValueError, match="unknown scale-factor variant 'x'"):
-        pad.ScaleFactors("x")
+        ScaleFactors("x")
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_banks_initialise_their_weights_like_convs(partial):
+    """Kernel by kernel, then W_s: Kaiming normal, fan out; reset_parameters draws the same way and keeps the mask."""
+    shape = (8, 4, 3, 3)
+    torch.manual_seed(0)
+    bank = pad.PartiallyDynamicWeights(3, shape) if partial else pad.DynamicWeights(3, shape)
+    torch.manual_seed(0)
+    expected = torch.empty(4 if partial else 3, *shape)
+    for weight in expected:
+        nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+    assert torch.equal(bank.kernels, expected[:3])
+    if partial:
+        assert torch.equal(bank.static_weight, expected[3])
+        with torch.no_grad():
+            bank.mask[0] = 0
+    mask = bank.mask.clone() if partial else None
+    bank.reset_parameters()
+    assert not torch.equal(bank.kernels, expected[:3])
+    torch.manual_seed(0)
+    bank.reset_parameters()
+    assert torch.equal(bank.kernels, expected[:3])
+    if partial:
+        assert torch.equal(bank.static_weight, expected[3]) and torch.equal(bank.mask, mask)
+
+
+def test_bank_needs_a_static_shape_of_two_dimensions():
+    with pytest.raises(ValueError, match=r"at least two dimensions \(out, in, ...\), got \(5,\)"):
+        pad.DynamicWeights(2, (5,))
 
 
 def test_bank_returns_masked_scaled_parts():
@@ -135,9 +168,9 @@ def test_gradients_reach_only_used_positions():
 
 # ---------------------------------------------------------------- IMP
 
-@pytest.mark.parametrize("schedule", pad.SCHEDULES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_ratio_schedule(schedule):
-    ratios = pad.ratio_schedule(0.3, 4, schedule)
+    ratios = ratio_schedule(0.3, 4, schedule)
     assert ratios[-1] == pytest.approx(0.3)
     assert all(a > b for a, b in zip(ratios, ratios[1:]))
     if schedule == "exponential":
@@ -146,15 +179,15 @@ def test_ratio_schedule(schedule):
         assert ratios[0] == pytest.approx(1 - 0.7 / 4)
 
 
-@pytest.mark.parametrize("criterion", pad.CRITERIA)
-@pytest.mark.parametrize("scope", pad.SCOPES)
-@pytest.mark.parametrize("schedule", pad.SCHEDULES)
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_imp_hits_target_ratio(criterion, scope, schedule):
     model = tiny_model()
     report = pad.iterative_mode_partition(
         model, batches(), loss_fn, 0.3, iterations=3, criterion=criterion, schedule=schedule, scope=scope,
         synflow_fn=lambda m, b: m(torch.ones_like(b[0])).sum(), generator=torch.Generator().manual_seed(0))
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     total = sum(b.mask.numel() for b in banks.values())
     dynamic = sum(b.mask.sum().item() for b in banks.values())
     assert abs(dynamic - 0.3 * total) <= len(banks)
@@ -168,15 +201,15 @@ def test_imp_hits_target_ratio(criterion, scope, schedule):
 
 def test_dynamic_set_only_shrinks():
     model = tiny_model()
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     data = batches()
     previous = {n: b.mask.clone() for n, b in banks.items()}
-    for ratio in pad.ratio_schedule(0.2, 4):
-        scores = pad.score_positions(model, data, loss_fn, "taylor")
+    for ratio in ratio_schedule(0.2, 4):
+        scores = score_positions(model, data, loss_fn, "taylor")
         # make the static positions the most attractive, to prove they can't come back
         scores = {n: torch.where(banks[n].mask > 0, s, s.max() + 1) for n, s in scores.items()}
         with torch.no_grad():
-            pad.select_dynamic(banks, scores, ratio, "global")
+            select_dynamic(banks, scores, ratio, "global")
         for n, b in banks.items():
             assert torch.all(b.mask <= previous[n])
             previous[n] = b.mask.clone()
@@ -190,7 +223,7 @@ def test_taylor_scores_equal_independent_autograd():
         layer.bank.mask.copy_((torch.rand(5, 5) > 0.3).double())
         layer.bank.scale.phi.fill_(0.25)
     data = batches()
-    scores = pad.score_positions(layer, data, loss_fn, "taylor")["bank"]
+    scores = score_positions(layer, data, loss_fn, "taylor")["bank"]
 
     with torch.no_grad():
         lambda_d, lambda_s = (float(t) for t in layer.bank.scale())
@@ -209,7 +242,7 @@ def test_taylor_scores_equal_independent_autograd():
 
 def test_magnitude_scores_are_mean_absolute_kernel():
     layer = RoutedLinear()
-    scores = pad.score_positions(layer, [], None, "magnitude")["bank"]
+    scores = score_positions(layer, [], None, "magnitude")["bank"]
     torch.testing.assert_close(scores, layer.bank.kernels.abs().mean(0))
 
 
@@ -217,7 +250,7 @@ def test_grasp_scores_are_hessian_gradient_product():
     torch.manual_seed(4)
     layer = RoutedLinear()
     data = batches(2)
-    scores = pad.score_positions(layer, data, loss_fn, "grasp")["bank"]
+    scores = score_positions(layer, data, loss_fn, "grasp")["bank"]
     mask = layer.bank.mask
 
     def total_loss(m):
@@ -237,7 +270,7 @@ def test_grasp_scores_are_hessian_gradient_product():
 def test_synflow_restores_parameters_and_is_positive():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    scores = pad.score_positions(model, batches(1), None, "synflow",
+    scores = score_positions(model, batches(1), None, "synflow",
                                  synflow_fn=lambda m, b: m(torch.ones_like(b[0])).sum())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
@@ -250,7 +283,7 @@ def test_imp_keeps_model_mode_and_leaves_no_grads():
     pad.iterative_mode_partition(model, batches(), loss_fn, 0.5, iterations=2)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
-    assert all(not b.mask.requires_grad for _, b in pad.weight_banks(model))
+    assert all(not b.mask.requires_grad for _, b in weight_banks(model))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -289,7 +322,7 @@ def test_parameter_counts_exact():
     w, k = 25, 3
     router = 5 * 3 + 3
     assert counts["dense"] == 2 * ((k + 1) * w + router + 1)
-    kappa_n = [int(b.mask.sum()) for _, b in pad.weight_banks(model)]
+    kappa_n = [int(b.mask.sum()) for _, b in weight_banks(model)]
     assert counts["compact"] == sum((w - n) + n * k + router + 1 for n in kappa_n)
     assert counts["mask_entries"] == 2 * w
     assert pad.parameter_counts(nn.Linear(3, 2)) == {"dense": 8, "compact": 8, "mask_entries": 0}
@@ -300,7 +333,7 @@ def test_compact_round_trip(tmp_path):
     model = tiny_model()
     pad.iterative_mode_partition(model, batches(), loss_fn, 0.3, iterations=2)
     with torch.no_grad():
-        for _, b in pad.weight_banks(model):
+        for _, b in weight_banks(model):
             b.scale.phi.fill_(0.3)
     state = pad.export_compact(model)
     n_dynamic = int(model[0].bank.mask.sum())
@@ -331,13 +364,13 @@ def test_load_compact_rejects_other_architecture():
 def test_ties_are_broken_at_random_not_by_position():
     """All-equal scores (e.g. taylor on upcycled experts) must not keep the first layer dynamic."""
     model = tiny_model()
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     zeros = {n: torch.zeros_like(b.mask) for n, b in banks.items()}
 
     def partition(seed):
         for b in banks.values():
             b.mask.fill_(1)
-        pad.select_dynamic(banks, zeros, 0.5, "global", torch.Generator().manual_seed(seed))
+        select_dynamic(banks, zeros, 0.5, "global", torch.Generator().manual_seed(seed))
         return [b.mask.clone() for b in banks.values()]
 
     first, again, other = partition(0), partition(0), partition(1)
@@ -349,4 +382,4 @@ def test_ties_are_broken_at_random_not_by_position():
 
 def test_keep_freed_memory_on_glibc():
     import platform
-    assert pad.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

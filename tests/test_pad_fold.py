@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pad
+from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, unit_grid
 from dyconv.layers import CondConv2d, DynamicConv2d, ODConv2d
 from pad.mixing import _PadKernels
 
@@ -21,7 +22,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def structured_mask(granularity, shape=SHAPE, seed=0, dtype=None):
     """A random 0/1 mask of ``shape``, whole units of ``granularity`` at a time (full shape, as banks hold it)."""
-    grid = pad.unit_grid(shape, granularity)
+    grid = unit_grid(shape, granularity)
     units = (torch.rand(grid, generator=torch.Generator().manual_seed(seed)) < 0.5).to(dtype or torch.float64)
     units.view(-1)[:2] = torch.tensor([0.0, 1.0])  # both modes present
     return units.reshape(*grid, *[1] * (len(shape) - len(grid))).expand(shape).contiguous()
@@ -86,8 +87,8 @@ def test_each_gradient_only_when_needed_and_the_mask_never():
     assert static.grad is None and lambda_s.grad is None
 
 
-@pytest.mark.parametrize("granularity", pad.GRANULARITIES)
-@pytest.mark.parametrize("variant", pad.SCALE_FACTOR_VARIANTS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("variant", SCALE_FACTOR_VARIANTS)
 def test_bank_fold_and_parts_equal_the_formula_with_gradients(variant, granularity):
     """bank(fold=True) == lambda_d M W_k + lambda_s (1 - M) W_s and bank() == its two parts, with the
     gradients of W_k, W_s and phi of library-op autograd (lambda_d, lambda_s per DESIGN.md's variants)."""
@@ -214,8 +215,8 @@ def per_sample_reference(layer, x, variant):
 
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("granularity", pad.GRANULARITIES)
-@pytest.mark.parametrize("variant", pad.SCALE_FACTOR_VARIANTS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("variant", SCALE_FACTOR_VARIANTS)
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_layer_equals_per_sample_reference(kind, variant, granularity, training):
     """Outputs and the gradients of the input, W_k, W_s, phi and every attention parameter."""
@@ -249,7 +250,7 @@ def test_inference_bank_folds_a_static_part_it_holds():
     assert none is None and torch.equal(folded, kernels + static)
 
 
-@pytest.mark.parametrize("variant", pad.SCALE_FACTOR_VARIANTS)
+@pytest.mark.parametrize("variant", SCALE_FACTOR_VARIANTS)
 def test_compile_traces_the_fold_forward_and_backward(variant):
     """aot_eager traces the Function's backward too: one graph for three batch sizes, no graph break, the
     eager gradients."""

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 import pad
+from pad.mixing import GRANULARITIES, set_granularity, unit_grid, unit_view, weight_banks
+from pad.partition import (CRITERIA, SCHEDULES, SCOPES, Selection, check_dynamic_ratio, score_positions, select_dynamic,
+                           smallest_dynamic_ratio)
 
 pytestmark = pytest.mark.usefixtures("float64")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -57,17 +60,17 @@ def synflow(model, batch):
 
 
 def unit_size(bank, granularity):
-    return bank.mask.numel() // math.prod(pad.unit_grid(bank.shape, granularity))
+    return bank.mask.numel() // math.prod(unit_grid(bank.shape, granularity))
 
 
 def masks(model):
-    return [b.mask.clone() for _, b in pad.weight_banks(model)]
+    return [b.mask.clone() for _, b in weight_banks(model)]
 
 
 # ---------------------------------------------------------------- devices
 
-@pytest.mark.parametrize("criterion", pad.CRITERIA)
-@pytest.mark.parametrize("granularity", pad.GRANULARITIES)
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_imp_never_relies_on_the_default_device(criterion, granularity):
     """With the default device set to 'meta', any tensor IMP created without an explicit device
     would be a meta tensor and the CPU selection would fail or differ (the CUDA bug: CPU randperm
@@ -84,9 +87,9 @@ def test_imp_never_relies_on_the_default_device(criterion, granularity):
 
 
 @cuda
-@pytest.mark.parametrize("criterion", pad.CRITERIA)
-@pytest.mark.parametrize("granularity", pad.GRANULARITIES)
-@pytest.mark.parametrize("scope", pad.SCOPES)
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("scope", SCOPES)
 def test_imp_on_cuda(criterion, granularity, scope):
     data = batches(12, 6)
     cpu = conv_shaped_model()
@@ -95,7 +98,7 @@ def test_imp_on_cuda(criterion, granularity, scope):
                                           generator=torch.Generator().manual_seed(0))
     gpu = conv_shaped_model().cuda()
     gpu_data = [(x.cuda(), y.cuda()) for x, y in data]
-    scores = pad.score_positions(gpu, gpu_data, mse, criterion, synflow, torch.Generator().manual_seed(0))
+    scores = score_positions(gpu, gpu_data, mse, criterion, synflow, torch.Generator().manual_seed(0))
     assert all(s.device.type == "cuda" for s in scores.values())
     gpu_report = pad.iterative_mode_partition(gpu, gpu_data, mse, 0.3, iterations=2, criterion=criterion,
                                               scope=scope, synflow_fn=synflow, granularity=granularity,
@@ -112,8 +115,8 @@ def test_cuda_scoring_restores_batchnorm_and_synflow_dtypes():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = [(torch.randn(8, 3, device="cuda", dtype=torch.float32),
              torch.randn(8, 2, device="cuda", dtype=torch.float32))]
-    pad.score_positions(model, data, mse, "taylor")
-    pad.score_positions(model, data, None, "synflow", synflow)
+    score_positions(model, data, mse, "taylor")
+    score_positions(model, data, None, "synflow", synflow)
     for k, v in model.state_dict().items():
         assert v.dtype == before[k].dtype and v.device.type == "cuda" and torch.equal(v, before[k])
 
@@ -129,16 +132,16 @@ def test_non_finite_scores_are_an_error():
 
 def test_non_finite_scores_at_static_positions_do_not_matter():
     model = linear_model()
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     with torch.no_grad():
         banks["0.bank"].mask[0].zero_()
     scores = {n: torch.arange(25.0).view(5, 5) for n in banks}
     scores["0.bank"][0, 0] = float("nan")
     with torch.no_grad():
-        pad.select_dynamic(banks, scores, 0.2, "global")
+        select_dynamic(banks, scores, 0.2, "global")
     scores["0.bank"][4, 4] = float("inf")  # kept dynamic by the first selection
     with pytest.raises(ValueError, match=r"^partition scores are not finite at 1 of 10 still-dynamic"):
-        pad.select_dynamic(banks, scores, 0.1, "global")
+        select_dynamic(banks, scores, 0.1, "global")
 
 
 def test_selection_counts_the_decisions_taken_at_random():
@@ -146,16 +149,16 @@ def test_selection_counts_the_decisions_taken_at_random():
     bank = pad.PartiallyDynamicWeights(2, (2, 5))
     tied = torch.tensor([9.0, 8, 7, 7, 7, 7, 1, 0, 0, 0]).view(2, 5)
     with torch.no_grad():
-        selection = pad.select_dynamic({"b": bank}, {"b": tied}, 0.4)
-    assert selection == pad.Selection(made_static=6, tie_broken=2)
+        selection = select_dynamic({"b": bank}, {"b": tied}, 0.4)
+    assert selection == Selection(made_static=6, tie_broken=2)
     assert selection.tie_share == pytest.approx(1 / 3)
     assert bank.mask.flatten()[:2].tolist() == [1, 1] and bank.mask.flatten()[2:6].sum() == 2
     assert pad.partition.decided_by("taylor", selection) == "taylor (33.3% tie-broken at random)"
     # a tie group entirely on one side of the boundary is decided by the scores
     bank.mask.fill_(1)
     with torch.no_grad():
-        selection = pad.select_dynamic({"b": bank}, {"b": tied}, 0.6)
-    assert selection == pad.Selection(made_static=4, tie_broken=0)
+        selection = select_dynamic({"b": bank}, {"b": tied}, 0.6)
+    assert selection == Selection(made_static=4, tie_broken=0)
     assert pad.partition.decided_by("taylor", selection) == "taylor"
 
 
@@ -172,14 +175,14 @@ def saturating_model():
     torch.manual_seed(0)
     model = nn.Sequential(Routed((8, 5)), nn.ReLU6(), Routed((8, 8)), nn.ReLU6(), Routed((3, 8)))
     with torch.no_grad():
-        for _, bank in pad.weight_banks(model):
+        for _, bank in weight_banks(model):
             bank.kernels.add_(3.0), bank.static_weight.add_(3.0)
     return model
 
 
 def test_saturated_synflow_is_reported_as_random(caplog):
     model = saturating_model()
-    scores = pad.score_positions(model, batches(5, 3), None, "synflow", synflow)
+    scores = score_positions(model, batches(5, 3), None, "synflow", synflow)
     assert all(torch.all(s[:-1] == 0) for s in list(scores.values())[:2])
     with caplog.at_level(logging.WARNING, logger="pad.partition"):
         report = pad.iterative_mode_partition(model, batches(5, 3), None, 0.5, iterations=2, criterion="synflow",
@@ -207,7 +210,7 @@ def test_synflow_in_float64_where_float32_overflows():
     torch.manual_seed(0)
     model = nn.Sequential(*[Routed((8, 8)) for _ in range(24)]).float()
     with torch.no_grad():
-        for _, bank in pad.weight_banks(model):
+        for _, bank in weight_banks(model):
             bank.kernels.mul_(20), bank.static_weight.mul_(20)
     data = [(torch.ones(2, 8, dtype=torch.float32),)]
     with torch.no_grad():
@@ -216,7 +219,7 @@ def test_synflow_in_float64_where_float32_overflows():
         assert not torch.isfinite(synflow(absolute, data[0]))  # what float32 scoring would meet
     before = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
     params = list(model.parameters())
-    scores = pad.score_positions(model, data, None, "synflow", synflow)
+    scores = score_positions(model, data, None, "synflow", synflow)
     assert all(torch.isfinite(s).all() and (s > 0).all() and s.dtype == torch.float64 for s in scores.values())
     for k, v in model.state_dict().items():
         assert v.dtype == torch.float32 and torch.equal(v, before[k][0]) and v.data_ptr() == before[k][1]
@@ -240,17 +243,17 @@ def batchnorm_model():
 def test_batch_statistics_revive_channels_dead_under_running_statistics():
     model = batchnorm_model()
     data = batches(3, 2, n=2, size=8)
-    running = pad.score_positions(model, data, mse, "taylor", batchnorm="running")["0.bank"]
-    batch = pad.score_positions(model, data, mse, "taylor", batchnorm="batch")["0.bank"]
+    running = score_positions(model, data, mse, "taylor", batchnorm="running")["0.bank"]
+    batch = score_positions(model, data, mse, "taylor", batchnorm="batch")["0.bank"]
     assert torch.all(running[1] == 0) and torch.all(running[[0, 2, 3]] > 0)
     assert torch.all(batch > 0)
-    assert torch.equal(pad.score_positions(model, data, mse, "taylor")["0.bank"], batch)  # default, no dropout
+    assert torch.equal(score_positions(model, data, mse, "taylor")["0.bank"], batch)  # default, no dropout
 
 
 def test_batch_statistics_scores_equal_train_mode_batchnorm_without_dropout():
     model = batchnorm_model()
     data = batches(3, 2, n=2, size=8)
-    scores = pad.score_positions(model, data, mse, "taylor", batchnorm="batch")["0.bank"]
+    scores = score_positions(model, data, mse, "taylor", batchnorm="batch")["0.bank"]
     reference = batchnorm_model()
     reference.eval()
     reference[1].train()
@@ -294,20 +297,20 @@ def test_report_records_the_batchnorm_statistics_used():
 # ---------------------------------------------------------------- granularity
 
 def assert_structured(bank, granularity):
-    units = pad.unit_view(bank.mask, granularity)
+    units = unit_view(bank.mask, granularity)
     assert torch.equal(units, units[:, :1].expand_as(units))
     assert torch.equal(bank.unit_mask().flatten(), units[:, 0] > 0)
     assert torch.equal(bank.dynamic_units(), (units[:, 0] > 0).nonzero().squeeze(1))
 
 
-@pytest.mark.parametrize("granularity", pad.GRANULARITIES)
-@pytest.mark.parametrize("scope", pad.SCOPES)
-@pytest.mark.parametrize("schedule", pad.SCHEDULES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_granularity_structure_ratio_and_counts(granularity, scope, schedule, tmp_path):
     model = conv_shaped_model()
     report = pad.iterative_mode_partition(model, batches(12, 6), mse, 0.3, iterations=3, schedule=schedule,
                                           scope=scope, granularity=granularity)
-    banks = dict(pad.weight_banks(model))
+    banks = dict(weight_banks(model))
     total = sum(b.mask.numel() for b in banks.values())
     dynamic = sum(int(b.mask.sum()) for b in banks.values())
     units = [unit_size(b, granularity) for b in banks.values()]
@@ -331,7 +334,7 @@ def test_granularity_structure_ratio_and_counts(granularity, scope, schedule, tm
                                           generator=torch.Generator().manual_seed(0))
     assert set(report.tie_broken_per_iteration) <= {0.0, 1.0} and 1.0 in report.tie_broken_per_iteration
     assert report.decided_by == "taylor (100% tie-broken at random)"
-    for bank in (b for _, b in pad.weight_banks(tied)):
+    for bank in (b for _, b in weight_banks(tied)):
         assert_structured(bank, granularity)
     assert abs(pad.dynamic_ratio(tied) - 0.3) * total <= (max(units) if scope == "global" else sum(units)) / 2
 
@@ -345,14 +348,14 @@ def test_granularity_structure_ratio_and_counts(granularity, scope, schedule, tm
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("criterion", pad.CRITERIA)
+@pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize("granularity", ["kernel", "unit"])
 def test_granularity_for_every_criterion(criterion, granularity):
     model = conv_shaped_model()
     pad.iterative_mode_partition(model, batches(12, 6), mse, 0.4, iterations=2, criterion=criterion,
                                  synflow_fn=synflow, granularity=granularity,
                                  generator=torch.Generator().manual_seed(0))
-    banks = [b for _, b in pad.weight_banks(model)]
+    banks = [b for _, b in weight_banks(model)]
     total = sum(b.mask.numel() for b in banks)
     assert abs(sum(b.mask.sum() for b in banks) - 0.4 * total) <= max(unit_size(b, granularity) for b in banks) / 2
     for bank in banks:
@@ -364,12 +367,12 @@ def test_units_are_scored_by_their_score_sums():
     scores = torch.rand(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     scores[2] += 1.0  # best unit
     with torch.no_grad():
-        pad.select_dynamic({"b": bank}, {"b": scores}, 0.5, "local", granularity="unit")
+        select_dynamic({"b": bank}, {"b": scores}, 0.5, "local", granularity="unit")
     expected = scores.flatten(1).sum(1).topk(2).indices.sort().values
     assert torch.equal(bank.dynamic_units(), expected) and 2 in expected.tolist()
     kernel_bank = pad.PartiallyDynamicWeights(2, (4, 3, 2, 2))
     with torch.no_grad():
-        pad.select_dynamic({"b": kernel_bank}, {"b": scores}, 0.25, "local", granularity="kernel")
+        select_dynamic({"b": kernel_bank}, {"b": scores}, 0.25, "local", granularity="kernel")
     assert torch.equal(kernel_bank.dynamic_units(), scores.flatten(2).sum(2).flatten().topk(3).indices.sort().values)
 
 
@@ -384,9 +387,9 @@ def test_global_scope_ranks_units_of_different_sizes_by_score_per_position():
     score_b[3] = 2.0  # sum 8, 2 per position
     score_b[4] = 0.75  # sum 3, 0.75 per position
     with torch.no_grad():  # 72 positions, keep 28: b3 (4) + a0 (12) + b4 (4) = 20, + a1 (12) = 32 -> closest is 32
-        selection = pad.select_dynamic({"a": a, "b": b}, {"a": score_a, "b": score_b}, 28 / 72, granularity="unit")
+        selection = select_dynamic({"a": a, "b": b}, {"a": score_a, "b": score_b}, 28 / 72, granularity="unit")
     assert a.dynamic_units().tolist() == [0, 1] and b.dynamic_units().tolist() == [3, 4]
-    assert selection == pad.Selection(made_static=72 - 32, tie_broken=0)
+    assert selection == Selection(made_static=72 - 32, tie_broken=0)
 
 
 def test_unit_granularity_ties_are_random_and_seeded():
@@ -424,12 +427,12 @@ def test_unit_mask_and_set_granularity_check_the_structure():
     with pytest.raises(ValueError, match="not structured at unit granularity"):
         bank.dynamic_units("unit")
     with pytest.raises(ValueError, match=r"^PAD layer '0.bank': the mask is not structured at unit granularity"):
-        pad.set_granularity(model, "unit")
+        set_granularity(model, "unit")
     assert bank.granularity == "element"
     pad.iterative_mode_partition(model, batches(5, 5), mse, 0.4, iterations=1, granularity="unit")
-    pad.set_granularity(model, "element")
+    set_granularity(model, "element")
     assert bank.granularity == "element" and bank.dynamic_units().numel() == int(bank.mask.sum())
-    pad.set_granularity(model, "unit")
+    set_granularity(model, "unit")
     rows = bank.dynamic_units()
     assert torch.equal(bank.mask[rows], torch.ones(len(rows), 5)) and int(bank.mask.sum()) == 5 * len(rows)
 
@@ -439,8 +442,8 @@ def test_batch_statistics_of_single_values_are_a_clear_error():
     one = [(torch.randn(1, 3), torch.randn(1, 2))]
     with pytest.raises(ValueError, match=r"^scoring with BatchNorm batch statistics needs more than one value per "
                                          r"channel \(.*\); use larger partition batches or batchnorm='running'$"):
-        pad.score_positions(model, one, mse, "taylor")
-    assert pad.score_positions(model, one, mse, "taylor", batchnorm="running")["0.bank"].shape == (4, 3)
+        score_positions(model, one, mse, "taylor")
+    assert score_positions(model, one, mse, "taylor", batchnorm="running")["0.bank"].shape == (4, 3)
 
 
 
@@ -451,7 +454,7 @@ def test_selection_counts_positions_exactly_beyond_float32_integers():
     sizes = torch.tensor([2 ** 25 + 1, 1, 1])
     torch.set_default_dtype(torch.float32)  # as in real runs (the fixture restores it)
     kept, selection = pad.partition._select_units(density, sizes, torch.ones(3, dtype=torch.bool), 2.0 ** 25 + 2, None)
-    assert kept.tolist() == [True, True, False] and selection == pad.Selection(made_static=1, tie_broken=0)
+    assert kept.tolist() == [True, True, False] and selection == Selection(made_static=1, tie_broken=0)
 
 
 # ---------------------------------------------------------------- ratios that keep no dynamic position
@@ -463,28 +466,28 @@ def test_a_ratio_that_keeps_no_dynamic_position_is_refused_before_scoring(scope,
     """conv_shaped_model: 48 + 24 positions; kernels of 4 positions (12 and 6 of them), units of 12 and 4.
     Global scope needs one unit of the largest size in the model, local scope one unit in every layer."""
     model = conv_shaped_model()
-    assert pad.smallest_dynamic_ratio(model, scope, granularity) == pytest.approx(smallest)
+    assert smallest_dynamic_ratio(model, scope, granularity) == pytest.approx(smallest)
     before = masks(model)
     scored = []
     with pytest.raises(ValueError, match=rf"--ratio-flag 1e-09 would leave no dynamic position in .*smallest ratio "
                                          rf"that keeps one dynamic {granularity} per .* is "):
-        pad.check_dynamic_ratio(1e-9, model, scope, granularity, name="--ratio-flag")
+        check_dynamic_ratio(1e-9, model, scope, granularity, name="--ratio-flag")
     with pytest.raises(ValueError, match="dynamic ratio 1e-09 would leave no dynamic position"):
         pad.iterative_mode_partition(model, batches(12, 6), lambda m, b: scored.append(1) or mse(m, b), 1e-9,
                                      scope=scope, granularity=granularity)
     assert not scored and all(torch.equal(a, b) for a, b in zip(before, masks(model)))
     # the printed smallest ratio passes, and IMP then keeps at least one dynamic position
-    printed = float(str(pad.partition._ceil_significant(pad.smallest_dynamic_ratio(model, scope, granularity))))
-    pad.check_dynamic_ratio(printed, model, scope, granularity)
+    printed = float(str(pad.partition._ceil_significant(smallest_dynamic_ratio(model, scope, granularity))))
+    check_dynamic_ratio(printed, model, scope, granularity)
     pad.iterative_mode_partition(model, batches(12, 6), mse, printed, iterations=2, scope=scope,
                                  granularity=granularity)
-    kept = [int(b.mask.sum()) for _, b in pad.weight_banks(model)]
+    kept = [int(b.mask.sum()) for _, b in weight_banks(model)]
     assert sum(kept) >= 1 and (scope == "global" or min(kept) >= 1), kept
 
 
 def test_ratio_check_without_a_model_is_the_range_check():
-    pad.check_dynamic_ratio(1e-9)
+    check_dynamic_ratio(1e-9)
     with pytest.raises(ValueError, match=r"^dynamic ratio must be in \(0, 1\], got 0$"):
-        pad.check_dynamic_ratio(0)
+        check_dynamic_ratio(0)
     with pytest.raises(ValueError, match="no partially dynamic layers"):
-        pad.smallest_dynamic_ratio(nn.Linear(2, 2))
+        smallest_dynamic_ratio(nn.Linear(2, 2))

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import pad
+from pad.partition import score_positions
+from pad.runtime import code_version, machine_description
 
 from moe.run_glue import main
 
@@ -139,8 +141,8 @@ def test_sst2_pad_end_to_end(sst2_pad_run, glue_dir, tmp_path):
     train = read_json(out / "train_results.json")
     assert train["partition_achieved"] == results["dynamic_ratio"] and train["partition_target"] == 0.5
     assert read_json(out / "all_results.json")["eval_accuracy"] == results["eval_accuracy"]
-    assert read_json(out / "all_results.json")["machine"] == pad.machine_description()  # where it ran
-    assert read_json(out / "all_results.json")["commit"] == pad.code_version()
+    assert read_json(out / "all_results.json")["machine"] == machine_description()  # where it ran
+    assert read_json(out / "all_results.json")["commit"] == code_version()
     # GLUE's submission file: SST-2.tsv, the test file's index, labels 0/1
     predictions = (out / "SST-2.tsv").read_text().splitlines()
     assert predictions[0] == "index\tprediction" and len(predictions) == 1 + 4
@@ -267,13 +269,13 @@ def test_partition_warmup_steps_partitions_trained_experts(tiny_bert_dir, glue_d
     model = convert_to_moe(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir), moe="pad")
     ids = torch.randint(5, 20, (4, 8))
     batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])}
-    at_init = pad.score_positions(model, [batch], lambda m, b: m(**b).loss, "taylor")
+    at_init = score_positions(model, [batch], lambda m, b: m(**b).loss, "taylor")
     assert all(torch.all(s == 0) for s in at_init.values())
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, pad.PartiallyDynamicWeights):
                 layer.kernels.add_(0.01 * torch.randn_like(layer.kernels))
-    moved = pad.score_positions(model, [batch], lambda m, b: m(**b).loss, "taylor")
+    moved = score_positions(model, [batch], lambda m, b: m(**b).loss, "taylor")
     assert all(s.sum() > 0 for s in moved.values())
     assert main(base_args(tiny_bert_dir, glue_dir, tmp_path / "bad", "sst2", "--moe", "pad", "--do_train",
                           "--partition_warmup_steps", "-1")) == 2
@@ -397,7 +399,7 @@ def test_torchrun_two_processes_on_cpu(tiny_bert_dir, glue_dir, tmp_path):
     out = tmp_path / "ddp"
     args = base_args(tiny_bert_dir, glue_dir, out, "sst2", "--moe", "pad", "--do_train", "--do_eval",
                      "--partition_scope", "local")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "moe" / "run_glue.py"), *args, "--ddp_backend", "gloo"],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig
 
 import pad
+from pad.mixing import weight_banks
 from moe.modeling import load_model
 from moe.run_glue import main
 from test_run_glue import base_args, make_glue_dir, masks, read_json
@@ -67,7 +68,7 @@ def test_batchnorm_has_no_flag_for_bert(tiny_bert_dir, glue_dir, tmp_path, capfd
 def test_reloaded_model_keeps_the_granularity(runs, glue_dir, tmp_path):
     unit = runs["unit"]
     model = load_model(unit, AutoConfig.from_pretrained(unit))
-    assert {b.granularity for _, b in pad.weight_banks(model)} == {"unit"}
+    assert {b.granularity for _, b in weight_banks(model)} == {"unit"}
     assert any(m.unit_split() is not None for m in model.modules() if hasattr(m, "unit_split"))
     # evaluating the saved model again gives the metrics of the run
     assert main(base_args(unit, glue_dir, tmp_path / "eval", "sst2", "--do_eval")) == 0

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+import suite_cost
 
-import suite_cost  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, data: dict) -> None:

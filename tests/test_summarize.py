@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
+import summarize
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import summarize  # noqa: E402
 
 
 def write_dyconv(run: Path, top1: float, seed: int, top5: float = 99.0) -> None:
@@ -169,19 +169,19 @@ def test_machine_and_commit_lines_count_runs_per_recorded_value(tmp_path):
 
 
 def test_code_version_is_this_checkout_commit():
-    import pad
+    from pad.runtime import code_version
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
-        assert pad.code_version() == "unknown"
+        assert code_version() == "unknown"
     else:
-        assert pad.code_version().split("+")[0] == head.stdout.strip()
+        assert code_version().split("+")[0] == head.stdout.strip()
 
 
 def test_machine_description_names_the_device_and_torch():
     import torch
 
-    import pad
-    text = pad.machine_description()
+    from pad.runtime import machine_description
+    text = machine_description()
     assert text.startswith("cuda: " if torch.cuda.is_available() else "cpu: ")
     assert text.endswith(f"torch {torch.__version__}")
     if not torch.cuda.is_available():
