@@ -2,7 +2,7 @@
 # Paper, ImageNet table: static vs fully dynamic DY-Conv vs PAD-DY-Conv (dynamic ratio 0.3)
 # on ResNet-10/18/50 and MobileNetV2 x0.5/0.75/1.0 (one config per row in configs/dyconv/).
 # Full:  IMAGENET=/data/imagenet bash scripts/table1_imagenet_dyconv.sh [--seeds N]  (single process; for
-#        8 GPUs run the rows with torchrun as README.md shows)
+#        8 GPUs run the rows with torchrun as docs/reproducing.md shows)
 # CPU:   bash scripts/table1_imagenet_dyconv.sh --mini  (Fashion-MNIST, ResNet-10 and MobileNetV2 x0.5, 3 seeds)
 # GPU:   bash scripts/table1_imagenet_dyconv.sh --gpu   (Fashion-MNIST, ResNet-10 at width 64 for 6 epochs, AMP, 3 seeds)
 # Smoke: IMAGENET=tiny GLUE_DIR=tiny bash scripts/table1_imagenet_dyconv.sh --smoke  (every full row, one step)

@@ -4,7 +4,7 @@
 # Full:  bash scripts/table2_glue_moe.sh [--seeds N] (GLUE and BERT from the hub; or GLUE_DIR=/path/to/glue_data)
 # CPU:   bash scripts/table2_glue_moe.sh --mini (all-MiniLM-L6-v2, the embedded SST-2/RTE-style tasks, 3 seeds)
 # Smoke: IMAGENET=tiny GLUE_DIR=tiny bash scripts/table2_glue_moe.sh --smoke  (every full row, one step)
-# Every task's metrics (MNLI matched and mismatched), the task score and the GLUE average (results/README.md
+# Every task's metrics (MNLI matched and mismatched), the task score and the GLUE average (results/details.md
 # states the convention); comparisons: PAD-MoE vs MoE and MoE vs dense, per task and on the average.
 source "$(dirname "$0")/lib.sh" "$@"
 if [ "$MINI" = 1 ]; then TASKS="sst2 rte"; else TASKS="cola sst2 mrpc stsb qqp mnli qnli rte wnli"; fi

@@ -168,7 +168,7 @@ def test_damaged_manifest_is_reported(pad_dir, glue_dir, tmp_path, capfd):
 
 
 def test_listed_file_removed_on_purpose_is_not_an_error(pad_dir, glue_dir, tmp_path, capfd):
-    """Only config.json and the compact export kept (README): the manifest still lists
+    """Only config.json and the compact export kept (docs/moe.md): the manifest still lists
     model.safetensors; the folder loads from the compact file, and the compact file is still verified."""
     model = tmp_path / "compact_only"
     shutil.copytree(pad_dir, model, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "model.safetensors"))
