@@ -27,12 +27,14 @@ if __package__ in (None, ""):  # `python moe/run_glue.py` from anywhere: make `m
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
+import torch
 import transformers
 from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, EvalPrediction, HfArgumentParser,
-                          TrainingArguments, default_data_collator, set_seed)
+                          TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 from transformers.trainer_utils import get_last_checkpoint
 
 import pad
+from pad.runtime import EXIT_BAD_INPUT, Preempted, StopSignals, error_line
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
@@ -309,7 +311,6 @@ def saved_moe_settings(config, source: str) -> dict | None:
 
 def check_finite_weights(model, source: str) -> None:
     """``ValueError`` naming the first parameter or buffer of ``model`` that holds NaN or infinity."""
-    import torch
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{source}: non-finite values in {name}")
@@ -400,13 +401,36 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | None:
     return checkpoint
 
 
+class StopAtSignal(TrainerCallback):
+    """Ends training after the step in which a stop signal arrived (:class:`pad.runtime.StopSignals`), with a
+    checkpoint of that step saved by the Trainer (whatever ``--save_strategy`` says).  Under torchrun the
+    request is all-reduced, so every rank saves and stops at the same step."""
+
+    def __init__(self, signals: StopSignals):
+        self.signals = signals
+        self.signum: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self.signals.requested or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([signum], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            self.signum = signum
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: MoEArguments,
-        training_args: TrainingArguments) -> dict:
+        training_args: TrainingArguments, signals: StopSignals | None = None) -> dict:
     """The whole run; returns the final metrics (eval if evaluated, else train).
 
     Training and evaluation come first and the output directory is written only after both
     succeeded, so a non-finite loss (:class:`moe.trainer.NonFiniteLossError`) or an unreadable
-    input leaves an existing model, its checkpoints and results as they were."""
+    input leaves an existing model, its checkpoints and results as they were.  A stop signal during
+    training (``signals``) saves a checkpoint at the end of the current step and raises
+    :class:`pad.runtime.Preempted` instead of evaluating and saving the model."""
     checkpoint = resume_checkpoint(training_args)
     set_seed(training_args.seed)
     raw, spec = load_raw_datasets(data_args, training_args, model_args.cache_dir)
@@ -447,6 +471,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     pad_run = (getattr(model.config, "moe", None) or {}).get("moe") == "pad"
     keeper = PartitionReportKeeper(trainer, resumed_from=checkpoint if training_args.do_train else None)
     trainer.add_callback(keeper)
+    stopper = StopAtSignal(signals or StopSignals())
+    trainer.add_callback(stopper)
     train_metrics = eval_metrics = record = None
     if training_args.do_train:
         if pad_run and not from_saved_moe:
@@ -465,6 +491,11 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         if pad_run and keeper.restored is not None:  # the checkpoint's masks, at its granularity
             declare_partition_granularity(model, keeper.restored.get("granularity", "element"))
         result = trainer.train(resume_from_checkpoint=checkpoint)
+        if stopper.signum is not None:
+            saved = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+            rerun = ("rerun the same command without --overwrite_output_dir to continue"
+                     if training_args.overwrite_output_dir else "rerun the same command to continue")
+            raise Preempted(stopper.signum, f"saved {saved}; {rerun}")
         record = keeper.record()
         if pad_run and not from_saved_moe and record is None:
             logger.warning("%s holds no partition.json: this run's partition report is unknown", checkpoint)
@@ -549,29 +580,34 @@ def predict(trainer, data, data_args, task_name, is_regression) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0, or 2 for bad input of any kind and non-finite losses)."""
+    """CLI entry point; returns the exit status (0; 2 for bad input of any kind, non-finite losses and failed
+    writes; 128 + the signal number after a stop signal saved a checkpoint)."""
     try:
         model_args, data_args, moe_args, training_args = parse_arguments(argv)
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+        return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     except ValueError as err:
         return fail(err)
     handler = setup_logging(training_args)
     pad.keep_freed_memory()
+    signals = StopSignals().install()
     try:
-        run(model_args, data_args, moe_args, training_args)
+        run(model_args, data_args, moe_args, training_args, signals)
+    except Preempted as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return err.exit_code()
     except (ValueError, OSError) as err:
         return fail(err)
     finally:
+        signals.restore()
         teardown_logging(handler)
     return 0
 
 
 def fail(err: Exception) -> int:
     """Prints ``err`` as one ``error: ...`` line on stderr; returns the exit status, 2."""
-    lines = str(err).strip().splitlines() or [type(err).__name__]
-    print(f"error: {lines[0]}", file=sys.stderr)
-    return 2
+    print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

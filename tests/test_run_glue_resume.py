@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import moe.run_glue as run_glue
 from moe.run_glue import main
 from test_run_glue import base_args, make_glue_dir, metric_values, read_json
 
@@ -147,3 +150,42 @@ def test_non_finite_evaluation_during_training_saves_no_checkpoint(make_tiny_ber
     assert errors == ["error: non-finite evaluation loss (inf) at step 1; stopped before saving, last checkpoint: none"]
     assert not out.exists() or not any(p.name.startswith("checkpoint-") or p.suffix in (".json", ".safetensors")
                                        for p in out.iterdir())
+
+
+# ---------------------------------------------------------------- stop signals
+
+def signal_during_step(monkeypatch, step: int, signum: int) -> None:
+    """Sends this process a real ``signum`` while training step ``step`` (1-based) runs."""
+    original = run_glue.MoETrainer.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return original(self, model, inputs, num_items_in_batch)
+    monkeypatch.setattr(run_glue.MoETrainer, "training_step", training_step)
+
+
+@pytest.mark.parametrize("signum, step", [(signal.SIGTERM, 3), (signal.SIGINT, 1), (signal.SIGUSR1, 4)])
+def test_a_stop_signal_saves_and_the_rerun_ends_where_the_uninterrupted_run_ends(tiny_bert_dir, glue_dir, tmp_path,
+                                                                                 monkeypatch, capfd, signum, step):
+    """A signal during step k: the step ends, checkpoint-k is saved, one line names it, exit 128 + signal, no
+    final model or results; the same command then continues from checkpoint-k and ends as an uninterrupted run."""
+    torch.set_num_threads(1)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    signal_during_step(monkeypatch, step, signum)
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, stopped)) == 128 + signum
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("stopped", "error"))]
+    name = signal.Signals(signum).name
+    assert lines == [f"stopped by {name}: saved {stopped / f'checkpoint-{step}'}; rerun the same command to continue"]
+    assert (stopped / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (stopped / "model.safetensors").exists() and not (stopped / "all_results.json").exists()
+    monkeypatch.undo()
+
+    assert main(pad_args(tiny_bert_dir, glue_dir, stopped)) == 0
+    assert main(pad_args(tiny_bert_dir, glue_dir, whole)) == 0
+    assert metric_values(read_json(stopped / "all_results.json")) == metric_values(read_json(whole / "all_results.json"))
+    assert read_json(stopped / "partition.json") == read_json(whole / "partition.json")
+    weights_whole, weights_stopped = (load_file(str(out / "model.safetensors")) for out in (whole, stopped))
+    for name, tensor in weights_whole.items():
+        assert torch.equal(tensor, weights_stopped[name]), name
