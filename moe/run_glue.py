@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -31,10 +32,9 @@ import torch
 import transformers
 from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, EvalPrediction, HfArgumentParser,
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
-from transformers.trainer_utils import get_last_checkpoint
 
 import pad
-from pad.runtime import EXIT_BAD_INPUT, Preempted, StopSignals, error_line
+from pad.runtime import EXIT_BAD_INPUT, LOCK_FILE, Preempted, StopSignals, error_line
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
@@ -378,15 +378,38 @@ def teardown_logging(handler: logging.Handler) -> None:
     transformers.utils.logging.enable_default_handler()
 
 
+def checkpoint_folders(out: str) -> list[str]:
+    """The ``checkpoint-N`` folders of ``out``, newest (highest N) first."""
+    found = [(int(match.group(1)), name) for name in os.listdir(out)
+             if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(out, name))]
+    return [os.path.join(out, name) for _, name in sorted(found, reverse=True)]
+
+
+# What a run keeps in its output directory besides its results: the folder lock and TensorBoard's logs.
+BOOKKEEPING = (LOCK_FILE, "runs")
+
+
 def last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """run_glue's rule: resume from the newest checkpoint of a non-empty output directory."""
+    """run_glue's rule: resume from the newest complete checkpoint of a non-empty output directory.
+
+    A checkpoint lacking a file it needs (:func:`moe.files.missing_checkpoint_files`: a run killed or failing
+    while saving it) is passed over with one ``warning:`` line; it is not deleted, and is written again when
+    the run reaches its step.  A directory holding anything else but no complete checkpoint is refused."""
     out = training_args.output_dir
     if not (os.path.isdir(out) and training_args.do_train and not training_args.overwrite_output_dir):
         return None
-    checkpoint = get_last_checkpoint(out)
-    if checkpoint is None and any(name != "runs" for name in os.listdir(out)):
+    incomplete = []
+    for folder in checkpoint_folders(out):
+        missing = files.missing_checkpoint_files(folder)
+        if not missing:
+            return folder
+        if training_args.process_index == 0:
+            print(f"warning: {folder} is incomplete (no {', '.join(missing)}; a run stopped while saving it): "
+                  f"not resumed from", file=sys.stderr, flush=True)
+        incomplete.append(os.path.basename(folder))
+    if any(name not in (*BOOKKEEPING, *incomplete) for name in os.listdir(out)):
         raise ValueError(f"output directory {out} exists and is not empty; use --overwrite_output_dir")
-    return checkpoint
+    return None
 
 
 def resume_checkpoint(training_args: TrainingArguments) -> str | None:
@@ -395,6 +418,9 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | None:
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such folder")
+    missing = files.missing_checkpoint_files(checkpoint) if checkpoint is not None and training_args.do_train else []
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: incomplete checkpoint (no {', '.join(missing)})")
     checkpoint = checkpoint or last_checkpoint(training_args)
     if checkpoint is not None and training_args.do_train:
         files.check_folder(checkpoint)

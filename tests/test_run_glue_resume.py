@@ -189,3 +189,44 @@ def test_a_stop_signal_saves_and_the_rerun_ends_where_the_uninterrupted_run_ends
     weights_whole, weights_stopped = (load_file(str(out / "model.safetensors")) for out in (whole, stopped))
     for name, tensor in weights_whole.items():
         assert torch.equal(tensor, weights_stopped[name]), name
+
+
+# ---------------------------------------------------------------- checkpoints left incomplete
+
+@pytest.fixture(scope="module")
+def whole_pad_run(tiny_bert_dir, glue_dir, tmp_path_factory):
+    """The uninterrupted run of :func:`pad_args` (checkpoints at steps 2 and 4)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("whole") / "out"
+    assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("lost", ["model.safetensors", "trainer_state.json", "optimizer.pt"])
+def test_an_incomplete_newest_checkpoint_is_skipped_with_a_warning(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path,
+                                                                    capfd, lost):
+    """checkpoint-4 lost a file to a kill while it was saved: the rerun warns once, naming it, resumes from
+    checkpoint-2 (left as it was until the run passes it) and ends as the uninterrupted run."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(whole_pad_run / name, out / name)
+    (out / "checkpoint-4" / lost).unlink()
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("warning", "error"))]
+    assert warnings == [f"warning: {out / 'checkpoint-4'} is incomplete (no {lost}; a run stopped while saving it): "
+                        f"not resumed from"]
+    assert tree_digest(out / "checkpoint-2") == tree_digest(whole_pad_run / "checkpoint-2")
+    assert (out / "checkpoint-4" / lost).is_file()
+    assert metric_values(read_json(out / "all_results.json")) == metric_values(read_json(whole_pad_run / "all_results.json"))
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, capfd):
+    checkpoint = shutil.copytree(whole_pad_run / "checkpoint-2", tmp_path / "checkpoint-2")
+    (checkpoint / "trainer_state.json").unlink()
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, tmp_path / "out", "--resume_from_checkpoint",
+                                    str(checkpoint)), capfd)
+    assert code == 2
+    assert errors == [f"error: --resume_from_checkpoint {checkpoint}: incomplete checkpoint (no trainer_state.json)"]
+    assert not (tmp_path / "out").exists()
