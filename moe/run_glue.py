@@ -34,7 +34,7 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Ev
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 
 import pad
-from pad.runtime import EXIT_BAD_INPUT, LOCK_FILE, Preempted, StopSignals, error_line
+from pad.runtime import EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, error_line, lock_folder
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
@@ -617,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = setup_logging(training_args)
     pad.keep_freed_memory()
     signals = StopSignals().install()
+    lock = None
     try:
+        lock = lock_output_dir(training_args)
         run(model_args, data_args, moe_args, training_args, signals)
     except Preempted as err:
         print(str(err), file=sys.stderr, flush=True)
@@ -625,9 +627,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         return fail(err)
     finally:
+        if lock is not None:
+            lock.close()
         signals.restore()
         teardown_logging(handler)
     return 0
+
+
+def lock_output_dir(training_args: TrainingArguments):
+    """Takes the lock of ``--output_dir`` (:func:`pad.runtime.lock_folder`, creating the folder) before the run
+    reads or writes anything there, so a second run into the same folder is refused instead of mixing its
+    checkpoints with this one's; the main process only (the other ranks of a torchrun job write nothing of
+    their own).  Returns the lock's open file, ``None`` on the other ranks."""
+    if training_args.process_index != 0:
+        return None
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    try:
+        return lock_folder(training_args.output_dir)
+    except FolderInUse as err:
+        raise ValueError(f"--output_dir {err}") from None
 
 
 def fail(err: Exception) -> int:
