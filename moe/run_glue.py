@@ -17,6 +17,7 @@ after the bad step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Ev
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 
 import pad
-from pad.runtime import EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, error_line, lock_folder
+from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, atomic_write, error_line,
+                         lock_folder)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
@@ -412,9 +414,73 @@ def last_checkpoint(training_args: TrainingArguments) -> str | None:
     return None
 
 
-def resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """The checkpoint a training run resumes from (``--resume_from_checkpoint`` or the newest one in
-    the output directory), with every file in it checked (:func:`moe.files.check_folder`)."""
+# Flags a resume may change: where the run lives and reads its data from, how long it trains in all
+# (--num_train_epochs / --max_steps extend it), how it evaluates, logs, reports and saves, and how data are loaded.
+# Every other flag changes what the run computes (model, experts, partition, optimizer, batches, seeds, ...).
+RESUME_MAY_CHANGE = frozenset({
+    "cache_dir", "glue_dir", "train_file", "validation_file", "test_file", "overwrite_cache", "max_eval_samples",
+    "max_predict_samples",
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "do_eval", "do_predict", "num_train_epochs",
+    "max_steps",
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+    "per_gpu_eval_batch_size", "eval_accumulation_steps", "eval_do_concat_batches", "eval_use_gather_object",
+    "batch_eval_metrics", "prediction_loss_only", "include_inputs_for_metrics", "include_for_metrics",
+    "log_level", "log_level_replica", "log_on_each_node", "logging_dir", "logging_strategy", "logging_first_step",
+    "logging_steps", "logging_nan_inf_filter", "report_to", "run_name", "project", "trackio_space_id",
+    "disable_tqdm", "skip_memory_metrics", "include_tokens_per_second", "include_num_input_tokens_seen",
+    "save_strategy", "save_steps", "save_total_limit", "save_safetensors", "save_on_each_node", "save_only_model",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+    "hub_revision", "push_to_hub_model_id", "push_to_hub_organization", "push_to_hub_token",
+    "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "local_rank", "ddp_timeout", "ddp_backend", "torch_empty_cache_steps",
+})
+RUN_ARGS_FILE = "run_args.json"
+
+
+def arguments_record(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: MoEArguments,
+                     training_args: TrainingArguments) -> dict:
+    """``{flag: value}`` of every argument of the run, as JSON holds it (what :data:`RUN_ARGS_FILE` records)."""
+    record = {}
+    for group in (model_args, data_args, moe_args):
+        record.update(dataclasses.asdict(group))
+    record.update(training_args.to_dict())
+    return json.loads(json.dumps(record, default=str))
+
+
+def check_same_run(record: dict, checkpoint: str) -> None:
+    """``ValueError`` naming the first flag outside :data:`RESUME_MAY_CHANGE` whose value differs from the one
+    ``checkpoint`` was trained with (its :data:`RUN_ARGS_FILE`; checkpoints without one are not compared), before
+    a changed model or batch shape could fail deep inside the Trainer or train a different run silently."""
+    path = os.path.join(checkpoint, RUN_ARGS_FILE)
+    if not os.path.lexists(path):
+        return
+    recorded = files.read_json(path)
+    for flag, value in record.items():
+        if flag in RESUME_MAY_CHANGE or flag not in recorded or recorded[flag] == value:
+            continue
+        raise ValueError(f"--{flag} is {value!r}, but checkpoint {checkpoint} was trained with {recorded[flag]!r}: "
+                         f"a resume continues the same run and may change only where it reads and writes, how long "
+                         f"it trains, and how it evaluates, logs and saves (RESUME_MAY_CHANGE in moe/run_glue.py); "
+                         f"give a different run its own --output_dir")
+
+
+class RecordArguments(TrainerCallback):
+    """Writes the run's arguments (:func:`arguments_record`) into every checkpoint it saves, as
+    :data:`RUN_ARGS_FILE`, for :func:`check_same_run` when a run resumes from it."""
+
+    def __init__(self, record: dict):
+        self.text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            atomic_write(os.path.join(folder, RUN_ARGS_FILE), self.text)
+
+
+def resume_checkpoint(training_args: TrainingArguments, record: dict) -> str | None:
+    """The checkpoint a training run resumes from (``--resume_from_checkpoint`` or the newest complete one in
+    the output directory), with every file in it checked (:func:`moe.files.check_folder`) and the run's
+    arguments ``record`` compared with the checkpoint's (:func:`check_same_run`)."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such folder")
@@ -424,6 +490,7 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | None:
     checkpoint = checkpoint or last_checkpoint(training_args)
     if checkpoint is not None and training_args.do_train:
         files.check_folder(checkpoint)
+        check_same_run(record, checkpoint)
     return checkpoint
 
 
@@ -457,7 +524,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     input leaves an existing model, its checkpoints and results as they were.  A stop signal during
     training (``signals``) saves a checkpoint at the end of the current step and raises
     :class:`pad.runtime.Preempted` instead of evaluating and saving the model."""
-    checkpoint = resume_checkpoint(training_args)
+    record = arguments_record(model_args, data_args, moe_args, training_args)
+    checkpoint = resume_checkpoint(training_args, record)
     set_seed(training_args.seed)
     raw, spec = load_raw_datasets(data_args, training_args, model_args.cache_dir)
     check_splits(raw, training_args, spec)
@@ -499,6 +567,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     trainer.add_callback(keeper)
     stopper = StopAtSignal(signals or StopSignals())
     trainer.add_callback(stopper)
+    trainer.add_callback(RecordArguments(record))
     train_metrics = eval_metrics = record = None
     if training_args.do_train:
         if pad_run and not from_saved_moe:

@@ -252,3 +252,25 @@ def test_a_second_run_into_a_locked_folder_is_refused(tiny_bert_dir, glue_dir, t
         holder.kill()
         holder.wait()
     assert main(base_args(tiny_bert_dir, glue_dir, out, "sst2", "--do_eval")) == 0  # released when its holder died
+
+
+# ---------------------------------------------------------------- a resume is the same run
+
+@pytest.mark.parametrize("flag, value, shown, recorded", [
+    ("--top_k", "3", "3", "2"), ("--num_experts", "2", "2", "4"), ("--moe", "moe", "'moe'", "'pad'"),
+    ("--moe_layers", "intermediate", "'intermediate'", "'both'"), ("--dynamic_ratio", "0.3", "0.3", "0.5"),
+    ("--partition_criterion", "random", "'random'", "'taylor'"), ("--seed", "1", "1", "0"),
+    ("--learning_rate", "0.01", "0.01", "0.001"), ("--per_device_train_batch_size", "4", "4", "8"),
+    ("--max_seq_length", "32", "32", "24"), ("--task_name", "mnli", "'mnli'", "'sst2'"),
+])
+def test_a_resume_that_changes_the_run_is_refused_by_name(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, capfd,
+                                                        flag, value, shown, recorded):
+    out = tmp_path / "out"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(whole_pad_run / name, out / name)
+    before = tree_digest(out)
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out, "--max_steps", "6", flag, value), capfd)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: {flag} is {shown}, but checkpoint {out / 'checkpoint-4'} was trained with "
+                                f"{recorded}: a resume continues the same run")
+    assert tree_digest(out) == {".lock": tree_digest(out)[".lock"], **before}
