@@ -30,6 +30,8 @@ import json
 import os
 import zipfile
 
+from pad.runtime import atomic_write
+
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generation_config.json", "partition.json", "trainer_state.json",
               "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -115,17 +117,11 @@ def file_sha256(path: str) -> str:
 
 def write_checksums(folder: str) -> None:
     """Writes ``folder/checksums.json`` = ``{file name: sha256}`` for the weight files
-    (:data:`WEIGHT_PATTERNS`) in ``folder``, atomically (temporary file, flushed, then renamed)."""
+    (:data:`WEIGHT_PATTERNS`) in ``folder``, atomically (:func:`pad.runtime.atomic_write`)."""
     names = sorted({os.path.basename(p) for pattern in WEIGHT_PATTERNS
                     for p in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(p)})
     manifest = {name: file_sha256(os.path.join(folder, name)) for name in names}
-    path = os.path.join(folder, CHECKSUMS_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(os.path.join(folder, CHECKSUMS_FILE), json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def verify_checksums(folder: str) -> None:

@@ -35,11 +35,11 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Ev
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 
 import pad
-from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, atomic_write, error_line,
-                         lock_folder)
+from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, WriteError, atomic_write,
+                         error_line, lock_folder)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
-from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
+from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
 
 logger = logging.getLogger("moe.run_glue")
 
@@ -608,7 +608,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     if train_metrics is not None:
         if record is not None and trainer.is_world_process_zero():
             os.makedirs(training_args.output_dir, exist_ok=True)
-            write_json_atomically(os.path.join(training_args.output_dir, "partition.json"), record)
+            atomic_write(os.path.join(training_args.output_dir, "partition.json"), json.dumps(record, indent=2))
         trainer.save_model()
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
@@ -670,8 +670,7 @@ def predict(trainer, data, data_args, task_name, is_regression) -> None:
         file_name = f"{SUBMISSION_FILES[name or task_name]}.tsv" if spec is not None else "predict_results.tsv"
         if trainer.is_world_process_zero():
             lines = submission_lines(spec, label_names, indexes, predictions)
-            with open(os.path.join(trainer.args.output_dir, file_name), "w") as f:
-                f.write("\n".join(lines) + "\n")
+            atomic_write(os.path.join(trainer.args.output_dir, file_name), "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -718,8 +717,15 @@ def lock_output_dir(training_args: TrainingArguments):
 
 
 def fail(err: Exception) -> int:
-    """Prints ``err`` as one ``error: ...`` line on stderr; returns the exit status, 2."""
-    print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+    """Prints ``err`` as one ``error: ...`` line on stderr; returns the exit status, 2.  The project's own writes
+    fail as :class:`pad.runtime.WriteError` (``cannot write PATH: reason``); an ``OSError`` from elsewhere (the
+    Trainer's saves of weights, optimizer and results) names its file where it has one."""
+    if isinstance(err, OSError) and not isinstance(err, WriteError):
+        where = f"{err.filename}: " if err.filename else ""
+        message = f"{where}{err.strerror or error_line(err)}"
+    else:
+        message = error_line(err)
+    print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
 
 

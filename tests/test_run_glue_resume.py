@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import pad.runtime
+
 import moe.run_glue as run_glue
 from moe.run_glue import main
 from test_run_glue import REPO, base_args, make_glue_dir, metric_values, read_json
@@ -274,3 +276,52 @@ def test_a_resume_that_changes_the_run_is_refused_by_name(whole_pad_run, tiny_be
     assert errors[0].startswith(f"error: {flag} is {shown}, but checkpoint {out / 'checkpoint-4'} was trained with "
                                 f"{recorded}: a resume continues the same run")
     assert tree_digest(out) == {".lock": tree_digest(out)[".lock"], **before}
+
+
+# ---------------------------------------------------------------- failed writes
+
+def fail_writes_to(monkeypatch, names: tuple, errno_: int) -> None:
+    """Every write to the temporary file of one of ``names`` fails with ``errno_`` (pad.runtime.atomic_write)."""
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if any(Path(path).name == name + ".tmp" for name in names):
+            def write(data):
+                raise OSError(errno_, os.strerror(errno_))
+            handle.write = write
+        return handle
+    monkeypatch.setattr(pad.runtime, "open", failing_open, raising=False)
+
+
+@pytest.mark.parametrize("target, errno_", [("checksums.json", 28), ("partition.json", 30), ("run_args.json", 5)])
+def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(whole_pad_run, tiny_bert_dir, glue_dir,
+                                                                           tmp_path, monkeypatch, capfd, target,
+                                                                           errno_):
+    """ENOSPC, EROFS, EIO while checkpoint-4 is saved: one line naming the file, exit 2, checkpoint-2 as it was,
+    no temporary file left; the rerun passes the unfinished checkpoint-4 over, or continues from it."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
+    before = tree_digest(out / "checkpoint-2")
+    fail_writes_to(monkeypatch, (target,), errno_)
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out), capfd)
+    assert code == 2
+    assert errors == [f"error: cannot write {out / 'checkpoint-4' / target}: {os.strerror(errno_)}"]
+    assert tree_digest(out / "checkpoint-2") == before
+    assert not list(out.rglob("*.tmp")) and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+
+
+def test_a_failed_trainer_save_names_its_file(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, monkeypatch, capfd):
+    """A write of the Trainer's own (here its optimizer state) fails: one line naming the file, exit 2."""
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
+    target = out / "checkpoint-4" / "optimizer.pt"
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, os.strerror(28), str(target))
+    monkeypatch.setattr(run_glue.MoETrainer, "_save_optimizer_and_scheduler", no_space)
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out), capfd)
+    assert code == 2 and errors == [f"error: {target}: {os.strerror(28)}"]
