@@ -11,9 +11,20 @@ override it.  Data come from ``--glue_dir`` (GLUE's TSV layout), ``--train_file`
 ``--validation_file``/``--test_file`` (CSV/JSON) or the Hub (``--task_name`` alone).
 The output directory is a model: ``--model_name_or_path OUTPUT`` rebuilds the MoE/PAD
 structure from its ``config.json``.  Bad input (flags, data files, model folders,
-checkpoints: every file is checked before use) and a non-finite training or evaluation
-loss end with one ``error: ...`` line on stderr and exit status 2; nothing is saved
-after the bad step.
+checkpoints: every file is checked before use), a non-finite training or evaluation
+loss and a failed write (disk full, read-only folder, I/O error) end with one
+``error: ...`` line on stderr and exit status 2; nothing is saved after the bad step.
+
+Preemption and resumes: SIGTERM, SIGINT or SIGUSR1 during training finish the current
+step, save ``OUTPUT/checkpoint-N`` through the Trainer, print one line naming it and exit
+with 128 + the signal number (no final evaluation or model).  Rerunning the same command
+continues from the newest complete checkpoint of the output directory; one a kill or a
+failed write left without its weights, optimizer, scheduler or ``trainer_state.json`` is
+passed over with one ``warning:`` line.  Every checkpoint records the run's arguments
+(``run_args.json``), and a resume that changes a flag outside ``RESUME_MAY_CHANGE`` (the
+length of the run, where it reads and writes, how it evaluates, logs and saves) is refused
+by name.  A run locks its output directory: a second run into it is refused, naming the
+holder's PID and host.
 """
 from __future__ import annotations
 
