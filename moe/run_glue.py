@@ -11,31 +11,45 @@ override it.  Data come from ``--glue_dir`` (GLUE's TSV layout), ``--train_file`
 ``--validation_file``/``--test_file`` (CSV/JSON) or the Hub (``--task_name`` alone).
 The output directory is a model: ``--model_name_or_path OUTPUT`` rebuilds the MoE/PAD
 structure from its ``config.json``.  Bad input (flags, data files, model folders,
-checkpoints: every file is checked before use) and a non-finite training or evaluation
-loss end with one ``error: ...`` line on stderr and exit status 2; nothing is saved
-after the bad step.
+checkpoints: every file is checked before use), a non-finite training or evaluation
+loss and a failed write (disk full, read-only folder, I/O error) end with one
+``error: ...`` line on stderr and exit status 2; nothing is saved after the bad step.
+
+Preemption and resumes: SIGTERM, SIGINT or SIGUSR1 during training finish the current
+step, save ``OUTPUT/checkpoint-N`` through the Trainer, print one line naming it and exit
+with 128 + the signal number (no final evaluation or model).  Rerunning the same command
+continues from the newest complete checkpoint of the output directory; one a kill or a
+failed write left without its weights, optimizer, scheduler or ``trainer_state.json`` is
+passed over with one ``warning:`` line.  Every checkpoint records the run's arguments
+(``run_args.json``), and a resume that changes a flag outside ``RESUME_MAY_CHANGE`` (the
+length of the run, where it reads and writes, how it evaluates, logs and saves) is refused
+by name.  A run locks its output directory: a second run into it is refused, naming the
+holder's PID and host.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import transformers
 from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, EvalPrediction, HfArgumentParser,
-                          TrainingArguments, default_data_collator, set_seed)
-from transformers.trainer_utils import get_last_checkpoint
+                          TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 
 import pad
 from pad.mixing import SCALE_FACTOR_VARIANTS, set_granularity
 from pad.partition import CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
-from pad.runtime import code_version, keep_freed_memory, machine_description
+from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, WriteError, atomic_write,
+                         code_version, error_line, keep_freed_memory, lock_folder, machine_description)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
-from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics, write_json_atomically
+from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
 
 logger = logging.getLogger("moe.run_glue")
 
@@ -309,7 +323,6 @@ def saved_moe_settings(config, source: str) -> dict | None:
 
 def check_finite_weights(model, source: str) -> None:
     """``ValueError`` naming the first parameter or buffer of ``model`` that holds NaN or infinity."""
-    import torch
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{source}: non-finite values in {name}")
@@ -377,37 +390,152 @@ def teardown_logging(handler: logging.Handler) -> None:
     transformers.utils.logging.enable_default_handler()
 
 
+def checkpoint_folders(out: str) -> list[str]:
+    """The ``checkpoint-N`` folders of ``out``, newest (highest N) first."""
+    found = [(int(match.group(1)), name) for name in os.listdir(out)
+             if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(out, name))]
+    return [os.path.join(out, name) for _, name in sorted(found, reverse=True)]
+
+
+# What a run keeps in its output directory besides its results: the folder lock and TensorBoard's logs.
+BOOKKEEPING = (LOCK_FILE, "runs")
+
+
 def last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """run_glue's rule: resume from the newest checkpoint of a non-empty output directory."""
+    """run_glue's rule: resume from the newest complete checkpoint of a non-empty output directory.
+
+    A checkpoint lacking a file it needs (:func:`moe.files.missing_checkpoint_files`: a run killed or failing
+    while saving it) is passed over with one ``warning:`` line; it is not deleted, and is written again when
+    the run reaches its step.  A directory holding anything else but no complete checkpoint is refused."""
     out = training_args.output_dir
     if not (os.path.isdir(out) and training_args.do_train and not training_args.overwrite_output_dir):
         return None
-    checkpoint = get_last_checkpoint(out)
-    if checkpoint is None and any(name != "runs" for name in os.listdir(out)):
+    incomplete = []
+    for folder in checkpoint_folders(out):
+        missing = files.missing_checkpoint_files(folder)
+        if not missing:
+            return folder
+        if training_args.process_index == 0:
+            print(f"warning: {folder} is incomplete (no {', '.join(missing)}; a run stopped while saving it): "
+                  f"not resumed from", file=sys.stderr, flush=True)
+        incomplete.append(os.path.basename(folder))
+    if any(name not in (*BOOKKEEPING, *incomplete) for name in os.listdir(out)):
         raise ValueError(f"output directory {out} exists and is not empty; use --overwrite_output_dir")
-    return checkpoint
+    return None
 
 
-def resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """The checkpoint a training run resumes from (``--resume_from_checkpoint`` or the newest one in
-    the output directory), with every file in it checked (:func:`moe.files.check_folder`)."""
+# Flags a resume may change: where the run lives and reads its data from, how long it trains in all
+# (--num_train_epochs / --max_steps extend it), how it evaluates, logs, reports and saves, and how data are loaded.
+# Every other flag changes what the run computes (model, experts, partition, optimizer, batches, seeds, ...).
+RESUME_MAY_CHANGE = frozenset({
+    "cache_dir", "glue_dir", "train_file", "validation_file", "test_file", "overwrite_cache", "max_eval_samples",
+    "max_predict_samples",
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "do_eval", "do_predict", "num_train_epochs",
+    "max_steps",
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+    "per_gpu_eval_batch_size", "eval_accumulation_steps", "eval_do_concat_batches", "eval_use_gather_object",
+    "batch_eval_metrics", "prediction_loss_only", "include_inputs_for_metrics", "include_for_metrics",
+    "log_level", "log_level_replica", "log_on_each_node", "logging_dir", "logging_strategy", "logging_first_step",
+    "logging_steps", "logging_nan_inf_filter", "report_to", "run_name", "project", "trackio_space_id",
+    "disable_tqdm", "skip_memory_metrics", "include_tokens_per_second", "include_num_input_tokens_seen",
+    "save_strategy", "save_steps", "save_total_limit", "save_safetensors", "save_on_each_node", "save_only_model",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+    "hub_revision", "push_to_hub_model_id", "push_to_hub_organization", "push_to_hub_token",
+    "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "local_rank", "ddp_timeout", "ddp_backend", "torch_empty_cache_steps",
+})
+RUN_ARGS_FILE = "run_args.json"
+
+
+def arguments_record(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: MoEArguments,
+                     training_args: TrainingArguments) -> dict:
+    """``{flag: value}`` of every argument of the run, as JSON holds it (what :data:`RUN_ARGS_FILE` records)."""
+    record = {}
+    for group in (model_args, data_args, moe_args):
+        record.update(dataclasses.asdict(group))
+    record.update(training_args.to_dict())
+    return json.loads(json.dumps(record, default=str))
+
+
+def check_same_run(record: dict, checkpoint: str) -> None:
+    """``ValueError`` naming the first flag outside :data:`RESUME_MAY_CHANGE` whose value differs from the one
+    ``checkpoint`` was trained with (its :data:`RUN_ARGS_FILE`; checkpoints without one are not compared), before
+    a changed model or batch shape could fail deep inside the Trainer or train a different run silently."""
+    path = os.path.join(checkpoint, RUN_ARGS_FILE)
+    if not os.path.lexists(path):
+        return
+    recorded = files.read_json(path)
+    for flag, value in record.items():
+        if flag in RESUME_MAY_CHANGE or flag not in recorded or recorded[flag] == value:
+            continue
+        raise ValueError(f"--{flag} is {value!r}, but checkpoint {checkpoint} was trained with {recorded[flag]!r}: "
+                         f"a resume continues the same run and may change only where it reads and writes, how long "
+                         f"it trains, and how it evaluates, logs and saves (RESUME_MAY_CHANGE in moe/run_glue.py); "
+                         f"give a different run its own --output_dir")
+
+
+class RecordArguments(TrainerCallback):
+    """Writes the run's arguments (:func:`arguments_record`) into every checkpoint it saves, as
+    :data:`RUN_ARGS_FILE`, for :func:`check_same_run` when a run resumes from it."""
+
+    def __init__(self, record: dict):
+        self.text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            atomic_write(os.path.join(folder, RUN_ARGS_FILE), self.text)
+
+
+def resume_checkpoint(training_args: TrainingArguments, record: dict) -> str | None:
+    """The checkpoint a training run resumes from (``--resume_from_checkpoint`` or the newest complete one in
+    the output directory), with every file in it checked (:func:`moe.files.check_folder`) and the run's
+    arguments ``record`` compared with the checkpoint's (:func:`check_same_run`)."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such folder")
+    missing = files.missing_checkpoint_files(checkpoint) if checkpoint is not None and training_args.do_train else []
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: incomplete checkpoint (no {', '.join(missing)})")
     checkpoint = checkpoint or last_checkpoint(training_args)
     if checkpoint is not None and training_args.do_train:
         files.check_folder(checkpoint)
+        check_same_run(record, checkpoint)
     return checkpoint
 
 
+class StopAtSignal(TrainerCallback):
+    """Ends training after the step in which a stop signal arrived (:class:`pad.runtime.StopSignals`), with a
+    checkpoint of that step saved by the Trainer (whatever ``--save_strategy`` says).  Under torchrun the
+    request is all-reduced, so every rank saves and stops at the same step."""
+
+    def __init__(self, signals: StopSignals):
+        self.signals = signals
+        self.signum: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self.signals.requested or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([signum], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            self.signum = signum
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: MoEArguments,
-        training_args: TrainingArguments) -> dict:
+        training_args: TrainingArguments, signals: StopSignals | None = None) -> dict:
     """The whole run; returns the final metrics (eval if evaluated, else train).
 
     Training and evaluation come first and the output directory is written only after both
     succeeded, so a non-finite loss (:class:`moe.trainer.NonFiniteLossError`) or an unreadable
-    input leaves an existing model, its checkpoints and results as they were."""
-    checkpoint = resume_checkpoint(training_args)
+    input leaves an existing model, its checkpoints and results as they were.  A stop signal during
+    training (``signals``) saves a checkpoint at the end of the current step and raises
+    :class:`pad.runtime.Preempted` instead of evaluating and saving the model."""
+    record = arguments_record(model_args, data_args, moe_args, training_args)
+    checkpoint = resume_checkpoint(training_args, record)
     set_seed(training_args.seed)
     raw, spec = load_raw_datasets(data_args, training_args, model_args.cache_dir)
     check_splits(raw, training_args, spec)
@@ -447,6 +575,9 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     pad_run = (getattr(model.config, "moe", None) or {}).get("moe") == "pad"
     keeper = PartitionReportKeeper(trainer, resumed_from=checkpoint if training_args.do_train else None)
     trainer.add_callback(keeper)
+    stopper = StopAtSignal(signals or StopSignals())
+    trainer.add_callback(stopper)
+    trainer.add_callback(RecordArguments(record))
     train_metrics = eval_metrics = record = None
     if training_args.do_train:
         if pad_run and not from_saved_moe:
@@ -465,6 +596,11 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         if pad_run and keeper.restored is not None:  # the checkpoint's masks, at its granularity
             declare_partition_granularity(model, keeper.restored.get("granularity", "element"))
         result = trainer.train(resume_from_checkpoint=checkpoint)
+        if stopper.signum is not None:
+            saved = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+            rerun = ("rerun the same command without --overwrite_output_dir to continue"
+                     if training_args.overwrite_output_dir else "rerun the same command to continue")
+            raise Preempted(stopper.signum, f"saved {saved}; {rerun}")
         record = keeper.record()
         if pad_run and not from_saved_moe and record is None:
             logger.warning("%s holds no partition.json: this run's partition report is unknown", checkpoint)
@@ -482,7 +618,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     if train_metrics is not None:
         if record is not None and trainer.is_world_process_zero():
             os.makedirs(training_args.output_dir, exist_ok=True)
-            write_json_atomically(os.path.join(training_args.output_dir, "partition.json"), record)
+            atomic_write(os.path.join(training_args.output_dir, "partition.json"), json.dumps(record, indent=2))
         trainer.save_model()
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
@@ -544,34 +680,63 @@ def predict(trainer, data, data_args, task_name, is_regression) -> None:
         file_name = f"{SUBMISSION_FILES[name or task_name]}.tsv" if spec is not None else "predict_results.tsv"
         if trainer.is_world_process_zero():
             lines = submission_lines(spec, label_names, indexes, predictions)
-            with open(os.path.join(trainer.args.output_dir, file_name), "w") as f:
-                f.write("\n".join(lines) + "\n")
+            atomic_write(os.path.join(trainer.args.output_dir, file_name), "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0, or 2 for bad input of any kind and non-finite losses)."""
+    """CLI entry point; returns the exit status (0; 2 for bad input of any kind, non-finite losses and failed
+    writes; 128 + the signal number after a stop signal saved a checkpoint)."""
     try:
         model_args, data_args, moe_args, training_args = parse_arguments(argv)
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+        return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     except ValueError as err:
         return fail(err)
     handler = setup_logging(training_args)
     keep_freed_memory()
+    signals = StopSignals().install()
+    lock = None
     try:
-        run(model_args, data_args, moe_args, training_args)
+        lock = lock_output_dir(training_args)
+        run(model_args, data_args, moe_args, training_args, signals)
+    except Preempted as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return err.exit_code()
     except (ValueError, OSError) as err:
         return fail(err)
     finally:
+        if lock is not None:
+            lock.close()
+        signals.restore()
         teardown_logging(handler)
     return 0
 
 
+def lock_output_dir(training_args: TrainingArguments):
+    """Takes the lock of ``--output_dir`` (:func:`pad.runtime.lock_folder`, creating the folder) before the run
+    reads or writes anything there, so a second run into the same folder is refused instead of mixing its
+    checkpoints with this one's; the main process only (the other ranks of a torchrun job write nothing of
+    their own).  Returns the lock's open file, ``None`` on the other ranks."""
+    if training_args.process_index != 0:
+        return None
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    try:
+        return lock_folder(training_args.output_dir)
+    except FolderInUse as err:
+        raise ValueError(f"--output_dir {err}") from None
+
+
 def fail(err: Exception) -> int:
-    """Prints ``err`` as one ``error: ...`` line on stderr; returns the exit status, 2."""
-    lines = str(err).strip().splitlines() or [type(err).__name__]
-    print(f"error: {lines[0]}", file=sys.stderr)
-    return 2
+    """Prints ``err`` as one ``error: ...`` line on stderr; returns the exit status, 2.  The project's own writes
+    fail as :class:`pad.runtime.WriteError` (``cannot write PATH: reason``); an ``OSError`` from elsewhere (the
+    Trainer's saves of weights, optimizer and results) names its file where it has one."""
+    if isinstance(err, OSError) and not isinstance(err, WriteError):
+        where = f"{err.filename}: " if err.filename else ""
+        message = f"{where}{err.strerror or error_line(err)}"
+    else:
+        message = error_line(err)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

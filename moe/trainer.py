@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 import pad
 from pad.mixing import weight_banks
 from pad.partition import check_dynamic_ratio
+from pad.runtime import atomic_write
 from moe import files
 from moe.modeling import aux_loss, expert_load, moe_layers, save_compact_model
 
@@ -298,16 +299,6 @@ def read_partition_record(folder: str) -> dict | None:
     return record
 
 
-def write_json_atomically(path: str, value: dict) -> None:
-    """Writes ``value`` to ``path`` through a temporary file, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class PartitionReportKeeper(TrainerCallback):
     """Keeps the partition report with the run: every checkpoint gets a ``partition.json``, and a
     run resumed from a checkpoint starts from that checkpoint's report (its masks come from the
@@ -330,4 +321,4 @@ class PartitionReportKeeper(TrainerCallback):
         record = self.record()
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if record is not None and state.is_world_process_zero and os.path.isdir(folder):
-            write_json_atomically(os.path.join(folder, PARTITION_FILE), record)
+            atomic_write(os.path.join(folder, PARTITION_FILE), json.dumps(record, indent=2))

@@ -5,10 +5,13 @@ import bz2
 import csv
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
+
+import pad.runtime
 
 from moe import glue
 from moe.prepare_data import SNLI_TEST, SNLI_TRAIN, default_rotten_tomatoes, main
@@ -108,16 +111,37 @@ def test_deterministic_and_seeded(sources, tmp_path):
 def test_missing_sources_and_bad_sizes(sources, tmp_path, capsys):
     reviews, archive = sources
     assert main(["--output_dir", str(tmp_path / "o"), "--rotten_tomatoes", str(reviews),
-                 "--nli_archive", str(tmp_path / "none.tar.gz")]) == 1
+                 "--nli_archive", str(tmp_path / "none.tar.gz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: SNLI archive not found at {tmp_path / 'none.tar.gz'}; run scripts/setup.sh"]
     assert main(["--output_dir", str(tmp_path / "o"), "--rotten_tomatoes", str(tmp_path / "no.bz2"),
-                 "--nli_archive", str(archive)]) == 1
+                 "--nli_archive", str(archive)]) == 2
     assert "Rotten Tomatoes corpus not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["--train_size", "0"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --train_size must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("errno_", [28, 30, 5])  # ENOSPC, EROFS, EIO
+def test_a_failed_write_is_one_error_line(sources, tmp_path, monkeypatch, capsys, errno_):
+    """A write failing half-way: one line naming the file, exit 2, the file before it kept, no temporary file."""
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if Path(path).name == "dev.tsv.tmp":
+            def write(data):
+                raise OSError(errno_, os.strerror(errno_))
+            handle.write = write
+        return handle
+    monkeypatch.setattr(pad.runtime, "open", failing_open, raising=False)
+    out = tmp_path / "glue"
+    assert run(sources, out) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot write {out / 'SST-2' / 'dev.tsv'}: {os.strerror(errno_)}"]
+    assert (out / "SST-2" / "train.tsv").is_file() and not (out / "SST-2" / "dev.tsv").exists()
+    assert not list(out.rglob("*.tmp"))
 
 
 @pytest.mark.skipif(default_rotten_tomatoes() is None or not REAL_ARCHIVE.is_file(),

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import pad.runtime
+
+import moe.run_glue as run_glue
 from moe.run_glue import main
-from test_run_glue import base_args, make_glue_dir, metric_values, read_json
+from test_run_glue import REPO, base_args, make_glue_dir, metric_values, read_json
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -147,3 +154,174 @@ def test_non_finite_evaluation_during_training_saves_no_checkpoint(make_tiny_ber
     assert errors == ["error: non-finite evaluation loss (inf) at step 1; stopped before saving, last checkpoint: none"]
     assert not out.exists() or not any(p.name.startswith("checkpoint-") or p.suffix in (".json", ".safetensors")
                                        for p in out.iterdir())
+
+
+# ---------------------------------------------------------------- stop signals
+
+def signal_during_step(monkeypatch, step: int, signum: int) -> None:
+    """Sends this process a real ``signum`` while training step ``step`` (1-based) runs."""
+    original = run_glue.MoETrainer.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return original(self, model, inputs, num_items_in_batch)
+    monkeypatch.setattr(run_glue.MoETrainer, "training_step", training_step)
+
+
+@pytest.mark.parametrize("signum, step", [(signal.SIGTERM, 3), (signal.SIGINT, 1), (signal.SIGUSR1, 4)])
+def test_a_stop_signal_saves_and_the_rerun_ends_where_the_uninterrupted_run_ends(tiny_bert_dir, glue_dir, tmp_path,
+                                                                                 monkeypatch, capfd, signum, step):
+    """A signal during step k: the step ends, checkpoint-k is saved, one line names it, exit 128 + signal, no
+    final model or results; the same command then continues from checkpoint-k and ends as an uninterrupted run."""
+    torch.set_num_threads(1)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    signal_during_step(monkeypatch, step, signum)
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, stopped)) == 128 + signum
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("stopped", "error"))]
+    name = signal.Signals(signum).name
+    assert lines == [f"stopped by {name}: saved {stopped / f'checkpoint-{step}'}; rerun the same command to continue"]
+    assert (stopped / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (stopped / "model.safetensors").exists() and not (stopped / "all_results.json").exists()
+    monkeypatch.undo()
+
+    assert main(pad_args(tiny_bert_dir, glue_dir, stopped)) == 0
+    assert main(pad_args(tiny_bert_dir, glue_dir, whole)) == 0
+    assert metric_values(read_json(stopped / "all_results.json")) == metric_values(read_json(whole / "all_results.json"))
+    assert read_json(stopped / "partition.json") == read_json(whole / "partition.json")
+    weights_whole, weights_stopped = (load_file(str(out / "model.safetensors")) for out in (whole, stopped))
+    for name, tensor in weights_whole.items():
+        assert torch.equal(tensor, weights_stopped[name]), name
+
+
+# ---------------------------------------------------------------- checkpoints left incomplete
+
+@pytest.fixture(scope="module")
+def whole_pad_run(tiny_bert_dir, glue_dir, tmp_path_factory):
+    """The uninterrupted run of :func:`pad_args` (checkpoints at steps 2 and 4)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("whole") / "out"
+    assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("lost", ["model.safetensors", "trainer_state.json", "optimizer.pt"])
+def test_an_incomplete_newest_checkpoint_is_skipped_with_a_warning(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path,
+                                                                    capfd, lost):
+    """checkpoint-4 lost a file to a kill while it was saved: the rerun warns once, naming it, resumes from
+    checkpoint-2 (left as it was until the run passes it) and ends as the uninterrupted run."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(whole_pad_run / name, out / name)
+    (out / "checkpoint-4" / lost).unlink()
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("warning", "error"))]
+    assert warnings == [f"warning: {out / 'checkpoint-4'} is incomplete (no {lost}; a run stopped while saving it): "
+                        f"not resumed from"]
+    assert tree_digest(out / "checkpoint-2") == tree_digest(whole_pad_run / "checkpoint-2")
+    assert (out / "checkpoint-4" / lost).is_file()
+    assert metric_values(read_json(out / "all_results.json")) == metric_values(read_json(whole_pad_run / "all_results.json"))
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, capfd):
+    checkpoint = shutil.copytree(whole_pad_run / "checkpoint-2", tmp_path / "checkpoint-2")
+    (checkpoint / "trainer_state.json").unlink()
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, tmp_path / "out", "--resume_from_checkpoint",
+                                    str(checkpoint)), capfd)
+    assert code == 2
+    assert errors == [f"error: --resume_from_checkpoint {checkpoint}: incomplete checkpoint (no trainer_state.json)"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def test_a_second_run_into_a_locked_folder_is_refused(tiny_bert_dir, glue_dir, tmp_path, capfd):
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; import pad.runtime as r; "
+                               "h = r.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, errors = run_cli(base_args(tiny_bert_dir, glue_dir, out, "sst2", "--do_train", "--max_steps", "1"), capfd)
+        assert code == 2 and len(errors) == 1
+        assert errors[0].startswith(f"error: --output_dir {out} is in use by another run (pid {holder.pid} on host ")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(base_args(tiny_bert_dir, glue_dir, out, "sst2", "--do_eval")) == 0  # released when its holder died
+
+
+# ---------------------------------------------------------------- a resume is the same run
+
+@pytest.mark.parametrize("flag, value, shown, recorded", [
+    ("--top_k", "3", "3", "2"), ("--num_experts", "2", "2", "4"), ("--moe", "moe", "'moe'", "'pad'"),
+    ("--moe_layers", "intermediate", "'intermediate'", "'both'"), ("--dynamic_ratio", "0.3", "0.3", "0.5"),
+    ("--partition_criterion", "random", "'random'", "'taylor'"), ("--seed", "1", "1", "0"),
+    ("--learning_rate", "0.01", "0.01", "0.001"), ("--per_device_train_batch_size", "4", "4", "8"),
+    ("--max_seq_length", "32", "32", "24"), ("--task_name", "mnli", "'mnli'", "'sst2'"),
+])
+def test_a_resume_that_changes_the_run_is_refused_by_name(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, capfd,
+                                                        flag, value, shown, recorded):
+    out = tmp_path / "out"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(whole_pad_run / name, out / name)
+    before = tree_digest(out)
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out, "--max_steps", "6", flag, value), capfd)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: {flag} is {shown}, but checkpoint {out / 'checkpoint-4'} was trained with "
+                                f"{recorded}: a resume continues the same run")
+    assert tree_digest(out) == {".lock": tree_digest(out)[".lock"], **before}
+
+
+# ---------------------------------------------------------------- failed writes
+
+def fail_writes_to(monkeypatch, names: tuple, errno_: int) -> None:
+    """Every write to the temporary file of one of ``names`` fails with ``errno_`` (pad.runtime.atomic_write)."""
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if any(Path(path).name == name + ".tmp" for name in names):
+            def write(data):
+                raise OSError(errno_, os.strerror(errno_))
+            handle.write = write
+        return handle
+    monkeypatch.setattr(pad.runtime, "open", failing_open, raising=False)
+
+
+@pytest.mark.parametrize("target, errno_", [("checksums.json", 28), ("partition.json", 30), ("run_args.json", 5)])
+def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(whole_pad_run, tiny_bert_dir, glue_dir,
+                                                                           tmp_path, monkeypatch, capfd, target,
+                                                                           errno_):
+    """ENOSPC, EROFS, EIO while checkpoint-4 is saved: one line naming the file, exit 2, checkpoint-2 as it was,
+    no temporary file left; the rerun passes the unfinished checkpoint-4 over, or continues from it."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
+    before = tree_digest(out / "checkpoint-2")
+    fail_writes_to(monkeypatch, (target,), errno_)
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out), capfd)
+    assert code == 2
+    assert errors == [f"error: cannot write {out / 'checkpoint-4' / target}: {os.strerror(errno_)}"]
+    assert tree_digest(out / "checkpoint-2") == before
+    assert not list(out.rglob("*.tmp")) and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+
+
+def test_a_failed_trainer_save_names_its_file(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, monkeypatch, capfd):
+    """A write of the Trainer's own (here its optimizer state) fails: one line naming the file, exit 2."""
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
+    target = out / "checkpoint-4" / "optimizer.pt"
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, os.strerror(28), str(target))
+    monkeypatch.setattr(run_glue.MoETrainer, "_save_optimizer_and_scheduler", no_space)
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out), capfd)
+    assert code == 2 and errors == [f"error: {target}: {os.strerror(28)}"]
