@@ -396,11 +396,12 @@ class _RoutedConv2d(nn.Module):
         return None, None
 
     def _out_pixels(self, x: torch.Tensor) -> int:
-        """Output pixels of the schemes' conv of ``x``, the input after :meth:`pad_input`."""
+        """Output pixels of the layer for its input ``x`` (before :meth:`pad_input`)."""
         extent = self.dilation * (self.kernel_size - 1) + 1
-        padding = self.geometry.padding
-        return (((x.shape[-2] + 2 * padding - extent) // self.stride + 1)
-                * ((x.shape[-1] + 2 * padding - extent) // self.stride + 1))
+        left, right, top, bottom = self._input_pads or (0, 0, 0, 0)
+        height = x.shape[-2] + top + bottom + 2 * self._conv_padding
+        width = x.shape[-1] + left + right + 2 * self._conv_padding
+        return ((height - extent) // self.stride + 1) * ((width - extent) // self.stride + 1)
 
     def scheme_for(self, x: torch.Tensor, has_spatial: bool) -> str:
         """The scheme for input ``x`` ``(B, C, H, W)``: the recorded one, else chosen now (and recorded)."""
@@ -429,10 +430,11 @@ class _RoutedConv2d(nn.Module):
 
     def weighted_conv(self, x: torch.Tensor, attention) -> torch.Tensor:
         """The conv of ``x`` ``(B, C, H, W)`` with the kernels the attention's output selects."""
-        x = self.pad_input(x)
         scheme = self.scheme_for(x, self.has_spatial_attention(attention))
         split = self.unit_split()
-        if split is not None and self.path_for(x, scheme, split) == "unit":
+        unit = split is not None and self.path_for(x, scheme, split) == "unit"
+        x = self.pad_input(x)  # (after the choices: they are keyed by the layer's input size)
+        if unit:
             out = self._unit_conv(x, attention, split, scheme)
         else:
             out = SCHEME_FUNCTIONS[scheme](x, self.conv_terms(attention), self.geometry)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
 from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, conv_factory, conv_schemes, restore_conv_schemes,
-                           set_conv_scheme)
+                           scheme_key, set_conv_scheme)
 from dyconv.models import build_model
 from dyconv.schemes import POLICIES, SCHEMES, applicable_schemes, choose_scheme, modelled_cost
 
@@ -136,6 +136,7 @@ def test_every_scheme_equals_per_sample_reference(kind, use_pad, geometry, batch
         assert grads.keys() == expected[2].keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected[2][name], rtol=1e-9, atol=1e-10, msg=f"{policy} {name}")
+        assert list(layer.chosen_schemes) == [scheme_key(x)]  # keyed by the input, not the padded input
         (chosen,) = layer.chosen_schemes.values()
         wanted = expected_scheme(policy, layer, batch)
         assert chosen == wanted or (wanted is None and chosen in ("grouped", "stacked"))
