@@ -48,6 +48,12 @@ the choice is recorded in ``chosen_paths`` and saved with the schemes.
 
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
 mixed; the models never use them (every conv is followed by BatchNorm).
+
+**Geometry.**  Square kernels, strides and dilations (ints); ``padding`` an int, ``"same"`` or
+``"valid"`` and ``padding_mode`` any of ``nn.Conv2d``'s (:data:`PADDING_MODES`).  Symmetric zero
+padding is the conv's own; any other padding (another mode, or ``"same"`` with an odd total
+``dilation (k - 1)``) is applied to the input once, before the scheme runs (the attention sees
+the unpadded input), so every scheme and the unit path compute with it alike.
 """
 from __future__ import annotations
 
@@ -70,6 +76,7 @@ CONVS = ("static", "condconv", "dyconv", "odconv")
 # conv, the spatial and kernel attentions the dynamic part only) or "all" (ODConv over the folded kernels W'_k,
 # DESIGN's folding remark: every attention but the kernel one scales the static part too).
 ODCONV_STATIC_ATTENTIONS = ("none", "channel-filter", "all")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
 
 ConvMaker = Callable[..., nn.Module]
 
@@ -187,6 +194,33 @@ def _check_static_attention(static_attention: str) -> str:
     return static_attention
 
 
+def _resolve_padding(padding: int | str, padding_mode: str, kernel_size: int, stride: int,
+                     dilation: int) -> tuple[int, tuple[int, int, int, int] | None]:
+    """``(the conv's own zero padding, the explicit input padding (left, right, top, bottom) or None)``.
+
+    As ``nn.Conv2d``: ``padding`` is an int or ``"valid"`` (0) or ``"same"`` (stride 1 only; a total
+    of ``dilation (k - 1)``, the extra one on the right and bottom when it is odd).  Symmetric zero
+    padding stays inside the conv (no copy of the input); every other padding is applied to the
+    input by ``F.pad`` and the conv pads nothing, so every scheme sees one padded input.
+    """
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"unknown padding mode {padding_mode!r}; expected one of {PADDING_MODES}")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"unknown padding {padding!r}; expected an int, 'same' or 'valid'")
+        if padding == "same" and stride != 1:
+            raise ValueError(f"padding 'same' needs stride 1, got stride {stride}")
+        total = dilation * (kernel_size - 1) if padding == "same" else 0
+        before, after = total // 2, total - total // 2
+    elif isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
+        before = after = padding
+    else:
+        raise ValueError(f"padding must be an int >= 0, 'same' or 'valid', got {padding!r}")
+    if padding_mode == "zeros" and before == after:
+        return before, None
+    return 0, (before, after, before, after)
+
+
 def scheme_key(x: torch.Tensor) -> str:
     """The key a layer's choice is recorded under: batch class and input size, e.g. ``"batch@56x56"``
     (the cost model depends on the batch only through ``B == 1``)."""
@@ -247,14 +281,16 @@ class _RoutedConv2d(nn.Module):
 
     routing_sums_to_one = False  # True where PAD's static part folds into the kernels
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both", dilation: int = 1, scheme: str = "auto"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int | str = 0, groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
+                 scale_factors: str = "both", dilation: int = 1, scheme: str = "auto", padding_mode: str = "zeros"):
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in ({in_channels}) and out ({out_channels}) channels must be divisible by groups ({groups})")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.padding_mode = padding_mode
+        self._conv_padding, self._input_pads = _resolve_padding(padding, padding_mode, kernel_size, stride, dilation)
         self.scheme = _check_policy(scheme)
         self.chosen_schemes: dict[str, str] = {}
         self.chosen_paths: dict[str, str] = {}
@@ -284,7 +320,17 @@ class _RoutedConv2d(nn.Module):
 
     @property
     def geometry(self) -> ConvGeometry:
-        return ConvGeometry(self.stride, self.padding, self.dilation, self.groups)
+        """What the schemes convolve with: the conv's own zero padding, 0 where :meth:`pad_input` pads."""
+        return ConvGeometry(self.stride, self._conv_padding, self.dilation, self.groups)
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded explicitly where the conv's padding is not symmetric zeros (``padding_mode``
+        other than ``zeros``, or ``"same"`` with an odd total ``dilation (k - 1)``), else ``x`` itself:
+        ``(B, C, H, W) -> (B, C, H + top + bottom, W + left + right)``."""
+        if self._input_pads is None:
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._input_pads, mode=mode)
 
     def kernel_terms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(kernels (K, *S), static (*S) or None)``, with PAD's static part folded into
@@ -346,9 +392,12 @@ class _RoutedConv2d(nn.Module):
         return None, None
 
     def _out_pixels(self, x: torch.Tensor) -> int:
+        """Output pixels of the layer for its input ``x`` (before :meth:`pad_input`)."""
         extent = self.dilation * (self.kernel_size - 1) + 1
-        return (((x.shape[-2] + 2 * self.padding - extent) // self.stride + 1)
-                * ((x.shape[-1] + 2 * self.padding - extent) // self.stride + 1))
+        left, right, top, bottom = self._input_pads or (0, 0, 0, 0)
+        height = x.shape[-2] + top + bottom + 2 * self._conv_padding
+        width = x.shape[-1] + left + right + 2 * self._conv_padding
+        return ((height - extent) // self.stride + 1) * ((width - extent) // self.stride + 1)
 
     def scheme_for(self, x: torch.Tensor, has_spatial: bool) -> str:
         """The scheme for input ``x`` ``(B, C, H, W)``: the recorded one, else chosen now (and recorded)."""
@@ -379,7 +428,9 @@ class _RoutedConv2d(nn.Module):
         """The conv of ``x`` ``(B, C, H, W)`` with the kernels the attention's output selects."""
         scheme = self.scheme_for(x, self.has_spatial_attention(attention))
         split = self.unit_split()
-        if split is not None and self.path_for(x, scheme, split) == "unit":
+        unit = split is not None and self.path_for(x, scheme, split) == "unit"
+        x = self.pad_input(x)  # (after the choices: they are keyed by the layer's input size)
+        if unit:
             out = self._unit_conv(x, attention, split, scheme)
         else:
             out = SCHEME_FUNCTIONS[scheme](x, self.conv_terms(attention), self.geometry)
@@ -451,7 +502,8 @@ class _RoutedConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, kernels={self.num_kernels}, "
+                f"padding={self.padding!r}, dilation={self.dilation}, padding_mode={self.padding_mode!r}, "
+                f"groups={self.groups}, kernels={self.num_kernels}, "
                 f"pad={isinstance(self.bank, PartiallyDynamicWeights)}, bias={self.bias is not None}, "
                 f"scheme={self.scheme!r}")
 
@@ -459,11 +511,12 @@ class _RoutedConv2d(nn.Module):
 class CondConv2d(_RoutedConv2d):
     """CondConv (Yang et al. 2019): ``W(x) = sum_k sigmoid(FC(GAP(x)))_k W_k``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both", scheme: str = "auto"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int | str = 0, groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
+                 scale_factors: str = "both", scheme: str = "auto",
+                 dilation: int = 1, padding_mode: str = "zeros"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
-                         scale_factors, scheme=scheme)
+                         scale_factors, dilation, scheme, padding_mode)
         self.attention = CondConvRouting(in_channels, kernels)
 
 
@@ -472,11 +525,12 @@ class DynamicConv2d(_RoutedConv2d):
 
     routing_sums_to_one = True
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
-                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int | str = 0, groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
+                 scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto",
+                 dilation: int = 1, padding_mode: str = "zeros"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
-                         scale_factors, scheme=scheme)
+                         scale_factors, dilation, scheme, padding_mode)
         self.attention = DynamicConvAttention(in_channels, kernels, reduction, temperature)
 
 
@@ -499,13 +553,13 @@ class ODConv2d(_RoutedConv2d):
       element path where a spatial attention scales the static filters.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int | str = 0, groups: int = 1, bias: bool = False, kernels: int = 4, pad: bool = False,
                  scale_factors: str = "both", reduction: int = 4, temperature: float = 30.0, scheme: str = "auto",
-                 static_attention: str = "none"):
+                 static_attention: str = "none", dilation: int = 1, padding_mode: str = "zeros"):
         _check_static_attention(static_attention)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, bias, kernels, pad,
-                         scale_factors, scheme=scheme)
+                         scale_factors, dilation, scheme, padding_mode)
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
                                          temperature)
         self.static_attention = static_attention
@@ -590,7 +644,8 @@ def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> 
 
 def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int = 4, scale_factors: str = "both",
                  temperature: float = 30.0, scheme: str = "auto", odconv_static_attention: str = "none") -> ConvMaker:
-    """A constructor ``make(in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, bias=False)``.
+    """A constructor ``make(in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, bias=False, dilation=1,
+    padding_mode="zeros")`` (``padding`` also ``"same"`` or ``"valid"``, as for ``nn.Conv2d``).
 
     ``static`` gives ``nn.Conv2d``; the others their dynamic layer, partially dynamic when ``pad``.
     ``reduction`` and ``temperature`` are used by DY-Conv and ODConv (CondConv has neither);
@@ -615,12 +670,12 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
         raise ValueError(f"the ODConv static attention {odconv_static_attention!r} needs PAD-ODConv (conv odconv "
                          f"with pad), not conv {conv} with pad={pad}")
 
-    def make(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1,
-             bias: bool = False) -> nn.Module:
+    def make(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int | str = 0, groups: int = 1,
+             bias: bool = False, dilation: int = 1, padding_mode: str = "zeros") -> nn.Module:
         if conv == "static":
-            return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, groups=groups, bias=bias)
+            return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
         common = dict(stride=stride, padding=padding, groups=groups, bias=bias, kernels=kernels, pad=pad,
-                      scale_factors=scale_factors, scheme=scheme)
+                      scale_factors=scale_factors, scheme=scheme, dilation=dilation, padding_mode=padding_mode)
         if conv == "condconv":
             return CondConv2d(in_ch, out_ch, kernel_size, **common)
         if conv == "odconv":

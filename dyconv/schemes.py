@@ -175,7 +175,8 @@ def stacked(x: torch.Tensor, terms: ConvTerms, geometry: ConvGeometry) -> torch.
     inputs = x if terms.in_scale is None else x * terms.in_scale[:, :, None, None]
     out = F.conv2d(inputs, weight, None, geometry.stride, geometry.padding, geometry.dilation, groups)
     batch, _, height, width = out.shape
-    out = out.view(batch, groups, num, per_group_out * height * width)
+    # reshape, not view: the output of a channels-last input (e.g. a permuted tensor) is channels-last too
+    out = out.reshape(batch, groups, num, per_group_out * height * width)
     mixed = torch.einsum("bgkn,bk->bgn", out, terms.routing.to(out.dtype))
     return _finish(mixed.reshape(batch, out_channels, height, width), x, terms, geometry)
 

@@ -61,6 +61,14 @@ scores at still-dynamic positions are a ``ValueError``.
 Devices.  Every tensor IMP creates lives on the device of the masks it selects
 (random draws are made on the generator's device and moved there explicitly);
 nothing relies on the default device.
+
+Upcycled models.  A model whose dynamic kernels all start as copies of a pretrained weight,
+the static part included (``moe.modeling.convert_to_moe``, ``dyconv.convert.convert_to_dynamic``),
+has ``lambda_d W~ = lambda_s W_s`` before training, so its taylor and grasp scores are zero up
+to float rounding (not exactly: ``sum_k g_k W_k - W_s sum_k g_k`` rounds), and the tie
+bookkeeping above does not see it.  IMP therefore records the layers of ``K > 1`` bitwise
+identical kernels (:attr:`PartitionReport.identical_kernels`) and, for those criteria, logs a
+warning: partition such a model after a few training steps.
 """
 from __future__ import annotations
 
@@ -83,6 +91,8 @@ SCOPES = ("global", "local")
 BATCHNORM_MODES = ("batch", "running")
 DATA_CRITERIA = ("taylor", "grasp")
 CANNOT_RANK_SHARE = 0.5
+IDENTICAL_KERNELS_NOTE = ("data-driven scores there are zero up to rounding and rank at random; "
+                          "train a few steps before partitioning")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 logger = logging.getLogger(__name__)
@@ -96,7 +106,9 @@ class PartitionReport:
     the criterion, or the criterion plus the share of the positions made static that
     random tie-breaking chose.  ``tie_broken_per_iteration``: that share per round.
     ``batchnorm``: the BatchNorm statistics the model was scored with (``None`` for
-    criteria that do not run the model).
+    criteria that do not run the model).  ``identical_kernels``: the layers (of ``K > 1``
+    kernels) whose kernels were all equal when IMP ran, as upcycling leaves them before
+    training (see the module docstring).
     """
     target: float
     achieved: float
@@ -110,6 +122,7 @@ class PartitionReport:
     per_layer: dict[str, float] = field(default_factory=dict)
     ratio_per_iteration: list[float] = field(default_factory=list)
     tie_broken_per_iteration: list[float] = field(default_factory=list)
+    identical_kernels: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -121,6 +134,9 @@ class PartitionReport:
                  f"decided by {self.decided_by}"]
         lines += [f"  round {t}: {100 * share:.3g}% of the positions made static were tie-broken at random"
                   for t, share in enumerate(self.tie_broken_per_iteration, 1) if share > 0]
+        if self.identical_kernels:
+            lines.append(f"  {len(self.identical_kernels)} of {len(self.per_layer)} layers had identical kernels "
+                         f"(upcycled, untrained?): {IDENTICAL_KERNELS_NOTE}")
         lines += [f"  {name or '<root>'}: {ratio:.4f}" for name, ratio in self.per_layer.items()]
         return "\n".join(lines)
 
@@ -570,6 +586,11 @@ def iterative_mode_partition(model: nn.Module, batches: Sequence, loss_fn: LossF
     _check_granularity_fits(banks, granularity)
     check_dynamic_ratio(dynamic_ratio, model, scope, granularity)  # before anything is scored
     batches = list(batches)
+    identical = [name for name, bank in banks.items()
+                 if bank.num_kernels > 1 and bool((bank.kernels == bank.kernels[:1]).all())]
+    if identical and criterion in DATA_CRITERIA:
+        logger.warning("IMP: %d of %d PAD layers have identical kernels (an upcycled model before training?): the "
+                       "%s %s", len(identical), len(banks), criterion, IDENTICAL_KERNELS_NOTE)
     _reset_masks(banks.values(), granularity)
     achieved, rounds = [], []
     for t, ratio in enumerate(ratios, 1):
@@ -589,4 +610,4 @@ def iterative_mode_partition(model: nn.Module, batches: Sequence, loss_fn: LossF
         batchnorm=batchnorm if criterion in DATA_CRITERIA else ("running" if criterion == "synflow" else None),
         decided_by=decided_by(criterion, total),
         per_layer={n: b.dynamic_ratio() for n, b in banks.items()}, ratio_per_iteration=achieved,
-        tie_broken_per_iteration=[r.tie_share for r in rounds])
+        tie_broken_per_iteration=[r.tie_share for r in rounds], identical_kernels=identical)

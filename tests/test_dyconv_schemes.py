@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pad
 from pad.partition import score_positions
 from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, conv_factory, conv_schemes, restore_conv_schemes,
-                           set_conv_scheme)
+                           scheme_key, set_conv_scheme)
 from dyconv.models import build_model
 from dyconv.schemes import POLICIES, SCHEMES, applicable_schemes, choose_scheme, modelled_cost
 
@@ -22,22 +22,27 @@ LAYERS = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d,
           "odconv-cf": functools.partial(ODConv2d, static_attention="channel-filter"),
           # ODConv over the folded kernels: every attention scales the static part too
           "odconv-all": functools.partial(ODConv2d, static_attention="all")}
-# (in, out, kernel, stride, padding, groups)
+# (in, out, kernel, stride, padding, groups, dilation, padding mode)
 GEOMETRIES = {
-    "3x3_stride1": (6, 8, 3, 1, 1, 1),
-    "3x3_stride2": (6, 8, 3, 2, 1, 1),
-    "depthwise_stride2": (8, 8, 3, 2, 1, 8),  # MobileNetV2's depthwise conv
-    "1x1_stride1": (6, 10, 1, 1, 0, 1),
-    "1x1_stride2_grouped": (6, 4, 1, 2, 0, 2),
+    "3x3_stride1": (6, 8, 3, 1, 1, 1, 1, "zeros"),
+    "3x3_stride2": (6, 8, 3, 2, 1, 1, 1, "zeros"),
+    "depthwise_stride2": (8, 8, 3, 2, 1, 8, 1, "zeros"),  # MobileNetV2's depthwise conv
+    "1x1_stride1": (6, 10, 1, 1, 0, 1, 1, "zeros"),
+    "1x1_stride2_grouped": (6, 4, 1, 2, 0, 2, 1, "zeros"),
+    # padding the conv does not do itself (another mode, an asymmetric "same"), dilation, general groups
+    "3x3_dilation2_reflect": (6, 8, 3, 1, 2, 1, 2, "reflect"),
+    "2x2_same_circular_grouped": (6, 4, 2, 1, "same", 2, 1, "circular"),
+    "depthwise_stride2_replicate": (8, 8, 3, 2, 1, 8, 1, "replicate"),
+    "1x1_stride2_padded_reflect": (6, 4, 1, 2, 1, 1, 1, "reflect"),
 }
 
 
 def build(kind, geometry, use_pad, scheme, seed=0):
     torch.manual_seed(seed)
-    in_ch, out_ch, k, stride, padding, groups = GEOMETRIES[geometry]
+    in_ch, out_ch, k, stride, padding, groups, dilation, padding_mode = GEOMETRIES[geometry]
     extra = {} if kind == "condconv" else {"temperature": 2.0}
     layer = LAYERS[kind](in_ch, out_ch, k, stride, padding, groups, True, kernels=3, pad=use_pad, scheme=scheme,
-                         **extra)
+                         dilation=dilation, padding_mode=padding_mode, **extra)
     with torch.no_grad():  # order-one attention weights, random BN statistics, a random mask and phi
         for module in layer.attention.modules():
             if isinstance(module, nn.BatchNorm1d):
@@ -83,8 +88,14 @@ def reference_forward(layer, x):
             lambda_d = 2 * torch.sigmoid(bank.scale.phi)
             weight = lambda_d * bank.mask * weight + (2 - lambda_d) * (1 - bank.mask) * bank.static_weight
         weight = weight * whole
-        outputs.append(F.conv2d(x[b:b + 1], weight, layer.bias, layer.stride, layer.padding, 1, layer.groups))
+        outputs.append(torch_conv(layer)._conv_forward(x[b:b + 1], weight, layer.bias))
     return torch.cat(outputs)
+
+
+def torch_conv(layer):
+    """An ``nn.Conv2d`` of the layer's geometry: its ``_conv_forward`` is torch's own padding and conv."""
+    return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, layer.groups, padding_mode=layer.padding_mode)
 
 
 def outputs_and_gradients(layer, x, forward):
@@ -126,9 +137,21 @@ def test_every_scheme_equals_per_sample_reference(kind, use_pad, geometry, batch
         assert grads.keys() == expected[2].keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected[2][name], rtol=1e-9, atol=1e-10, msg=f"{policy} {name}")
+        assert list(layer.chosen_schemes) == [scheme_key(x)]  # keyed by the input, not the padded input
         (chosen,) = layer.chosen_schemes.values()
         wanted = expected_scheme(policy, layer, batch)
         assert chosen == wanted or (wanted is None and chosen in ("grouped", "stacked"))
+
+
+@pytest.mark.parametrize("geometry", ["3x3_stride2", "depthwise_stride2", "1x1_stride2_grouped"])
+@pytest.mark.parametrize("kind", ["dyconv", "odconv-cf"])
+def test_every_scheme_takes_a_channels_last_input(kind, geometry):
+    """A permuted input (ConvNeXt's convs read one) computes what its contiguous copy does."""
+    x = torch.randn(2, GEOMETRIES[geometry][0], 7, 7, generator=torch.Generator().manual_seed(1))
+    permuted = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    for policy in POLICIES:
+        layer = build(kind, geometry, True, policy)
+        torch.testing.assert_close(layer(permuted), layer(x), msg=policy)
 
 
 class _OpCounter(TorchDispatchMode):

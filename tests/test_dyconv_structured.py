@@ -20,23 +20,25 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 LAYERS = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d,
           "odconv-cf": functools.partial(ODConv2d, static_attention="channel-filter")}
-# (in, out, kernel, stride, padding, groups)
+# (in, out, kernel, stride, padding, groups[, dilation, padding mode])
 GEOMETRIES = {
     "3x3_stride1": (6, 8, 3, 1, 1, 1),
     "3x3_stride2": (6, 8, 3, 2, 1, 1),
     "depthwise_stride2": (8, 8, 3, 2, 1, 8),
     "depthwise_stride1": (8, 8, 3, 1, 1, 8),
     "1x1_stride2": (6, 10, 1, 2, 0, 1),
+    "3x3_dilation2_reflect": (6, 8, 3, 1, 2, 1, 2, "reflect"),
+    "depthwise_2x2_same_circular": (8, 8, 2, 1, "same", 8, 1, "circular"),
 }
 DYNAMIC_UNITS = [0, 3, 4]  # of 8 or 10 output units
 
 
 def build(kind, geometry, scheme="auto", dynamic_units=DYNAMIC_UNITS, granularity="unit"):
     torch.manual_seed(0)
-    in_ch, out_ch, k, stride, padding, groups = GEOMETRIES[geometry]
+    in_ch, out_ch, k, stride, padding, groups, dilation, padding_mode = (*GEOMETRIES[geometry], 1, "zeros")[:8]
     extra = {} if kind == "condconv" else {"temperature": 2.0}
     layer = LAYERS[kind](in_ch, out_ch, k, stride, padding, groups, True, kernels=3, pad=True, scheme=scheme,
-                         **extra)
+                         dilation=dilation, padding_mode=padding_mode, **extra)
     with torch.no_grad():
         for module in layer.attention.modules():
             if isinstance(module, nn.BatchNorm1d):

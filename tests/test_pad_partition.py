@@ -205,6 +205,24 @@ def test_all_equal_scores_report_every_decision_random():
     assert report.decided_by == "taylor (100% tie-broken at random)"
 
 
+def test_identical_kernels_are_reported_and_warned_about(caplog):
+    """Upcycled kernels (copies of W_s) make the taylor scores rounding noise, which no tie reveals."""
+    model = linear_model()
+    with torch.no_grad():
+        first = model[0].bank
+        first.kernels.copy_(first.static_weight.expand_as(first.kernels))
+    with caplog.at_level(logging.WARNING, logger="pad.partition"):
+        report = pad.iterative_mode_partition(model, batches(5, 5), mse, 0.5, iterations=1)
+    assert report.identical_kernels == ["0.bank"]
+    assert "IMP: 1 of 2 PAD layers have identical kernels" in caplog.text
+    assert "1 of 2 layers had identical kernels (upcycled, untrained?)" in report.format()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pad.partition"):
+        report = pad.iterative_mode_partition(model, batches(5, 5), None, 0.5, iterations=1, criterion="magnitude")
+    assert report.identical_kernels == ["0.bank"] and caplog.text == ""  # magnitude does not compare W~ with W_s
+    assert pad.iterative_mode_partition(linear_model(), batches(5, 5), mse, 0.5, iterations=1).identical_kernels == []
+
+
 def test_synflow_in_float64_where_float32_overflows():
     """A deep chain whose SynFlow objective overflows float32 (the ResNet-50 case)."""
     torch.manual_seed(0)
