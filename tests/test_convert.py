@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import pad
+from pad.mixing import weight_banks
 from dyconv.convert import convert_to_dynamic, default_selection
 from dyconv.inference import to_inference
 from dyconv.layers import CondConv2d, DynamicConv2d, ODConv2d, dynamic_convs
@@ -80,7 +81,7 @@ def test_upcycled_model_computes_the_original_trains_partitions_exports_and_infe
     if use_pad:
         report = pad.iterative_mode_partition(model, [(x, y)], lambda m, b: F.cross_entropy(m(b[0]), b[1]), 0.3,
                                               iterations=2, generator=torch.Generator().manual_seed(0))
-        masks = [bank.mask for _, bank in pad.weight_banks(model)]
+        masks = [bank.mask for _, bank in weight_banks(model)]
         positions = sum(mask.numel() for mask in masks)
         assert abs(sum(int(mask.sum()) for mask in masks) - 0.3 * positions) <= len(masks)
         assert report.achieved == pytest.approx(0.3, abs=len(masks) / positions)
