@@ -201,6 +201,8 @@ def upcycle(layer: nn.Module, conv: nn.Conv2d) -> None:
     if layer.bank.shape != conv.weight.shape:
         raise ValueError(f"cannot upcycle a conv of weight {tuple(conv.weight.shape)} into a layer of static "
                          f"shape {tuple(layer.bank.shape)}")
+    if (layer.bias is None) != (conv.bias is None):
+        raise ValueError("cannot upcycle: the layer and the conv differ in having a bias")
     kernel_scale, static_scale = 1.0, 1.0
     if isinstance(layer, CondConv2d):
         _pair_routing(layer.attention.fc)
@@ -222,8 +224,6 @@ def upcycle(layer: nn.Module, conv: nn.Conv2d) -> None:
     bank.kernels.copy_(conv.weight.expand_as(bank.kernels) * kernel_scale)
     if isinstance(bank, PartiallyDynamicWeights):
         bank.static_weight.copy_(conv.weight * static_scale)
-    if (layer.bias is None) != (conv.bias is None):
-        raise ValueError("cannot upcycle: the layer and the conv differ in having a bias")
     if conv.bias is not None:
         layer.bias.copy_(conv.bias)
 
