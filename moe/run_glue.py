@@ -475,23 +475,17 @@ def check_same_run(record: dict, checkpoint: str) -> None:
                          f"give a different run its own --output_dir")
 
 
-class RecordArguments(TrainerCallback):
-    """Writes the run's arguments (:func:`arguments_record`) into every checkpoint it saves, as
-    :data:`RUN_ARGS_FILE`, for :func:`check_same_run` when a run resumes from it."""
-
-    def __init__(self, record: dict):
-        self.text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
-            atomic_write(os.path.join(folder, RUN_ARGS_FILE), self.text)
+def arguments_writer(record: dict):
+    """A :attr:`moe.trainer.MoETrainer.checkpoint_writers` entry writing the run's arguments
+    (:func:`arguments_record`) into every checkpoint, as :data:`RUN_ARGS_FILE`, for :func:`check_same_run`."""
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    return lambda folder: atomic_write(os.path.join(folder, RUN_ARGS_FILE), text)
 
 
-def resume_checkpoint(training_args: TrainingArguments, record: dict) -> str | None:
+def resume_checkpoint(training_args: TrainingArguments, arguments: dict) -> str | None:
     """The checkpoint a training run resumes from (``--resume_from_checkpoint`` or the newest complete one in
     the output directory), with every file in it checked (:func:`moe.files.check_folder`) and the run's
-    arguments ``record`` compared with the checkpoint's (:func:`check_same_run`)."""
+    ``arguments`` compared with the checkpoint's (:func:`check_same_run`)."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such folder")
@@ -501,7 +495,7 @@ def resume_checkpoint(training_args: TrainingArguments, record: dict) -> str | N
     checkpoint = checkpoint or last_checkpoint(training_args)
     if checkpoint is not None and training_args.do_train:
         files.check_folder(checkpoint)
-        check_same_run(record, checkpoint)
+        check_same_run(arguments, checkpoint)
     return checkpoint
 
 
@@ -535,8 +529,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     input leaves an existing model, its checkpoints and results as they were.  A stop signal during
     training (``signals``) saves a checkpoint at the end of the current step and raises
     :class:`pad.runtime.Preempted` instead of evaluating and saving the model."""
-    record = arguments_record(model_args, data_args, moe_args, training_args)
-    checkpoint = resume_checkpoint(training_args, record)
+    arguments = arguments_record(model_args, data_args, moe_args, training_args)
+    checkpoint = resume_checkpoint(training_args, arguments)
     set_seed(training_args.seed)
     raw, spec = load_raw_datasets(data_args, training_args, model_args.cache_dir)
     check_splits(raw, training_args, spec)
@@ -575,10 +569,9 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
                          data_collator=collator, compute_metrics=compute_metrics)
     pad_run = (getattr(model.config, "moe", None) or {}).get("moe") == "pad"
     keeper = PartitionReportKeeper(trainer, resumed_from=checkpoint if training_args.do_train else None)
-    trainer.add_callback(keeper)
+    trainer.checkpoint_writers.append(arguments_writer(arguments))
     stopper = StopAtSignal(signals or StopSignals())
     trainer.add_callback(stopper)
-    trainer.add_callback(RecordArguments(record))
     train_metrics = eval_metrics = record = None
     if training_args.do_train:
         if pad_run and not from_saved_moe:

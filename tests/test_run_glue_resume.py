@@ -299,7 +299,7 @@ def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(who
                                                                            tmp_path, monkeypatch, capfd, target,
                                                                            errno_):
     """ENOSPC, EROFS, EIO while checkpoint-4 is saved: one line naming the file, exit 2, checkpoint-2 as it was,
-    no temporary file left; the rerun passes the unfinished checkpoint-4 over, or continues from it."""
+    no temporary file left; the rerun passes the unfinished checkpoint-4 over and ends as the uninterrupted run."""
     torch.set_num_threads(1)
     out = tmp_path / "out"
     shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
@@ -310,8 +310,14 @@ def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(who
     assert errors == [f"error: cannot write {out / 'checkpoint-4' / target}: {os.strerror(errno_)}"]
     assert tree_digest(out / "checkpoint-2") == before
     assert not list(out.rglob("*.tmp")) and not (out / "model.safetensors").exists()
+    assert not (out / "checkpoint-4" / "trainer_state.json").exists()  # incomplete: written before the state
     monkeypatch.undo()
+    capfd.readouterr()
     assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+    assert [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning")] == [
+        f"warning: {out / 'checkpoint-4'} is incomplete (no optimizer.pt, scheduler.pt, trainer_state.json; a run "
+        f"stopped while saving it): not resumed from"]
+    assert metric_values(read_json(out / "all_results.json")) == metric_values(read_json(whole_pad_run / "all_results.json"))
 
 
 def test_a_failed_trainer_save_names_its_file(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, monkeypatch, capfd):
