@@ -592,8 +592,12 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         result = trainer.train(resume_from_checkpoint=checkpoint)
         if stopper.signum is not None:
             saved = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
-            rerun = ("rerun the same command without --overwrite_output_dir to continue"
-                     if training_args.overwrite_output_dir else "rerun the same command to continue")
+            if training_args.overwrite_output_dir:
+                rerun = "rerun the same command without --overwrite_output_dir to continue"
+            elif training_args.resume_from_checkpoint is not None:  # the same command would resume the old one
+                rerun = f"rerun with --resume_from_checkpoint {saved} to continue"
+            else:
+                rerun = "rerun the same command to continue"
             raise Preempted(stopper.signum, f"saved {saved}; {rerun}")
         record = keeper.record()
         if pad_run and not from_saved_moe and record is None:
@@ -611,7 +615,6 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         eval_metrics.update(moe_summary(model))
     if train_metrics is not None:
         if record is not None and trainer.is_world_process_zero():
-            os.makedirs(training_args.output_dir, exist_ok=True)
             atomic_write(os.path.join(training_args.output_dir, "partition.json"), json.dumps(record, indent=2))
         trainer.save_model()
         trainer.log_metrics("train", train_metrics)

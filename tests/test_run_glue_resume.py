@@ -331,3 +331,21 @@ def test_a_failed_trainer_save_names_its_file(whole_pad_run, tiny_bert_dir, glue
     monkeypatch.setattr(run_glue.MoETrainer, "_save_optimizer_and_scheduler", no_space)
     code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out), capfd)
     assert code == 2 and errors == [f"error: {target}: {os.strerror(28)}"]
+
+
+def test_a_stop_signal_in_a_resumed_run_names_the_checkpoint_to_resume(whole_pad_run, tiny_bert_dir, glue_dir,
+                                                                      tmp_path, monkeypatch, capfd):
+    """Rerunning a command with --resume_from_checkpoint would start from the old checkpoint again: the line
+    names the new one instead."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
+    signal_during_step(monkeypatch, 3, signal.SIGTERM)
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out, "--resume_from_checkpoint", str(out / "checkpoint-2"))) == 143
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("stopped", "error"))]
+    saved = out / "checkpoint-3"
+    assert lines == [f"stopped by SIGTERM: saved {saved}; rerun with --resume_from_checkpoint {saved} to continue"]
+    monkeypatch.undo()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out, "--resume_from_checkpoint", str(saved))) == 0
+    assert metric_values(read_json(out / "all_results.json")) == metric_values(read_json(whole_pad_run / "all_results.json"))
