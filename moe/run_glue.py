@@ -50,7 +50,7 @@ from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, Stop
                          error_line, lock_folder)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
-from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
+from moe.trainer import PARTITION_FILE, MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
 
 logger = logging.getLogger("moe.run_glue")
 
@@ -445,6 +445,9 @@ RESUME_MAY_CHANGE = frozenset({
     "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "dataloader_persistent_workers",
     "local_rank", "ddp_timeout", "ddp_backend", "torch_empty_cache_steps",
 })
+# A partitioned checkpoint's masks carry their granularity, which a resume keeps whatever the flag says
+# (declare_partition_granularity); compared only while IMP is still to come (a checkpoint without partition.json).
+KEPT_BY_PARTITIONED_CHECKPOINT = frozenset({"partition_granularity"})
 RUN_ARGS_FILE = "run_args.json"
 
 
@@ -466,8 +469,9 @@ def check_same_run(record: dict, checkpoint: str) -> None:
     if not os.path.lexists(path):
         return
     recorded = files.read_json(path)
+    kept = KEPT_BY_PARTITIONED_CHECKPOINT if os.path.lexists(os.path.join(checkpoint, PARTITION_FILE)) else set()
     for flag, value in record.items():
-        if flag in RESUME_MAY_CHANGE or flag not in recorded or recorded[flag] == value:
+        if flag in RESUME_MAY_CHANGE or flag in kept or flag not in recorded or recorded[flag] == value:
             continue
         raise ValueError(f"--{flag} is {value!r}, but checkpoint {checkpoint} was trained with {recorded[flag]!r}: "
                          f"a resume continues the same run and may change only where it reads and writes, how long "

@@ -349,3 +349,16 @@ def test_a_stop_signal_in_a_resumed_run_names_the_checkpoint_to_resume(whole_pad
     monkeypatch.undo()
     assert main(pad_args(tiny_bert_dir, glue_dir, out, "--resume_from_checkpoint", str(saved))) == 0
     assert metric_values(read_json(out / "all_results.json")) == metric_values(read_json(whole_pad_run / "all_results.json"))
+
+
+def test_partition_granularity_is_compared_only_while_imp_is_to_come(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path,
+                                                                     capfd):
+    """A partitioned checkpoint's masks decide the granularity (a resume keeps them whatever the flag says);
+    a checkpoint saved before IMP (no partition.json) refuses a changed --partition_granularity."""
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-4", out / "checkpoint-4")
+    (out / "checkpoint-4" / "partition.json").unlink()
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out, "--max_steps", "6", "--partition_granularity",
+                                    "unit"), capfd)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith("error: --partition_granularity is 'unit', but checkpoint ")
