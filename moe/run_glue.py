@@ -49,7 +49,7 @@ from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, Stop
                          code_version, error_line, keep_freed_memory, lock_folder, machine_description)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
-from moe.trainer import MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
+from moe.trainer import PARTITION_FILE, MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
 
 logger = logging.getLogger("moe.run_glue")
 
@@ -444,6 +444,9 @@ RESUME_MAY_CHANGE = frozenset({
     "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "dataloader_persistent_workers",
     "local_rank", "ddp_timeout", "ddp_backend", "torch_empty_cache_steps",
 })
+# A partitioned checkpoint's masks carry their granularity, which a resume keeps whatever the flag says
+# (declare_partition_granularity); compared only while IMP is still to come (a checkpoint without partition.json).
+KEPT_BY_PARTITIONED_CHECKPOINT = frozenset({"partition_granularity"})
 RUN_ARGS_FILE = "run_args.json"
 
 
@@ -465,8 +468,9 @@ def check_same_run(record: dict, checkpoint: str) -> None:
     if not os.path.lexists(path):
         return
     recorded = files.read_json(path)
+    kept = KEPT_BY_PARTITIONED_CHECKPOINT if os.path.lexists(os.path.join(checkpoint, PARTITION_FILE)) else set()
     for flag, value in record.items():
-        if flag in RESUME_MAY_CHANGE or flag not in recorded or recorded[flag] == value:
+        if flag in RESUME_MAY_CHANGE or flag in kept or flag not in recorded or recorded[flag] == value:
             continue
         raise ValueError(f"--{flag} is {value!r}, but checkpoint {checkpoint} was trained with {recorded[flag]!r}: "
                          f"a resume continues the same run and may change only where it reads and writes, how long "
@@ -474,23 +478,17 @@ def check_same_run(record: dict, checkpoint: str) -> None:
                          f"give a different run its own --output_dir")
 
 
-class RecordArguments(TrainerCallback):
-    """Writes the run's arguments (:func:`arguments_record`) into every checkpoint it saves, as
-    :data:`RUN_ARGS_FILE`, for :func:`check_same_run` when a run resumes from it."""
-
-    def __init__(self, record: dict):
-        self.text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
-            atomic_write(os.path.join(folder, RUN_ARGS_FILE), self.text)
+def arguments_writer(record: dict):
+    """A :attr:`moe.trainer.MoETrainer.checkpoint_writers` entry writing the run's arguments
+    (:func:`arguments_record`) into every checkpoint, as :data:`RUN_ARGS_FILE`, for :func:`check_same_run`."""
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    return lambda folder: atomic_write(os.path.join(folder, RUN_ARGS_FILE), text)
 
 
-def resume_checkpoint(training_args: TrainingArguments, record: dict) -> str | None:
+def resume_checkpoint(training_args: TrainingArguments, arguments: dict) -> str | None:
     """The checkpoint a training run resumes from (``--resume_from_checkpoint`` or the newest complete one in
     the output directory), with every file in it checked (:func:`moe.files.check_folder`) and the run's
-    arguments ``record`` compared with the checkpoint's (:func:`check_same_run`)."""
+    ``arguments`` compared with the checkpoint's (:func:`check_same_run`)."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such folder")
@@ -500,7 +498,7 @@ def resume_checkpoint(training_args: TrainingArguments, record: dict) -> str | N
     checkpoint = checkpoint or last_checkpoint(training_args)
     if checkpoint is not None and training_args.do_train:
         files.check_folder(checkpoint)
-        check_same_run(record, checkpoint)
+        check_same_run(arguments, checkpoint)
     return checkpoint
 
 
@@ -534,8 +532,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     input leaves an existing model, its checkpoints and results as they were.  A stop signal during
     training (``signals``) saves a checkpoint at the end of the current step and raises
     :class:`pad.runtime.Preempted` instead of evaluating and saving the model."""
-    record = arguments_record(model_args, data_args, moe_args, training_args)
-    checkpoint = resume_checkpoint(training_args, record)
+    arguments = arguments_record(model_args, data_args, moe_args, training_args)
+    checkpoint = resume_checkpoint(training_args, arguments)
     set_seed(training_args.seed)
     raw, spec = load_raw_datasets(data_args, training_args, model_args.cache_dir)
     check_splits(raw, training_args, spec)
@@ -574,10 +572,9 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
                          data_collator=collator, compute_metrics=compute_metrics)
     pad_run = (getattr(model.config, "moe", None) or {}).get("moe") == "pad"
     keeper = PartitionReportKeeper(trainer, resumed_from=checkpoint if training_args.do_train else None)
-    trainer.add_callback(keeper)
+    trainer.checkpoint_writers.append(arguments_writer(arguments))
     stopper = StopAtSignal(signals or StopSignals())
     trainer.add_callback(stopper)
-    trainer.add_callback(RecordArguments(record))
     train_metrics = eval_metrics = record = None
     if training_args.do_train:
         if pad_run and not from_saved_moe:
@@ -598,8 +595,12 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         result = trainer.train(resume_from_checkpoint=checkpoint)
         if stopper.signum is not None:
             saved = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
-            rerun = ("rerun the same command without --overwrite_output_dir to continue"
-                     if training_args.overwrite_output_dir else "rerun the same command to continue")
+            if training_args.overwrite_output_dir:
+                rerun = "rerun the same command without --overwrite_output_dir to continue"
+            elif training_args.resume_from_checkpoint is not None:  # the same command would resume the old one
+                rerun = f"rerun with --resume_from_checkpoint {saved} to continue"
+            else:
+                rerun = "rerun the same command to continue"
             raise Preempted(stopper.signum, f"saved {saved}; {rerun}")
         record = keeper.record()
         if pad_run and not from_saved_moe and record is None:
@@ -617,7 +618,6 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
         eval_metrics.update(moe_summary(model))
     if train_metrics is not None:
         if record is not None and trainer.is_world_process_zero():
-            os.makedirs(training_args.output_dir, exist_ok=True)
             atomic_write(os.path.join(training_args.output_dir, "partition.json"), json.dumps(record, indent=2))
         trainer.save_model()
         trainer.log_metrics("train", train_metrics)

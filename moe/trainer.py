@@ -78,6 +78,7 @@ class MoETrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.partition_report: pad.PartitionReport | None = None
         self.partition_step: int | None = None
+        self.checkpoint_writers: list = []  # callables (folder) -> None, see save_model
         self._reset_running_means()
 
     def get_decay_parameter_names(self, model) -> list[str]:
@@ -89,13 +90,21 @@ class MoETrainer(Trainer):
         """``Trainer.save_model``, plus ``model_compact.safetensors`` (:func:`moe.modeling.save_compact_model`)
         for a PAD-MoE model when called from outside (checkpoints stay as they are), then
         ``checksums.json`` over the weight files written (:func:`moe.files.write_checksums`), in final
-        folders and ``checkpoint-N/`` folders alike."""
+        folders and ``checkpoint-N/`` folders alike.
+
+        In a ``checkpoint-N/`` folder each of :attr:`checkpoint_writers` (``writer(folder)``: the partition
+        report, the run's arguments) writes its file first: the Trainer saves the weights here, before its
+        optimizer and, last, ``trainer_state.json``, so a checkpoint holding that file (a complete one,
+        :func:`moe.files.missing_checkpoint_files`) holds theirs too."""
         super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         if not _internal_call and self.args.should_save and next(weight_banks(model), None) is not None:
             save_compact_model(model, output_dir)
         if self.args.should_save:
+            if _internal_call and os.path.basename(os.path.normpath(output_dir)).startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+                for write in self.checkpoint_writers:
+                    write(output_dir)
             files.write_checksums(output_dir)
 
     def _reset_running_means(self) -> None:
@@ -299,14 +308,16 @@ def read_partition_record(folder: str) -> dict | None:
     return record
 
 
-class PartitionReportKeeper(TrainerCallback):
-    """Keeps the partition report with the run: every checkpoint gets a ``partition.json``, and a
-    run resumed from a checkpoint starts from that checkpoint's report (its masks come from the
-    checkpoint, so IMP does not run again and its report would otherwise be lost)."""
+class PartitionReportKeeper:
+    """Keeps the partition report with the run: every checkpoint gets a ``partition.json`` (a
+    :attr:`MoETrainer.checkpoint_writers` entry), and a run resumed from a checkpoint starts from that
+    checkpoint's report (its masks come from the checkpoint, so IMP does not run again and its report
+    would otherwise be lost)."""
 
     def __init__(self, trainer: MoETrainer, resumed_from: str | None = None):
         self.trainer = trainer
         self.restored = read_partition_record(resumed_from) if resumed_from else None
+        trainer.checkpoint_writers.append(self.write)
 
     def record(self) -> dict | None:
         """The report of this run's IMP, else the resumed checkpoint's, else ``None``:
@@ -317,8 +328,7 @@ class PartitionReportKeeper(TrainerCallback):
                     "step": trainer.partition_step}
         return self.restored
 
-    def on_save(self, args, state, control, **kwargs):
+    def write(self, folder: str) -> None:
         record = self.record()
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if record is not None and state.is_world_process_zero and os.path.isdir(folder):
+        if record is not None:
             atomic_write(os.path.join(folder, PARTITION_FILE), json.dumps(record, indent=2))

@@ -299,7 +299,7 @@ def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(who
                                                                            tmp_path, monkeypatch, capfd, target,
                                                                            errno_):
     """ENOSPC, EROFS, EIO while checkpoint-4 is saved: one line naming the file, exit 2, checkpoint-2 as it was,
-    no temporary file left; the rerun passes the unfinished checkpoint-4 over, or continues from it."""
+    no temporary file left; the rerun passes the unfinished checkpoint-4 over and ends as the uninterrupted run."""
     torch.set_num_threads(1)
     out = tmp_path / "out"
     shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
@@ -310,8 +310,14 @@ def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(who
     assert errors == [f"error: cannot write {out / 'checkpoint-4' / target}: {os.strerror(errno_)}"]
     assert tree_digest(out / "checkpoint-2") == before
     assert not list(out.rglob("*.tmp")) and not (out / "model.safetensors").exists()
+    assert not (out / "checkpoint-4" / "trainer_state.json").exists()  # incomplete: written before the state
     monkeypatch.undo()
+    capfd.readouterr()
     assert main(pad_args(tiny_bert_dir, glue_dir, out)) == 0
+    assert [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning")] == [
+        f"warning: {out / 'checkpoint-4'} is incomplete (no optimizer.pt, scheduler.pt, trainer_state.json; a run "
+        f"stopped while saving it): not resumed from"]
+    assert metric_values(read_json(out / "all_results.json")) == metric_values(read_json(whole_pad_run / "all_results.json"))
 
 
 def test_a_failed_trainer_save_names_its_file(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path, monkeypatch, capfd):
@@ -325,3 +331,34 @@ def test_a_failed_trainer_save_names_its_file(whole_pad_run, tiny_bert_dir, glue
     monkeypatch.setattr(run_glue.MoETrainer, "_save_optimizer_and_scheduler", no_space)
     code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out), capfd)
     assert code == 2 and errors == [f"error: {target}: {os.strerror(28)}"]
+
+
+def test_a_stop_signal_in_a_resumed_run_names_the_checkpoint_to_resume(whole_pad_run, tiny_bert_dir, glue_dir,
+                                                                      tmp_path, monkeypatch, capfd):
+    """Rerunning a command with --resume_from_checkpoint would start from the old checkpoint again: the line
+    names the new one instead."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-2", out / "checkpoint-2")
+    signal_during_step(monkeypatch, 3, signal.SIGTERM)
+    capfd.readouterr()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out, "--resume_from_checkpoint", str(out / "checkpoint-2"))) == 143
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("stopped", "error"))]
+    saved = out / "checkpoint-3"
+    assert lines == [f"stopped by SIGTERM: saved {saved}; rerun with --resume_from_checkpoint {saved} to continue"]
+    monkeypatch.undo()
+    assert main(pad_args(tiny_bert_dir, glue_dir, out, "--resume_from_checkpoint", str(saved))) == 0
+    assert metric_values(read_json(out / "all_results.json")) == metric_values(read_json(whole_pad_run / "all_results.json"))
+
+
+def test_partition_granularity_is_compared_only_while_imp_is_to_come(whole_pad_run, tiny_bert_dir, glue_dir, tmp_path,
+                                                                     capfd):
+    """A partitioned checkpoint's masks decide the granularity (a resume keeps them whatever the flag says);
+    a checkpoint saved before IMP (no partition.json) refuses a changed --partition_granularity."""
+    out = tmp_path / "out"
+    shutil.copytree(whole_pad_run / "checkpoint-4", out / "checkpoint-4")
+    (out / "checkpoint-4" / "partition.json").unlink()
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, out, "--max_steps", "6", "--partition_granularity",
+                                    "unit"), capfd)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith("error: --partition_granularity is 'unit', but checkpoint ")
