@@ -749,7 +749,11 @@ def load_resume(args: argparse.Namespace, meta: dict) -> dict | None:
     checkpoint = load_checkpoint(args.resume)
     check_compatible(checkpoint["meta"], meta, args.resume)
     if not args.evaluate and isinstance(checkpoint.get("args"), dict):
-        check_same_run(checkpoint["args"], args, args.resume)
+        recorded = dict(checkpoint["args"])
+        if isinstance(checkpoint.get("partition"), dict):
+            # a partitioned checkpoint's masks fix the granularity, which the resume keeps and records
+            args.partition_granularity = recorded.pop("partition_granularity", args.partition_granularity)
+        check_same_run(recorded, args, args.resume)
     return checkpoint
 
 
