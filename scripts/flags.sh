@@ -2,18 +2,19 @@
 #   source scripts/flags.sh; parse_flags "USAGE" "$@"; settle_flags DEFAULT_SEEDS
 # parse_flags reads --seeds N, --jobs N, --pipeline P, and --mini / --gpu / --smoke where USAGE (the list of
 # flags the error line for an unknown argument names) names them (--gpu sets GPU=1 and MINI=1: the mini rows
-# at GPU scale); settle_flags sets SEEDS, JOBS and PIPELINE from
+# at GPU scale; --protocol sets PROTOCOL=1 and MINI=1: the mini rows at the protocol results/regime_selection.md
+# chose); settle_flags sets SEEDS, JOBS and PIPELINE from
 # the flags, else the environment (SEEDS=, JOBS=, PIPELINE=), else the defaults (DEFAULT_SEEDS, 1, all), and
 # checks them. Bad input: one error line, exit status 2. Also here, for every script: cuda_available PY and
 # output_suffix PY ARGS... (the -cuda/-amp/... part of a benchmark's output name).
 parse_flags() {
   local usage=$1; shift
-  MINI=0 MINI_FLAG=0 GPU=0 SMOKE=0 SEEDS_FLAG= JOBS_FLAG= PIPELINE_FLAG=
+  MINI=0 MINI_FLAG=0 GPU=0 SMOKE=0 PROTOCOL=0 SEEDS_FLAG= JOBS_FLAG= PIPELINE_FLAG=
   while [ $# -gt 0 ]; do
     case "$1" in
-      --mini|--gpu|--smoke)
+      --mini|--gpu|--smoke|--protocol)
         [[ "$usage" == *"$1"* ]] || { echo "error: unknown argument $1 (expected $usage)" >&2; exit 2; }
-        case "$1" in --mini) MINI_FLAG=1 ;; --gpu) GPU=1 ;; --smoke) SMOKE=1 ;; esac ;;
+        case "$1" in --mini) MINI_FLAG=1 ;; --gpu) GPU=1 ;; --smoke) SMOKE=1 ;; --protocol) PROTOCOL=1 ;; esac ;;
       --seeds)
         [ $# -ge 2 ] || { echo "error: --seeds needs a number" >&2; exit 2; }
         SEEDS_FLAG=$2; shift ;;
@@ -30,7 +31,10 @@ parse_flags() {
   if [ "$MINI_FLAG" = 1 ] && [ "$GPU" = 1 ]; then echo "error: --mini and --gpu exclude each other" >&2; exit 2; fi
   if [ "$MINI_FLAG" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --mini and --smoke exclude each other" >&2; exit 2; fi
   if [ "$GPU" = 1 ] && [ "$SMOKE" = 1 ]; then echo "error: --gpu and --smoke exclude each other" >&2; exit 2; fi
-  if [ "$MINI_FLAG" = 1 ] || [ "$GPU" = 1 ]; then MINI=1; fi
+  if [ "$PROTOCOL" = 1 ] && [ "$((MINI_FLAG + GPU + SMOKE))" -gt 0 ]; then
+    echo "error: --protocol excludes --mini, --gpu and --smoke" >&2; exit 2
+  fi
+  if [ "$MINI_FLAG" = 1 ] || [ "$GPU" = 1 ] || [ "$PROTOCOL" = 1 ]; then MINI=1; fi
 }
 
 settle_flags() {

@@ -4,6 +4,9 @@
 #                GLUE-style tasks with all-MiniLM-L6-v2 (configs/glue/minilm_mini.json).
 #   --gpu        GPU scale, on CUDA: the --mini rows, the image rows with configs/dyconv/fashion_mnist_gpu.yaml
 #                (ResNet width 64, more epochs, AMP); text rows as --mini. Runs and tables are named -gpu.
+#   --protocol   CPU scale at the protocol results/regime_selection.md chose (where the fully dynamic model beats the
+#                static one): the --mini rows (ResNet-10 only) with configs/dyconv/fashion_mnist_protocol.yaml and
+#                configs/glue/minilm_protocol.json; 5 seeds by default. Runs and tables are named -protocol.
 #   --smoke      every FULL-SCALE row with its real config (ImageNet recipe at 224 px / 1000 classes,
 #                bert-base settings on the embedded MiniLM) for one step of batch 2 on IMAGENET=... and
 #                GLUE_DIR=... (tiny folders; the tests generate them). Checks that the full-scale paths run.
@@ -22,10 +25,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/flags.sh
-parse_flags "--mini, --gpu, --smoke, --seeds N, --jobs N, --pipeline P" "$@"
-SCALE=$([ "$GPU" = 1 ] && echo gpu || { [ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; }; })
-MINI_DYCONV_CONFIG=configs/dyconv/fashion_mnist_$([ "$GPU" = 1 ] && echo gpu || echo mini).yaml
-settle_flags "$([ "$MINI" = 1 ] && echo 3 || echo 1)"
+parse_flags "--mini, --gpu, --protocol, --smoke, --seeds N, --jobs N, --pipeline P" "$@"
+SCALE=$([ "$GPU" = 1 ] && echo gpu || { [ "$PROTOCOL" = 1 ] && echo protocol || { [ "$MINI" = 1 ] && echo mini || { [ "$SMOKE" = 1 ] && echo smoke || echo full; }; }; })
+MINI_DYCONV_CONFIG=configs/dyconv/fashion_mnist_$([ "$GPU" = 1 ] && echo gpu || { [ "$PROTOCOL" = 1 ] && echo protocol || echo mini; }).yaml
+MINI_GLUE_CONFIG=configs/glue/minilm_$([ "$PROTOCOL" = 1 ] && echo protocol || echo mini).json
+settle_flags "$([ "$PROTOCOL" = 1 ] && echo 5 || { [ "$MINI" = 1 ] && echo 3 || echo 1; })"
 SCRIPT=$(basename "$0" .sh)
 RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}
@@ -58,6 +62,11 @@ SMOKE_DYCONV=(--epochs 1 --batch-size 2 --train-subset 2 --val-subset 2 --partit
 SMOKE_GLUE=(--max_steps 1 --max_train_samples 4 --max_eval_samples 4 --per_device_train_batch_size 2
             --per_device_eval_batch_size 4 --partition_batches 1 --partition_iterations 1
             --save_strategy no --eval_strategy no --logging_steps 1)
+
+# require_config FILE: --protocol's configs exist once results/regime_selection.md's rule has chosen the protocol.
+require_config() {
+  [ -f "$1" ] || { echo "error: $1 does not exist: the protocol for these rows is not chosen yet (results/regime_selection.md)" >&2; exit 2; }
+}
 
 # smoke_cleanup DIR: a smoke run proves the path runs; the weights it saved go (a dyconv smoke run writes no
 # checkpoints at all: --no-save-checkpoints above).
@@ -131,6 +140,7 @@ dyconv_run() {
     out=$RUNS/$row/seed$k
     [ -f "$out/summary.json" ] && continue
     if [ "$MINI" = 1 ]; then
+      require_config "$MINI_DYCONV_CONFIG"
       args=(--config "$MINI_DYCONV_CONFIG" "$@" --seed "$k" --output "$out")
     elif [ "$SMOKE" = 1 ]; then
       args=(--config "configs/dyconv/$config.yaml" --data "$IMAGENET" "$@" "${SMOKE_DYCONV[@]}" --seed "$k" --output "$out")
@@ -160,7 +170,8 @@ glue_run() {
     out=$RUNS/$row/seed$k
     [ -f "$out/all_results.json" ] && continue
     if [ "$MINI" = 1 ]; then
-      args=(configs/glue/minilm_mini.json --glue_dir data/glue --task_name "$task" --moe "$moe" "$@" --seed "$k"
+      require_config "$MINI_GLUE_CONFIG"
+      args=("$MINI_GLUE_CONFIG" --glue_dir data/glue --task_name "$task" --moe "$moe" "$@" --seed "$k"
             --output_dir "$out" --overwrite_output_dir)
     elif [ "$SMOKE" = 1 ]; then
       local warmup

@@ -8,8 +8,9 @@
 # Smoke: IMAGENET=tiny GLUE_DIR=tiny bash scripts/table1_imagenet_dyconv.sh --smoke  (every full row, one step)
 # Comparisons: PAD vs fully dynamic, fully dynamic vs static, PAD vs static, per architecture.
 source "$(dirname "$0")/lib.sh" "$@"
-# --gpu: the ResNet-10 rows only (what one lent GPU session's 15 minutes of device time hold, 3 seeds)
-if [ "$GPU" = 1 ]; then ARCHS="resnet10"; elif [ "$MINI" = 1 ]; then ARCHS="resnet10 mobilenetv2_050"; else ARCHS="resnet10 resnet18 resnet50 mobilenetv2_050 mobilenetv2_075 mobilenetv2_100"; fi
+# --gpu and --protocol: the ResNet-10 rows only (the protocol search chose among ResNet-10 settings);
+# --gpu: (what one lent GPU session's 15 minutes of device time hold, 3 seeds)
+if [ "$GPU" = 1 ] || [ "$PROTOCOL" = 1 ]; then ARCHS="resnet10"; elif [ "$MINI" = 1 ]; then ARCHS="resnet10 mobilenetv2_050"; else ARCHS="resnet10 resnet18 resnet50 mobilenetv2_050 mobilenetv2_075 mobilenetv2_100"; fi
 for arch in $ARCHS; do
   # --mini: MobileNetV2 x0.5 keeps 28 px feature maps longer and costs ~5x ResNet-10 at width 16 per image on
   # CPU, so it trains on 20000 of the 60000 images; the mini config's ResNet width does not apply to it.

@@ -88,7 +88,7 @@ def fake_run(run: Path, row: str, seed: int) -> float:
 # ---------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --gpu, --smoke, --seeds N, --jobs N, --pipeline P)"),
+    (["--bogus"], {}, "error: unknown argument --bogus (expected --mini, --gpu, --protocol, --smoke, --seeds N, --jobs N, --pipeline P)"),
     (["--gpu", "--mini"], {}, "error: --mini and --gpu exclude each other"),
     (["--smoke", "--gpu"], {}, "error: --gpu and --smoke exclude each other"),
     (["--mini", "--jobs", "0"], {}, "error: the number of jobs must be a positive integer, got '0'"),
@@ -567,3 +567,37 @@ def test_regime_search_screens_every_candidate_and_confirms_one(tmp_path):
 def test_regime_search_bad_input(args, env, message):
     result = run_script("regime_search", *args, env=env)
     assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
+
+
+def test_protocol_scale_rows_seeds_and_table(tmp_path):
+    """--protocol: table1's ResNet-10 rows over 5 seeds by default in runs/<script>-protocol, a -protocol table."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    rows = table1_rows(["resnet10"])
+    for row in rows:
+        for seed in range(5):
+            fake_run(runs / "table1_imagenet_dyconv-protocol" / row / f"seed{seed}", row, seed)
+    result = run_script("table1_imagenet_dyconv", "--protocol", "--pipeline", "dyconv",
+                        env={"RUNS_ROOT": str(runs), "RESULTS": str(results)})
+    assert result.returncode == 0, result.stderr
+    assert "== " not in result.stdout
+    table = (results / "table1_imagenet_dyconv-protocol-dyconv.md").read_text()
+    assert "Produced by `bash scripts/table1_imagenet_dyconv.sh --protocol --seeds 5 --pipeline dyconv`." in table
+    assert "mobilenetv2" not in table and "| resnet10-dyconv | " in table and " (5) |" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--protocol", "--mini"], "error: --protocol excludes --mini, --gpu and --smoke"),
+    (["--gpu", "--protocol"], "error: --protocol excludes --mini, --gpu and --smoke"),
+    (["--protocol", "--smoke"], "error: --protocol excludes --mini, --gpu and --smoke"),
+])
+def test_protocol_flag_exclusions(args, message):
+    result = run_script("table_dynamic_convs", *args)
+    assert result.returncode == 2 and result.stderr == message + "\n"
+
+
+def test_protocol_rows_need_the_chosen_protocols_config():
+    result = subprocess.run(["bash", "-c", 'source scripts/lib.sh --protocol; require_config configs/none.yaml'],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr == ("error: configs/none.yaml does not exist: the protocol for these rows is not chosen yet "
+                             "(results/regime_selection.md)\n")
