@@ -140,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", type=_bounded(int, 1), default=4, help="K kernels per dynamic conv")
     g.add_argument("--reduction", type=_bounded(int, 1), default=4, help="attention reduction r")
     g.add_argument("--scale-factors", choices=SCALE_FACTOR_VARIANTS, default="both")
-    g.add_argument("--odconv-static-attention", choices=ODCONV_STATIC_ATTENTIONS, default="none",
-                   help="PAD-ODConv: which attentions also scale the static part: none (the static part of "
-                        "DESIGN's Omega), channel-filter (the authors' release: the input-channel and filter "
-                        "attentions scale the whole conv) or all (ODConv over the folded kernels)")
+    g.add_argument("--odconv-static-attention", choices=ODCONV_STATIC_ATTENTIONS, default=None,
+                   help="PAD-ODConv: which attentions also scale the static part: channel-filter (the default, "
+                        "the authors' release: the input-channel and filter attentions scale the whole conv), "
+                        "none (the static part of DESIGN's Omega) or all (ODConv over the folded kernels)")
     g.add_argument("--conv-scheme", choices=POLICIES, default="auto",
                    help="execution scheme of every dynamic conv: auto (per layer, by a cost model) or one forced "
                         "where exact; a resumed run keeps the schemes its checkpoint recorded")
@@ -250,8 +250,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.image_size = 224 if args.dataset == "imagenet" else 28
     if args.pad and args.conv == "static":
         raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
-    if args.odconv_static_attention != "none" and not (args.conv == "odconv" and args.pad):
+    if args.odconv_static_attention not in (None, "none") and not (args.conv == "odconv" and args.pad):
         raise UsageError("--odconv-static-attention needs --conv odconv --pad")
+    if args.odconv_static_attention is None:  # the authors' placement where it applies (docs/choices.md)
+        args.odconv_static_attention = "channel-filter" if args.conv == "odconv" and args.pad else "none"
     if args.resnet_width != 64 and not args.arch.startswith("resnet"):
         raise UsageError(f"--resnet-width applies to the ResNets only; {args.arch} takes its width from its name")
     if args.evaluate and not args.resume:

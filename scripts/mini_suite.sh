@@ -19,8 +19,9 @@ settle_flags 3
 export SEEDS JOBS PIPELINE
 export RUNS_ROOT=${RUNS_ROOT:-results/runs}
 unset RUNS  # each script keeps its own folder under RUNS_ROOT
-for script in table1_imagenet_dyconv table_dynamic_convs table2_glue_moe ablation_scale_factors \
-              ablation_partition ablation_dynamic_ratio ablation_moe_layers ablation_granularity; do
+SCRIPTS="table1_imagenet_dyconv table_dynamic_convs table2_glue_moe ablation_scale_factors ablation_partition
+         ablation_dynamic_ratio ablation_moe_layers ablation_granularity"
+for script in $SCRIPTS; do
   echo "=== $script --mini --seeds $SEEDS --jobs $JOBS --pipeline $PIPELINE"
   bash "scripts/$script.sh" --mini --seeds "$SEEDS" --jobs "$JOBS" --pipeline "$PIPELINE"
 done
@@ -28,5 +29,6 @@ done
 .venv/bin/python scripts/figures.py --runs "$RUNS_ROOT" --scale mini --seeds "$SEEDS" \
   --output "${FIGURES:-results/figures}"
 # what the whole suite cost, from the runs' records (each run once, shared rows not twice)
-.venv/bin/python scripts/suite_cost.py --runs "$RUNS_ROOT" --scale mini --jobs "$JOBS" \
+# shellcheck disable=SC2086  # the script names are words
+.venv/bin/python scripts/suite_cost.py --runs "$RUNS_ROOT" --scale mini --jobs "$JOBS" --scripts $SCRIPTS \
   --output "${RESULTS:-results/measured}/suite_cost-mini.md"

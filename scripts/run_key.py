@@ -17,9 +17,9 @@ import json
 import sys
 
 # Where a run writes, not what it computes.
-DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config", "save_checkpoints")
-# Settings added after runs were indexed, left out of the key at their default (which computes what the
-# runs before them computed), so that those runs keep their keys.
+DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config", "save_checkpoints", "save_steps")
+# Settings added after runs were indexed, left out of the key at the value that computes what the runs before
+# them computed, so that those runs keep their keys.
 DYCONV_LATER = {"odconv_static_attention": "none"}
 GLUE_WHERE = ("output_dir", "overwrite_output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
 

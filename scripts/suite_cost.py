@@ -1,6 +1,6 @@
 """What a suite of runs cost, from the runs' own records: run-seconds per script and in all.
 
-    python scripts/suite_cost.py [--runs results/runs] [--scale mini] [--jobs 2] [--output FILE.md]
+    python scripts/suite_cost.py [--runs results/runs] [--scale mini] [--jobs 2] [--scripts NAME ...] [--output FILE.md]
 
 Every ``RUNS/<script>-<scale>/<row>/seed<k>`` that is a folder of its own is counted once; one that
 is a link (a row shared with another script, see ``scripts/lib.sh``) is the other script's run and
@@ -40,14 +40,16 @@ def run_seconds(run: Path) -> tuple[str, float | None]:
     return "text", None if None in parts else float(sum(parts))
 
 
-def suite_costs(runs: Path, scale: str) -> dict[str, dict]:
+def suite_costs(runs: Path, scale: str, scripts: list[str] | None = None) -> dict[str, dict]:
     """``{script: {"image": [s, ...], "text": [...], "rows": {row: [s, ...]}, "untimed": [run, ...],
-    "linked": n, "unfinished": n}}``."""
+    "linked": n, "unfinished": n}}`` over every script's folder, or only those of ``scripts``."""
     if not runs.is_dir():
         raise InputError(f"{runs} is not a folder of runs")
     costs = {}
     for script_dir in sorted(runs.glob(f"*-{scale}")):
         if not script_dir.is_dir() or script_dir.name.startswith("."):  # .shared-<scale>: the index of shared rows
+            continue
+        if scripts is not None and script_dir.name[: -len(scale) - 1] not in scripts:
             continue
         entry = {"image": [], "text": [], "rows": {}, "untimed": [], "linked": 0, "unfinished": 0}
         for run in sorted(script_dir.glob("*/seed*")):
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=Path, default=Path("results/runs"), help="the runs root (RUNS_ROOT)")
     parser.add_argument("--scale", default="mini", help="the scale suffix of the script folders (mini, gpu, full)")
     parser.add_argument("--jobs", type=int, default=2, help="runs that ran at once (JOBS)")
+    parser.add_argument("--scripts", nargs="+", default=None,
+                        help="only these scripts' runs (default: every <script>-<scale> folder)")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here")
     return parser
 
@@ -121,15 +125,16 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.jobs < 1:
             raise InputError(f"--jobs must be >= 1, got {args.jobs}")
-        text = report(suite_costs(args.runs, args.scale), args.jobs)
+        text = report(suite_costs(args.runs, args.scale, args.scripts), args.jobs)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(text, end="")
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
+        scripts = "" if args.scripts is None else " --scripts " + " ".join(args.scripts)
         args.output.write_text(f"# python scripts/suite_cost.py --runs {args.runs} --scale {args.scale} "
-                               f"--jobs {args.jobs}\n\n{text}")
+                               f"--jobs {args.jobs}{scripts}\n\n{text}")
     return 0
 
 

@@ -343,27 +343,25 @@ def test_resnet_width_builds_narrow_stages_and_must_match_on_resume(folder, tmp_
 
 def test_odconv_static_attention_is_recorded_kept_on_resume_and_evaluated_from_the_compact_file(folder, tmp_path,
                                                                                                    capsys):
-    """PAD-ODConv with the authors' channel-filter static attention: recorded in summary and checkpoint, refused
-    by name on a resume that builds the other one, and a checkpoint written before the flag counts as 'none'."""
+    """PAD-ODConv's static attention is the authors' channel-filter by default: recorded in summary and checkpoint,
+    refused by name on a resume that builds another one; none is an explicit choice."""
     odconv = ("--conv", "odconv", "--pad", "--dynamic-ratio", "0.3", "--partition-iterations", "1",
               "--partition-batches", "1", "--resnet-width", "8")
     out = tmp_path / "cf"
-    assert main(base_args(folder, out, *odconv, "--odconv-static-attention", "channel-filter")) == 0
+    assert main(base_args(folder, out, *odconv)) == 0
     summary = read_json(out / "summary.json")
     assert summary["odconv_static_attention"] == "channel-filter"
     assert engine.load_checkpoint(out / "checkpoint.pt")["meta"]["odconv_static_attention"] == "channel-filter"
-    err = run_failing(base_args(folder, out, *odconv, "--epochs", "2", "--resume", str(out / "checkpoint.pt")), capsys)
+    err = run_failing(base_args(folder, out, *odconv, "--epochs", "2", "--odconv-static-attention", "none",
+                                "--resume", str(out / "checkpoint.pt")), capsys)
     assert "odconv_static_attention='channel-filter', but this run builds odconv_static_attention='none'" in err
     assert main(base_args(folder, tmp_path / "eval", *odconv, "--odconv-static-attention", "channel-filter",
                           "--evaluate", "--resume", str(out / "model_compact.safetensors"))) == 0
     assert read_json(tmp_path / "eval" / "summary.json")["top1"] == pytest.approx(summary["top1"])
     plain = tmp_path / "none"
-    assert main(base_args(folder, plain, *odconv)) == 0
-    state = engine.load_checkpoint(plain / "checkpoint.pt")
-    del state["meta"]["odconv_static_attention"]
-    engine.save_checkpoint(state, plain / "checkpoint.pt")
-    assert main(base_args(folder, plain, *odconv, "--epochs", "2", "--resume", str(plain / "checkpoint.pt"))) == 0
+    assert main(base_args(folder, plain, *odconv, "--odconv-static-attention", "none")) == 0
     assert read_json(plain / "summary.json")["odconv_static_attention"] == "none"
+    assert parse_args(["--conv", "odconv"]).odconv_static_attention == "none"  # not PAD: nothing to scale
 
 
 def test_shipped_configs_parse():

@@ -32,8 +32,9 @@ def table2_rows(tasks):
 
 
 def dynamic_convs_rows(arch):
-    return ([f"{arch}-{c}{p}" for c in ("condconv", "dyconv", "odconv") for p in ("", "-pad0.3")]
-            + [f"{arch}-odconv-pad0.3-{a}" for a in ("channel-filter", "all")])
+    """PAD-ODConv's rows name their static attention: channel-filter (the default) and the ablations none, all."""
+    return ([f"{arch}-{c}{p}" for c in ("condconv", "dyconv") for p in ("", "-pad0.3")]
+            + [f"{arch}-odconv"] + [f"{arch}-odconv-pad0.3-{a}" for a in ("channel-filter", "none", "all")])
 
 
 def ratio_rows(arch):
@@ -182,9 +183,10 @@ MINI_COMPARISONS = {
                                for x, y in (("dyconv-pad0.3", "dyconv"), ("dyconv", "static"), ("dyconv-pad0.3", "static"))],
     "table2_glue_moe": [f"{t}-{x} - {t}-{y}" for t in ("sst2", "rte") for x, y in (("pad", "moe"), ("moe", "none"))]
                        + ["average-pad - average-moe", "average-moe - average-none", "average-pad - average-none"],
-    "table_dynamic_convs": [f"resnet10-{c}-pad0.3 - resnet10-{c}" for c in ("condconv", "dyconv", "odconv")]
-                           + [f"resnet10-odconv-pad0.3-{a} - resnet10-odconv{p}" for a in ("channel-filter", "all")
-                              for p in ("", "-pad0.3")],
+    "table_dynamic_convs": [f"resnet10-{c}-pad0.3 - resnet10-{c}" for c in ("condconv", "dyconv")]
+                           + ["resnet10-odconv-pad0.3-channel-filter - resnet10-odconv"]
+                           + [f"resnet10-odconv-pad0.3-{a} - resnet10-odconv{p}" for a in ("none", "all")
+                              for p in ("", "-pad0.3-channel-filter")],
     "ablation_dynamic_ratio": [f"resnet10-pad{r} - resnet10-pad0.3" for r in ("0.1", "0.5", "0.7", "1.0")]
                               + [f"rte-pad{r} - rte-pad0.5" for r in ("0.3", "0.7", "0.9")],
     "ablation_partition": [f"resnet10-pad0.3-{c} - resnet10-pad0.3-taylor"
@@ -255,8 +257,9 @@ def test_paired_differences_of_a_declared_comparison(tmp_path):
     scores = {(row, s): fake_run(runs / row / f"seed{s}", row, s) for row in rows for s in range(3)}
     result = run_script("table_dynamic_convs", "--mini", env={"RUNS": str(runs), "RESULTS": str(results)})
     assert result.returncode == 0, result.stderr
-    diffs = [scores["resnet10-odconv-pad0.3", s] - scores["resnet10-odconv", s] for s in range(3)]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("| resnet10-odconv-pad0.3 - resnet10-odconv |"))
+    diffs = [scores["resnet10-odconv-pad0.3-channel-filter", s] - scores["resnet10-odconv", s] for s in range(3)]
+    line = next(l for l in result.stdout.splitlines()
+                if l.startswith("| resnet10-odconv-pad0.3-channel-filter - resnet10-odconv |"))
     assert ", ".join(f"{d:+.2f}" for d in diffs) in line
     assert "(3)" in line  # --mini defaults to 3 seeds
 
@@ -456,12 +459,16 @@ def test_run_key_resolves_defaults_and_ignores_where_a_run_writes():
     assert run_key("glue", *glue, "--dynamic_ratio", "0.7", "--seed", "0", "--output_dir", "x") != key
 
 
-def test_run_key_leaves_a_later_setting_out_at_its_default():
-    """--odconv-static-attention came after runs were indexed: at its default the key is the one those runs have."""
+def test_run_key_leaves_a_later_setting_out_at_the_value_earlier_runs_computed():
+    """--odconv-static-attention came after runs were indexed: at none (what those runs computed) it is left out of
+    the key; the default PAD-ODConv is the authors' channel-filter. Where a run saves (--save-steps) is no setting."""
     odconv = ["--config", "configs/dyconv/fashion_mnist_mini.yaml", "--conv", "odconv", "--pad", "--seed", "0"]
     key = run_key("dyconv", *odconv)
-    assert run_key("dyconv", *odconv, "--odconv-static-attention", "none") == key
-    assert run_key("dyconv", *odconv, "--odconv-static-attention", "channel-filter") != key
+    assert run_key("dyconv", *odconv, "--odconv-static-attention", "channel-filter") == key
+    assert run_key("dyconv", *odconv, "--odconv-static-attention", "none") != key
+    import run_key as run_key_module
+    assert "odconv_static_attention" not in run_key_module.dyconv_settings(odconv + ["--odconv-static-attention", "none"])
+    assert run_key("dyconv", *odconv, "--save-steps", "7") == key
 
 
 def test_run_key_bad_arguments_are_one_error_line():

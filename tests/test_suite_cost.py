@@ -50,6 +50,15 @@ def test_each_run_counted_once_with_both_bounds(runs, capsys):
     assert output.read_text() == f"# python scripts/suite_cost.py --runs {runs} --scale mini --jobs 2\n\n{text}"
 
 
+def test_scripts_limits_the_count_to_those_scripts(runs, capsys):
+    output = runs.parent / "cost.md"
+    assert suite_cost.main(["--runs", str(runs), "--scripts", "table", "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| table | 2 | 1 | 460 (0.13 h) | 0 | 1 | 0 |" and not any("ablation" in l for l in lines)
+    assert output.read_text().startswith(f"# python scripts/suite_cost.py --runs {runs} --scale mini --jobs 2 "
+                                         f"--scripts table\n")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--runs", "{root}/missing"], "error: {root}/missing is not a folder of runs"),
     (["--runs", "{root}", "--scale", "gpu"], "error: no <script>-gpu folders in {root}"),

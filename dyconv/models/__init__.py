@@ -17,7 +17,7 @@ _MOBILENET_WIDTHS = {"mobilenetv2_050": 0.5, "mobilenetv2_075": 0.75, "mobilenet
 def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes: int = 1000,
                 small_input: bool = False, in_channels: int = 3, kernels: int = 4, reduction: int = 4,
                 scale_factors: str = "both", temperature: float = 30.0, conv_scheme: str = "auto",
-                resnet_width: int = 64, odconv_static_attention: str = "none") -> nn.Module:
+                resnet_width: int = 64, odconv_static_attention: str | None = None) -> nn.Module:
     """Builds ``arch`` with every block conv made by :func:`dyconv.layers.conv_factory`.
 
     ``conv_scheme``: the execution scheme of every dynamic conv, ``auto`` (chosen per
@@ -25,13 +25,15 @@ def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes:
     ``resnet_width``: a ResNet's stem and first-stage channels (64 = the paper's ResNets; the
     stages double it); MobileNetV2 takes its width from the arch name and refuses another value.
     ``odconv_static_attention``: which attentions scale PAD-ODConv's static part
-    (:data:`dyconv.layers.ODCONV_STATIC_ATTENTIONS`: ``none``, the default, the authors' ``channel-filter``
-    or ``all``).
+    (:data:`dyconv.layers.ODCONV_STATIC_ATTENTIONS`: the authors' ``channel-filter``, the default for PAD-ODConv,
+    ``none`` or ``all``; ``None`` picks that default, ``none`` for every other conv).
 
     ``forward`` maps ``(B, in_channels, H, W)`` to logits ``(B, num_classes)``.
     Raises ``ValueError`` for an unknown arch or conv, a bad factory argument, or
     non-positive ``num_classes`` / ``in_channels`` / ``resnet_width``.
     """
+    if odconv_static_attention is None:
+        odconv_static_attention = "channel-filter" if conv == "odconv" and pad else "none"
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     if num_classes < 1 or in_channels < 1:
