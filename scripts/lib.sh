@@ -108,7 +108,9 @@ finish_runs() {
 # scripts/run_key.py, already exists under the runs root, OUT becomes a relative link to it and this returns
 # 0; otherwise OUT is recorded as the run of those settings (in $SHARED) and this returns 1. A folder OUT that
 # holds a run of its own is never replaced. Not with --smoke (its runs are replaced each time).
-SHARED=${RUNS_ROOT:-runs}/.shared-$SCALE
+# --protocol's rows are CPU-scale runs like --mini's (the protocol search ran its static and fully dynamic rows),
+# so the two scales share one index.
+SHARED=${RUNS_ROOT:-runs}/.shared-$([ "$SCALE" = protocol ] && echo mini || echo "$SCALE")
 same_run() {
   local out=$1 done_file=$2 kind=$3; shift 3
   [ "$SMOKE" = 0 ] || return 1

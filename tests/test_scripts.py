@@ -510,6 +510,27 @@ def test_a_row_shared_by_two_scripts_runs_once_and_is_linked(tmp_path):
     assert (root / ".shared-mini" / key).read_text().strip() == str(link)
 
 
+def test_protocol_rows_link_to_the_protocol_searchs_runs(tmp_path):
+    """--protocol's static and DY-Conv rows have the settings of the search's chosen candidate: with the search's
+    runs finished, table1 --protocol links to them (one index for the CPU scales) instead of training."""
+    root, results = tmp_path / "runs", tmp_path / "results"
+    (root / ".shared-mini").mkdir(parents=True)
+    for conv in ("static", "dyconv"):
+        owner = root / "regime_search-mini" / f"resnet10-w4-e2-{conv}" / "seed0"
+        fake_run(owner, f"resnet10-w4-e2-{conv}", 0)
+        key = run_key("dyconv", "--config", "configs/dyconv/fashion_mnist_mini.yaml", "--arch", "resnet10", "--conv",
+                      conv, "--resnet-width", "4", "--epochs", "2", "--temp-epochs", "0.2", "--seed", "0")
+        (root / ".shared-mini" / key).write_text(f"{owner}\n")
+    fake_run(root / "table1_imagenet_dyconv-protocol" / "resnet10-dyconv-pad0.3" / "seed0", "resnet10-dyconv-pad0.3", 0)
+    result = run_script("table1_imagenet_dyconv", "--protocol", "--seeds", "1", "--pipeline", "dyconv",
+                        env={"RUNS_ROOT": str(root), "RESULTS": str(results)})
+    assert result.returncode == 0, result.stderr
+    assert "== table1_imagenet_dyconv: resnet10" not in result.stdout.replace("is the same run as", "")
+    for conv in ("static", "dyconv"):
+        link = root / "table1_imagenet_dyconv-protocol" / f"resnet10-{conv}" / "seed0"
+        assert link.is_symlink() and link.resolve().parent.name == f"resnet10-w4-e2-{conv}"
+
+
 def test_committed_run_records_keep_results_and_drop_weights():
     """results/runs/.gitignore (the suite's runs): the records of a run are committed, its weights are not."""
     run = "results/runs/table1_imagenet_dyconv-mini/resnet10-static/seed0"
