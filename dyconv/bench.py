@@ -68,12 +68,11 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 import pad
-from pad.mixing import weight_banks
-from pad.partition import check_dynamic_ratio, select_dynamic
+from pad.partition import check_dynamic_ratio
 from pad.runtime import keep_freed_memory
 from .inference import to_inference
 from .layers import conv_schemes, dynamic_convs, set_conv_scheme
-from .models import ARCHS, build_model
+from .models import ARCHS, build_model, set_random_mask
 from .schemes import POLICIES, SCHEMES, applicable_schemes
 
 # (name, conv, pad, partition granularity)
@@ -87,16 +86,6 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # every variant's forward is one code object to dynamo, compiled once per model and pass (mode, grad,
 # batch 1 are guarded): more than torch's default limit of 8 graphs per code object
 RECOMPILE_LIMIT = 64
-
-
-def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0, granularity: str = "element") -> None:
-    """Keeps a uniformly random ``dynamic_ratio`` of all PAD positions dynamic (global scope), whole
-    units of ``granularity`` at a time."""
-    banks = dict(weight_banks(model))
-    generator = torch.Generator().manual_seed(seed)
-    scores = {name: torch.rand(bank.mask.shape, generator=generator) for name, bank in banks.items()}
-    with torch.no_grad():
-        select_dynamic(banks, scores, dynamic_ratio, "global", granularity=granularity)
 
 
 def _autocast(device: torch.device, amp: bool):

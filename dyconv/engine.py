@@ -14,18 +14,17 @@ at most one dimension) get none, as decaying ``phi`` would pull both scale facto
 towards 1 for no reason but the regulariser.
 
 Checkpoints carry the SHA-256 of their serialized state and are fsync'ed before they
-replace the old file; :func:`load_checkpoint` turns any unreadable, damaged or foreign
-file into one :class:`CheckpointError`.  A non-finite loss raises :class:`TrainingDiverged`
+replace the old file; :func:`load_checkpoint` turns any unreadable or foreign file into one
+:class:`CheckpointError`, and one whose checksum does not match (or that has none) into one
+:class:`pad.runtime.IntegrityError`.  A non-finite loss raises :class:`TrainingDiverged`
 before the optimizer step.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
 import random
-import sys
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dyconv.layers import set_temperature, temperature_schedule
-from pad.runtime import TEMPORARY_SUFFIX, atomic_link, atomic_write
+from pad.runtime import TEMPORARY_SUFFIX, atomic_link, atomic_write, predates, sha256_bytes, verify
 
 LR_SCHEDULES = ("cosine", "step")
 STEP_MILESTONES = (0.3, 0.6, 0.9)
@@ -283,8 +282,8 @@ def restore_random_states(states: dict, device: torch.device) -> None:
 #
 # On disk a checkpoint is ``torch.save({"format": CHECKPOINT_FORMAT, "sha256": hex, "payload": uint8 tensor})``,
 # where the payload is the ``torch.save`` serialisation of the state and ``sha256`` its digest: any changed
-# byte of the state is reported on load instead of trained on.  ``torch.load(path, weights_only=True)`` still
-# reads the wrapper; :func:`load_checkpoint` verifies it and returns the state.
+# byte of the state is reported on load instead of trained on.  ``torch.load(path, weights_only=True)`` also
+# reads the wrapper; :func:`load_checkpoint` verifies it (:func:`pad.runtime.verify`) and returns the state.
 
 CHECKPOINT_FORMAT = "dyconv-checkpoint-v2"
 CHECKPOINT_KEYS = ("model", "meta", "epoch", "step")
@@ -300,7 +299,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getbuffer()
-    wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+    wrapper = {"format": CHECKPOINT_FORMAT, "sha256": sha256_bytes(payload),
                "payload": torch.frombuffer(payload, dtype=torch.uint8)}  # a view of the buffer, not a copy
     # serialised in memory, so that a full disk surfaces as the OSError of a plain write, not a zip-writer error
     outer = io.BytesIO()
@@ -366,9 +365,9 @@ def _check_state(state, path: Path) -> dict:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """The state saved by :func:`save_checkpoint`, verified against its SHA-256.
 
-    CheckpointError when ``path`` is missing, a directory, empty, truncated, damaged (checksum mismatch),
-    foreign, or holds non-finite weights.  Checkpoints written before checksums existed (a bare state
-    dict) are accepted with a warning on stderr: their bytes cannot be verified and they hold no random states.
+    CheckpointError when ``path`` is missing, a directory, empty, truncated, foreign, or holds non-finite
+    weights; :class:`pad.runtime.IntegrityError` when its contents do not match their checksum, the checksum
+    record is malformed, or there is none (a bare state: nothing could tell a damaged one from an intact one).
     """
     path = Path(path)
     if path.is_dir():
@@ -382,32 +381,26 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not data:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     outer = _deserialize(data, path, "cpu")
-    if isinstance(outer, dict) and outer.get("format") == CHECKPOINT_FORMAT:
-        payload, digest = outer.get("payload"), outer.get("sha256")
-        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1 \
-                or not isinstance(digest, str):
-            raise CheckpointError(f"checkpoint {path} is damaged: its checksum record is malformed")
-        payload = payload.numpy()
-        if hashlib.sha256(payload).hexdigest() != digest:
-            raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match their SHA-256 checksum")
-        return _check_state(_deserialize(payload.tobytes(), path, map_location), path)
-    state = _check_state(outer, path)
-    print(f"warning: checkpoint {path} has no checksum (written before checksummed checkpoints): its contents "
-          f"are not verified and it holds no random states, so the resumed run is not bit-identical",
-          file=sys.stderr, flush=True)
-    if map_location != "cpu":
-        state = _deserialize(data, path, map_location)
-    return state
-
-
-# Model fields added after checkpoints were first written: what an older checkpoint without them holds.
-META_DEFAULTS = {"resnet_width": 64, "odconv_static_attention": "none"}  # fields older checkpoints lack
+    if not isinstance(outer, dict) or outer.get("format") != CHECKPOINT_FORMAT:
+        _check_state(outer, path)  # a foreign file is reported as foreign, a bare state as unverifiable
+        raise predates(f"checkpoint {path}", "checksummed checkpoints (it records no SHA-256)",
+                       "retrain it with this version of dyconv/main.py")
+    payload = outer.get("payload")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1:
+        raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: its payload is not a byte tensor")
+    payload = payload.numpy()
+    verify(path, outer.get("sha256"), sha256_bytes(payload))
+    return _check_state(_deserialize(payload.tobytes(), path, map_location), path)
 
 
 def check_compatible(checkpoint_meta: dict, run_meta: dict, path: str | os.PathLike = "checkpoint") -> None:
-    """CheckpointError naming the first field where the checkpoint's model differs from the run's."""
+    """CheckpointError naming the first field where the checkpoint's model differs from the run's, or that the
+    checkpoint does not record (it predates that field, so what it holds there is unknown)."""
     for key, value in run_meta.items():
-        held = checkpoint_meta.get(key, META_DEFAULTS.get(key))
+        if key not in checkpoint_meta:
+            raise CheckpointError(f"checkpoint {path} predates the model field {key!r} (it does not record it); "
+                                  f"retrain it with this version of dyconv/main.py")
+        held = checkpoint_meta[key]
         if held != value:
             raise CheckpointError(f"checkpoint {path} holds a model with {key}={held!r}, "
                                   f"but this run builds {key}={value!r}")

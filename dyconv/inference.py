@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import pad
+from pad.runtime import IntegrityError, error_line
 from .layers import UnitSplit, dynamic_convs
 from .models import build_model
 
@@ -122,27 +123,36 @@ def to_inference(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def load_inference(path: str | os.PathLike, arch: str, conv: str = "dyconv", temperature: float = 1.0,
-                   **build_kwargs) -> nn.Module:
-    """The inference form of ``model_compact.safetensors`` at ``path``, for a PAD model built by
-    ``build_model(arch, conv, pad=True, temperature=temperature, **build_kwargs)``.
+def load_compact_model(model: nn.Module, path: str | os.PathLike, arch: str, conv: str) -> nn.Module:
+    """``model`` (a PAD model of ``arch``/``conv``) with the compact file at ``path`` loaded into it
+    (:func:`pad.load_compact_file`): the one loader of compact files.
 
-    The compact file holds tensors only, not the attention temperature: ``temperature``
-    defaults to 1, where the schedule ends (pass the checkpoint's for a run stopped earlier).
-
-    Raises ``ValueError`` naming the reason when the file cannot be read or holds another architecture.
+    Raises ``ValueError`` naming the reason when the file does not exist, cannot be read or holds another
+    architecture, and :class:`pad.runtime.IntegrityError` (a ``ValueError``) when its checksum does not
+    match or it records none.
     """
-    model = build_model(arch, conv, pad=True, temperature=temperature, **build_kwargs)
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # older safetensors
-        SafetensorError = OSError  # noqa: N806
+    from safetensors import SafetensorError
     try:
         pad.load_compact_file(model, path)
     except FileNotFoundError:
         raise ValueError(f"compact file {path} does not exist") from None
+    except IntegrityError:
+        raise
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"compact file {path} is not a safetensors file: {err}") from None
+        raise ValueError(f"compact file {path} is not a safetensors file: {error_line(err)}") from None
     except (ValueError, RuntimeError) as err:
-        raise ValueError(f"compact file {path} does not fit {arch}/{conv}: {str(err).splitlines()[0]}") from None
-    return to_inference(model)
+        raise ValueError(f"compact file {path} does not fit {arch}/{conv}: {error_line(err)}") from None
+    return model
+
+
+def load_inference(path: str | os.PathLike, arch: str, conv: str = "dyconv", temperature: float = 1.0,
+                   **build_kwargs) -> nn.Module:
+    """The inference form of ``model_compact.safetensors`` at ``path``, for a PAD model built by
+    ``build_model(arch, conv, pad=True, temperature=temperature, **build_kwargs)``
+    (:func:`load_compact_model`, then :func:`to_inference`).
+
+    The compact file holds tensors only, not the attention temperature: ``temperature``
+    defaults to 1, where the schedule ends (pass the checkpoint's for a run stopped earlier).
+    """
+    model = build_model(arch, conv, pad=True, temperature=temperature, **build_kwargs)
+    return to_inference(load_compact_model(model, path, arch, conv))

@@ -55,7 +55,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
@@ -64,14 +63,14 @@ import pad
 from pad.compact import model_granularity
 from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, set_granularity, weight_banks
 from pad.partition import BATCHNORM_MODES, CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
-from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, Preempted, StopSignals, WriteError, atomic_write, code_version,
-                         error_line, keep_freed_memory, lock_folder, machine_description)
+from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, IntegrityError, Preempted, StopSignals, WriteError, atomic_write,
+                         code_version, error_line, keep_freed_memory, lock_folder, machine_description)
 from dyconv.data import DATASETS, DataError, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, EpochProgress, TrainingDiverged,
                            TrainSettings, check_compatible, evaluate, link_checkpoint, load_checkpoint,
                            nonfinite_tensors, parameter_groups, random_states, restore_random_states, save_checkpoint,
                            train_one_epoch)
-from dyconv.inference import to_inference
+from dyconv.inference import load_compact_model, to_inference
 from dyconv.layers import (CONVS, ODCONV_STATIC_ATTENTIONS, conv_schemes, get_temperature, restore_conv_schemes,
                            set_temperature)
 from dyconv.models import ARCHS, build_model, count_flops
@@ -494,8 +493,11 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).strip().splitlines()[0]}") from None
-    try:  # checkpoints written before schemes were recorded have none: choices are made afresh
-        restore_conv_schemes(model, checkpoint.get("conv_schemes"))
+    if not isinstance(checkpoint.get("conv_schemes"), dict):
+        raise CheckpointError(f"checkpoint {path} predates recorded conv schemes (it holds none); "
+                              f"retrain it with this version of dyconv/main.py")
+    try:
+        restore_conv_schemes(model, checkpoint["conv_schemes"])
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     if checkpoint.get("temperature") is not None:
@@ -504,9 +506,12 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
 
 
 def restore_granularity(model: nn.Module, partition, path: str) -> None:
-    """Declares the granularity the checkpoint's partition was made at (not in the state dict);
-    partitions recorded before granularities were have element masks."""
-    granularity = partition.get("granularity", "element") if isinstance(partition, dict) else "element"
+    """Declares the granularity the checkpoint's partition was made at (not in the state dict; a model that was
+    never partitioned has element masks)."""
+    if isinstance(partition, dict) and "granularity" not in partition:
+        raise CheckpointError(f"checkpoint {path} predates recorded partition granularities (its partition "
+                              f"names none); retrain it with this version of dyconv/main.py")
+    granularity = partition["granularity"] if isinstance(partition, dict) else "element"
     try:
         set_granularity(model, granularity)
     except (ValueError, TypeError) as err:
@@ -685,12 +690,9 @@ def evaluate_compact(args: argparse.Namespace, ctx: Distributed, output: Path, s
                                       args.seed)
     model = build(args, info, pad_layers=True, temperature=1.0)
     try:
-        pad.load_compact_file(model, args.resume)
-    except FileNotFoundError:
-        raise UsageError(f"compact file {args.resume} does not exist") from None
-    except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # unreadable, or another architecture
-        raise UsageError(f"compact file {args.resume} cannot be loaded into {args.arch}/{args.conv}: "
-                         f"{error_line(err)}") from None
+        load_compact_model(model, args.resume, args.arch, args.conv)
+    except ValueError as err:
+        raise UsageError(error_line(err)) from None
     _, val_loader = make_loaders(val_set, val_set, args, ctx)
     metrics = evaluate(to_inference(model).to(ctx.device), val_loader, ctx.device, args.amp, ctx.enabled)
     if ctx.is_main:
@@ -919,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
         ctx = init_distributed()
         return run(args, ctx, signals)
-    except (UsageError, DataError, CheckpointError, WriteError) as err:
+    except (UsageError, DataError, CheckpointError, IntegrityError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except Preempted as err:

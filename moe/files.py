@@ -14,10 +14,13 @@ A file is checked by its kind, never trusted by its name:
   without unpickling anything.
 
 A folder that :class:`moe.trainer.MoETrainer` saved also holds ``checksums.json`` (file name ->
-SHA-256 of every weight file it wrote, :func:`write_checksums`); :func:`check_folder` verifies
-each listed file against it, so bytes overwritten inside ``model.safetensors`` (same size, still a
-valid file) are reported instead of loaded.  A folder without the manifest (a hub model, a run saved
-before manifests were written) is checked as above only.
+SHA-256 of every weight file it wrote, :func:`write_checksums`; the Trainer writes the files, so a
+manifest beside them is where their checksums can live); :func:`check_folder` verifies each listed
+file against it (:func:`pad.runtime.verify`), so bytes overwritten inside ``model.safetensors`` (same
+size, still a valid file) are reported instead of loaded.  A folder this project wrote (a Trainer
+checkpoint or output folder, holding ``trainer_state.json``, or an MoE model, whose ``config.json`` has a
+``moe`` entry) without the manifest is refused: it predates checksummed folders.  Other folders (a hub
+model) are checked as above only.
 
 Files that are absent are not checked here; whoever needs them reports their absence, except for the files
 without which a Trainer checkpoint cannot be resumed (:func:`missing_checkpoint_files`).
@@ -25,12 +28,11 @@ without which a Trainer checkpoint cannot be resumed (:func:`missing_checkpoint_
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import zipfile
 
-from pad.runtime import atomic_write
+from pad.runtime import atomic_write, predates, sha256_file, verify
 
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generation_config.json", "partition.json", "trainer_state.json",
@@ -106,31 +108,34 @@ def check_torch_file(path: str) -> None:
         raise ValueError(f"{path}: damaged torch.save file (member {bad} fails its CRC check)")
 
 
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of the bytes of ``path``, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checksums(folder: str) -> None:
     """Writes ``folder/checksums.json`` = ``{file name: sha256}`` for the weight files
     (:data:`WEIGHT_PATTERNS`) in ``folder``, atomically (:func:`pad.runtime.atomic_write`)."""
     names = sorted({os.path.basename(p) for pattern in WEIGHT_PATTERNS
                     for p in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(p)})
-    manifest = {name: file_sha256(os.path.join(folder, name)) for name in names}
+    manifest = {name: sha256_file(os.path.join(folder, name)) for name in names}
     atomic_write(os.path.join(folder, CHECKSUMS_FILE), json.dumps(manifest, indent=2, sort_keys=True))
 
 
+def written_by_this_project(folder: str) -> bool:
+    """Whether ``folder`` is a Trainer checkpoint or output folder (``trainer_state.json``) or an MoE model
+    (``config.json`` with a ``moe`` entry): folders that :class:`moe.trainer.MoETrainer` saves with a manifest."""
+    if os.path.lexists(os.path.join(folder, "trainer_state.json")):
+        return True
+    config = os.path.join(folder, "config.json")
+    return os.path.lexists(config) and "moe" in read_json(config)
+
+
 def verify_checksums(folder: str) -> None:
-    """``ValueError`` naming the file unless every file listed in ``folder/checksums.json`` that is
-    present hashes to its recorded SHA-256; nothing to verify without the manifest.  An absent listed file
-    is not an error here (a folder may keep only ``config.json`` and the compact export): whoever
-    needs it reports its absence."""
+    """:class:`pad.runtime.IntegrityError` naming the file unless every file listed in ``folder/checksums.json``
+    that is present hashes to its recorded SHA-256, or when a folder :func:`written_by_this_project` has no
+    manifest; other folders without one have nothing to verify.  An absent listed file is not an error here
+    (a folder may keep only ``config.json`` and the compact export): whoever needs it reports its absence."""
     path = os.path.join(folder, CHECKSUMS_FILE)
     if not os.path.lexists(path):
+        if written_by_this_project(folder):
+            raise predates(f"model folder {folder}", f"checksummed folders (it has no {CHECKSUMS_FILE})",
+                           "train it again with this version of moe/run_glue.py")
         return
     manifest = read_json(path)
     for name, recorded in sorted(manifest.items()):
@@ -140,11 +145,10 @@ def verify_checksums(folder: str) -> None:
         if not os.path.lexists(listed):
             continue  # removed on purpose (e.g. model.safetensors beside the compact export); needed → reported by its loader
         try:
-            actual = file_sha256(listed)
+            actual = sha256_file(listed)
         except OSError as err:
             raise ValueError(f"{listed}: cannot read ({err.strerror or err})") from None
-        if actual != recorded:
-            raise ValueError(f"{listed}: checksum does not match {CHECKSUMS_FILE} (damaged file)")
+        verify(listed, recorded, actual, CHECKSUMS_FILE)
 
 
 def missing_checkpoint_files(folder: str) -> list[str]:

@@ -360,8 +360,7 @@ def partition_summary(record: dict) -> dict:
     """The results-file view of a partition record (``partition.json``): ``partition_<key>``."""
     summary = {f"partition_{key}": record[key] for key in ("target", "achieved", "criterion", "schedule", "scope",
                                                              "iterations", "batches", "step")}
-    # reports written before granularities were recorded: the default of then
-    summary["partition_granularity"] = record.get("granularity", "element")
+    summary["partition_granularity"] = record["granularity"]
     # what really decided the partition: the criterion, or the share tie-broken at random (pad.PartitionReport)
     summary["partition_decided_by"] = record.get("decided_by") or "not recorded"
     return summary

@@ -36,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 import pad
 from pad.mixing import weight_banks
 from pad.partition import check_dynamic_ratio
-from pad.runtime import atomic_write
+from pad.runtime import atomic_write, predates
 from moe import files
 from moe.modeling import aux_loss, expert_load, moe_layers, save_compact_model
 
@@ -296,7 +296,7 @@ PARTITION_KEYS = ("target", "achieved", "criterion", "schedule", "scope", "itera
 
 def read_partition_record(folder: str) -> dict | None:
     """``folder/partition.json`` (a checkpoint's), or ``None`` when it has none; ``ValueError``
-    naming the file when it is unreadable or lacks one of :data:`PARTITION_KEYS`."""
+    naming the file when it is unreadable or lacks one of :data:`PARTITION_KEYS` or the granularity."""
     from moe.files import read_json
     path = os.path.join(folder, PARTITION_FILE)
     if not os.path.lexists(path):
@@ -305,6 +305,9 @@ def read_partition_record(folder: str) -> dict | None:
     missing = [key for key in PARTITION_KEYS if key not in record]
     if missing:
         raise ValueError(f"{path}: not a partition report (missing {', '.join(missing)})")
+    if "granularity" not in record:
+        raise predates(f"partition report {path}", "recorded partition granularities (it names none)",
+                       "train the run again with this version of moe/run_glue.py")
     return record
 
 

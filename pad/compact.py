@@ -12,14 +12,15 @@ and every other entry of the state dict unchanged.  :func:`save_compact` records
 granularity in the safetensors metadata (``pad_granularity``) and :func:`load_compact_file`
 declares it again (:func:`pad.mixing.set_granularity`), so a reloaded model computes with the same
 structure.  It also records a SHA-256 of the tensors (:func:`state_digest`, metadata key
-``pad_sha256``) that :func:`load_compact_file` verifies, so bytes overwritten inside the file
-(same size, still a valid safetensors file) are reported instead of evaluated.  Loading scatters the values back into a dense model of the same architecture,
+``pad_sha256``) that :func:`load_compact_file` verifies (:func:`pad.runtime.verify`), so bytes
+overwritten inside the file (same size, still a valid safetensors file) are reported instead of
+evaluated; a file without either key is refused.  Loading scatters the values back into a dense
+model of the same architecture,
 with zeros at unused positions, which the mask multiplies away: the loaded model computes
 what the exported did.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .mixing import check_granularity, set_granularity, unit_grid, unit_view, weight_banks
-from .runtime import atomic_write
+from .runtime import atomic_write, predates, sha256_fields, verify
 
 GRANULARITY_KEY = "pad_granularity"
 CHECKSUM_KEY = "pad_sha256"
@@ -98,22 +99,17 @@ def load_compact(model: nn.Module, state: dict[str, torch.Tensor], granularity: 
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """Hex SHA-256 of a state dict's contents: for each entry in sorted name order, its name, dtype,
-    shape and raw bytes (native order, C-contiguous), each field length-prefixed so that no two
-    different states hash the same byte stream."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a state dict's contents (:func:`pad.runtime.sha256_fields`): for each entry in sorted
+    name order, its name, dtype, shape and raw bytes (native order, C-contiguous)."""
+    def fields():
+        for name in sorted(state):
+            tensor = state[name].detach().cpu().contiguous()
+            yield name.encode("utf-8")
+            yield str(tensor.dtype).encode()
+            yield repr(tuple(tensor.shape)).encode()
+            yield tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
 
-    def field(data: bytes) -> None:
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        field(name.encode("utf-8"))
-        field(str(tensor.dtype).encode())
-        field(repr(tuple(tensor.shape)).encode())
-        field(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return sha256_fields(fields())
 
 
 def save_compact(model: nn.Module, path: str | os.PathLike) -> None:
@@ -126,21 +122,20 @@ def save_compact(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_compact_file(model: nn.Module, path: str | os.PathLike) -> str:
-    """Loads a :func:`save_compact` file into ``model``; returns the granularity it recorded (``element``
-    for files written before granularities were recorded).
+    """Loads a :func:`save_compact` file into ``model``; returns the granularity it recorded.
 
-    ``ValueError`` naming the file when the tensors do not hash to the recorded ``pad_sha256``.  A file
-    without that key was written before checksums were recorded and loads unverified: refusing it would
-    strand every earlier export, and its structure is still checked by the safetensors reader and
-    :func:`load_compact`."""
+    :class:`pad.runtime.IntegrityError` naming the file when the tensors do not hash to the recorded
+    ``pad_sha256``, or when the file records no checksum or no granularity (it predates them: nothing tells
+    a damaged one from an intact one, nor its mask's structure)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    granularity = metadata.get(GRANULARITY_KEY, "element")
+    missing = [key for key in (CHECKSUM_KEY, GRANULARITY_KEY) if key not in metadata]
+    if missing:
+        raise predates(f"compact file {path}", f"checksummed compact files (its metadata has no {' or '.join(missing)})",
+                       "export it again from its checkpoint with pad.save_compact")
     state = load_file(str(path))
-    recorded = metadata.get(CHECKSUM_KEY)
-    if recorded is not None and recorded != state_digest(state):
-        raise ValueError(f"{path}: checksum does not match its contents (damaged file)")
-    load_compact(model, state, granularity)
-    return granularity
+    verify(path, metadata[CHECKSUM_KEY], state_digest(state))
+    load_compact(model, state, metadata[GRANULARITY_KEY])
+    return metadata[GRANULARITY_KEY]

@@ -6,6 +6,11 @@ Not part of ``pad``'s public API; it depends on the standard library only (``tor
 - :func:`atomic_write`: the one way a file is written (temporary file, fsync, rename, folder fsync); a
   failed write removes its temporary file and raises :class:`WriteError`, naming the path and the error.
 - :func:`error_line` and :data:`EXIT_BAD_INPUT`: every CLI reports bad input as one ``error:`` line and exit 2.
+- :func:`sha256_bytes`, :func:`sha256_file`, :func:`sha256_fields` and :func:`verify`: the one integrity scheme of
+  every file the project writes and reads back.  Each file kind records the SHA-256 of its contents where that
+  kind has room for it (a dyconv checkpoint's wrapper, a safetensors file's metadata, a Trainer folder's
+  ``checksums.json``); a record that does not match, is malformed or is absent raises :class:`IntegrityError`,
+  whose message names the file.
 - :func:`lock_folder`: one run per output folder (an ``flock`` the operating system releases when the process dies).
 - :class:`StopSignals`: SIGTERM, SIGINT and SIGUSR1 become a request the training loop honours at the next step
   boundary; the CLI then saves and exits with ``128 + signal``.
@@ -15,6 +20,7 @@ Not part of ``pad``'s public API; it depends on the standard library only (``tor
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import signal
 import socket
@@ -28,6 +34,51 @@ def error_line(err: BaseException) -> str:
     """The first line of ``err``'s message (its type's name where the message is empty)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------- integrity
+
+class IntegrityError(ValueError):
+    """A file whose contents do not match the SHA-256 recorded for them, whose record is malformed, or that
+    carries none (it predates checksummed files of its kind); the message names the file."""
+
+
+def sha256_bytes(data) -> str:
+    """Hex SHA-256 of ``data`` (bytes or any buffer)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the bytes of ``path``, read in 1 MiB blocks (``OSError`` when it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_fields(fields) -> str:
+    """Hex SHA-256 of a sequence of byte strings, each prefixed by its length (8 bytes, little-endian), so
+    that no two different sequences hash the same byte stream."""
+    digest = hashlib.sha256()
+    for data in fields:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def verify(path: str | os.PathLike, recorded, actual: str, record: str = "its contents") -> None:
+    """:class:`IntegrityError` unless ``recorded`` (the digest ``record`` holds for ``path``) is ``actual``."""
+    if not isinstance(recorded, str):
+        raise IntegrityError(f"{path}: its checksum record is malformed (not a SHA-256 string)")
+    if recorded != actual:
+        raise IntegrityError(f"{path}: checksum does not match {record} (damaged file)")
+
+
+def predates(file: str, what: str, remedy: str) -> IntegrityError:
+    """The error for ``file`` (e.g. ``"checkpoint run/checkpoint.pt"``) written before its kind recorded
+    ``what``: without it nothing tells a damaged file from an intact one, or what it holds."""
+    return IntegrityError(f"{file} predates {what}; {remedy}")
 
 
 # ---------------------------------------------------------------- writing files

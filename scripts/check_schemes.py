@@ -22,10 +22,9 @@ import sys
 
 import torch
 
-from dyconv.bench import set_random_mask
 from dyconv.inference import to_inference
 from dyconv.layers import ODCONV_STATIC_ATTENTIONS, set_conv_scheme
-from dyconv.models import build_model
+from dyconv.models import build_model, set_random_mask
 from dyconv.schemes import SCHEMES
 
 

@@ -21,6 +21,7 @@ from torch import nn
 import pad
 from dyconv.main import main as dyconv_main
 from pad.compact import CHECKSUM_KEY, GRANULARITY_KEY, export_compact, state_digest
+from pad.runtime import IntegrityError
 from test_dyconv_compact_eval import pad_args
 from test_pad import RoutedLinear, batches, loss_fn, tiny_model
 from test_run_glue import base_args
@@ -95,15 +96,19 @@ def test_overwritten_compact_bytes_are_reported(tmp_path):
         assert str(err.value) == f"{damaged}: checksum does not match its contents (damaged file)"
 
 
-def test_compact_file_without_checksum_still_loads(tmp_path):
-    """Written before checksums were recorded: accepted, unverified."""
+@pytest.mark.parametrize("metadata, missing", [({GRANULARITY_KEY: "element"}, CHECKSUM_KEY),
+                                               ({CHECKSUM_KEY: "0" * 64}, GRANULARITY_KEY),
+                                               (None, f"{CHECKSUM_KEY} or {GRANULARITY_KEY}")])
+def test_compact_file_without_checksum_or_granularity_is_refused(tmp_path, metadata, missing):
+    """A file that predates checksums or recorded granularities: nothing tells it from a damaged one."""
     model = tiny_model()
     pad.iterative_mode_partition(model, batches(), loss_fn, 0.3, iterations=2)
-    save_file(export_compact(model), tmp_path / "old.safetensors", metadata={GRANULARITY_KEY: "element"})
-    fresh = nn.Sequential(RoutedLinear(), nn.Tanh(), RoutedLinear())
-    assert pad.load_compact_file(fresh, tmp_path / "old.safetensors") == "element"
-    x = torch.randn(4, 5)
-    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    path = tmp_path / "old.safetensors"
+    save_file(export_compact(model), path, metadata=metadata)
+    with pytest.raises(IntegrityError) as err:
+        pad.load_compact_file(nn.Sequential(RoutedLinear(), nn.Tanh(), RoutedLinear()), path)
+    assert str(err.value) == (f"compact file {path} predates checksummed compact files (its metadata has no "
+                              f"{missing}); export it again from its checkpoint with pad.save_compact")
 
 
 def test_dyconv_evaluate_of_a_damaged_compact_file(image_folder, tmp_path, capsys):
@@ -144,15 +149,15 @@ def test_overwritten_model_weights_are_reported(pad_dir, glue_dir, tmp_path, cap
         assert not (tmp_path / f"out{offset}" / "eval_results.json").exists()
 
 
-def test_intact_saved_folder_evaluates_and_folder_without_manifest_too(pad_dir, glue_dir, tmp_path, capfd):
+def test_intact_saved_folder_evaluates_and_folder_without_manifest_is_refused(pad_dir, glue_dir, tmp_path, capfd):
     code, errors = run_cli(eval_args(pad_dir, glue_dir, tmp_path / "out"), capfd)
     assert code == 0 and errors == [] and (tmp_path / "out" / "eval_results.json").is_file()
-    older = tmp_path / "older"  # saved before manifests were written: accepted as before
+    older = tmp_path / "older"  # a folder that predates manifests: nothing tells it from a damaged one
     shutil.copytree(pad_dir, older, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "checksums.json"))
     code, errors = run_cli(eval_args(older, glue_dir, tmp_path / "out_older"), capfd)
-    assert code == 0 and errors == []
-    results = [json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("out", "out_older")]
-    assert results[0]["eval_accuracy"] == results[1]["eval_accuracy"]
+    assert code == 2 and errors == [f"error: model folder {older} predates checksummed folders (it has no "
+                                    f"checksums.json); train it again with this version of moe/run_glue.py"]
+    assert not (tmp_path / "out_older" / "eval_results.json").exists()
 
 
 def test_damaged_manifest_is_reported(pad_dir, glue_dir, tmp_path, capfd):
@@ -179,7 +184,9 @@ def test_listed_file_removed_on_purpose_is_not_an_error(pad_dir, glue_dir, tmp_p
     compact.write_bytes(overwritten(original, data_offsets(original)[1]))
     code, errors = run_cli(eval_args(model, glue_dir, tmp_path / "out2"), capfd)
     assert code == 2 and errors == [f"error: {compact}: checksum does not match checksums.json (damaged file)"]
-    (model / "checksums.json").unlink()  # no manifest: the checksum inside the compact file still catches it
+    manifest = json.loads((model / "checksums.json").read_text())
+    del manifest["model_compact.safetensors"]  # not listed: the checksum inside the compact file still catches it
+    (model / "checksums.json").write_text(json.dumps(manifest))
     code, errors = run_cli(eval_args(model, glue_dir, tmp_path / "out3"), capfd)
     assert code == 2 and len(errors) == 1 and errors[0].endswith(
         f"{compact}: checksum does not match its contents (damaged file)"), errors

@@ -43,7 +43,8 @@ def test_checkpoint_records_the_forced_scheme(stacked_run):
     assert recorded["layer4.0.downsample.0"]["chosen"]["batch@2x2"] == "stacked"
 
 
-def test_resume_restores_the_recorded_schemes_and_old_checkpoints_still_load(stacked_run, folder, tmp_path):
+def test_resume_restores_the_recorded_schemes_and_older_checkpoints_are_refused(stacked_run, folder, tmp_path,
+                                                                                capsys):
     state = load_checkpoint(stacked_run / "checkpoint.pt")
     assert main(pad_args(folder, tmp_path / "a", "--epochs", "2", "--resume", str(stacked_run / "checkpoint.pt"))) == 0
     resumed = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["conv_schemes"]
@@ -51,11 +52,17 @@ def test_resume_restores_the_recorded_schemes_and_old_checkpoints_still_load(sta
     for name, entry in state["conv_schemes"].items():
         assert entry["chosen"].items() <= resumed[name]["chosen"].items()
 
-    old = {k: v for k, v in state.items() if k != "conv_schemes"}  # written before schemes were recorded
-    torch.save(old, tmp_path / "old.pt")
-    assert main(pad_args(folder, tmp_path / "b", "--evaluate", "--resume", str(tmp_path / "old.pt"))) == 0
-    assert read_json(tmp_path / "b" / "summary.json")["top1"] == pytest.approx(
-        read_json(stacked_run / "summary.json")["top1"], abs=1e-6)
+    no_schemes = {k: v for k, v in state.items() if k != "conv_schemes"}
+    no_granularity = {**state, "partition": {k: v for k, v in state["partition"].items() if k != "granularity"}}
+    cases = [(no_schemes, "predates recorded conv schemes (it holds none)"),
+             (no_granularity, "predates recorded partition granularities (its partition names none)")]
+    for older, what in cases:
+        save_checkpoint(older, tmp_path / "old.pt")
+        capsys.readouterr()
+        assert main(pad_args(folder, tmp_path / "b", "--evaluate", "--resume", str(tmp_path / "old.pt"))) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: checkpoint {tmp_path / 'old.pt'} {what}; retrain it with this version of dyconv/main.py"]
+        assert not (tmp_path / "b" / "summary.json").exists()
 
 
 def test_bad_recorded_schemes_are_one_error_line(stacked_run, folder, tmp_path, capsys):
@@ -93,4 +100,4 @@ def test_compact_file_of_another_architecture(stacked_run, folder, tmp_path, cap
     args[args.index("resnet10")] = "resnet18"
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: compact file ") and "cannot be loaded into resnet18/dyconv" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: compact file ") and "does not fit resnet18/dyconv" in err[0]

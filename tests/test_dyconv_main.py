@@ -317,8 +317,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
 
 def test_resnet_width_builds_narrow_stages_and_must_match_on_resume(folder, tmp_path, capsys):
     """--resnet-width 8: stem and stages 8/16/32/64 channels, recorded in summary and checkpoint; a resume
-    with another width is refused by name, and a checkpoint without the field (written before it existed)
-    counts as the paper's 64."""
+    with another width is refused by name, and so is a checkpoint without the field (it predates it)."""
     out = tmp_path / "narrow"
     assert main(static_args(folder, out, "--resnet-width", "8")) == 0
     summary = read_json(out / "summary.json")
@@ -337,14 +336,16 @@ def test_resnet_width_builds_narrow_stages_and_must_match_on_resume(folder, tmp_
     state = engine.load_checkpoint(wide / "checkpoint.pt")
     del state["meta"]["resnet_width"]
     engine.save_checkpoint(state, wide / "checkpoint.pt")
-    assert main(static_args(folder, wide, "--epochs", "2", "--resume", str(wide / "checkpoint.pt"))) == 0
-    assert read_json(wide / "summary.json")["resnet_width"] == 64
+    err = run_failing(static_args(folder, wide, "--epochs", "2", "--resume", str(wide / "checkpoint.pt")), capsys)
+    assert err == (f"error: checkpoint {wide / 'checkpoint.pt'} predates the model field 'resnet_width' (it does not "
+                   f"record it); retrain it with this version of dyconv/main.py")
 
 
 def test_odconv_static_attention_is_recorded_kept_on_resume_and_evaluated_from_the_compact_file(folder, tmp_path,
                                                                                                    capsys):
     """PAD-ODConv's static attention is the authors' channel-filter by default: recorded in summary and checkpoint,
-    refused by name on a resume that builds another one; none is an explicit choice."""
+    refused by name on a resume that builds another one, and so is a checkpoint without the field (it predates it);
+    none is an explicit choice."""
     odconv = ("--conv", "odconv", "--pad", "--dynamic-ratio", "0.3", "--partition-iterations", "1",
               "--partition-batches", "1", "--resnet-width", "8")
     out = tmp_path / "cf"
@@ -362,6 +363,12 @@ def test_odconv_static_attention_is_recorded_kept_on_resume_and_evaluated_from_t
     assert main(base_args(folder, plain, *odconv, "--odconv-static-attention", "none")) == 0
     assert read_json(plain / "summary.json")["odconv_static_attention"] == "none"
     assert parse_args(["--conv", "odconv"]).odconv_static_attention == "none"  # not PAD: nothing to scale
+    state = engine.load_checkpoint(plain / "checkpoint.pt")
+    del state["meta"]["odconv_static_attention"]
+    engine.save_checkpoint(state, plain / "checkpoint.pt")
+    err = run_failing(base_args(folder, plain, *odconv, "--odconv-static-attention", "none", "--epochs", "2",
+                                "--resume", str(plain / "checkpoint.pt")), capsys)
+    assert "predates the model field 'odconv_static_attention'" in err
 
 
 def test_shipped_configs_parse():

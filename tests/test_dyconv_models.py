@@ -15,7 +15,7 @@ from pad.mixing import weight_banks
 from pad.partition import SCHEDULES, SCOPES, ratio_schedule, score_positions, select_dynamic
 from dyconv import bench
 from dyconv.layers import CONVS, CondConv2d, DynamicConv2d, ODConv2d, dynamic_convs
-from dyconv.models import ARCHS, build_model, count_flops, count_parameters
+from dyconv.models import ARCHS, build_model, count_flops, count_parameters, set_random_mask
 
 torch.set_num_threads(1)
 
@@ -548,7 +548,7 @@ def test_training_peak_does_not_depend_on_the_pass_before():
     torch.manual_seed(0)
     model = build_model("resnet10", "dyconv", True, num_classes=10, small_input=True, in_channels=1,
                         resnet_width=8)
-    bench.set_random_mask(model, 0.3)
+    set_random_mask(model, 0.3)
     x = torch.randn(4, 1, 16, 16)
     train, infer = bench.training_pass(model, x), bench.forward_pass(model, x)
     cpu = torch.device("cpu")

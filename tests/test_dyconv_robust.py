@@ -4,6 +4,7 @@ exact resume after a real kill, hidden image-folder entries, and DDP (masks not 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from torch import nn
 from dyconv import engine
 from dyconv.engine import CheckpointError, TrainingDiverged
 from dyconv.main import UsageError, check_finite, main, parse_args
+from pad.runtime import IntegrityError
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -241,7 +243,7 @@ def load_outcome(path: Path, original: dict) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             state = engine.load_checkpoint(path)
-    except CheckpointError as err:
+    except (CheckpointError, IntegrityError) as err:
         message = str(err)
         assert "\n" not in message and "weights_only" not in message, message
         return "error"
@@ -312,7 +314,7 @@ def test_overwritten_bytes_are_reported_or_harmless(saved, tmp_path):
     copy = bytearray(data)
     copy[start + len(payload) // 2] ^= 0x01  # one flipped bit inside the serialized state
     damaged.write_bytes(copy)
-    with pytest.raises(CheckpointError, match="its contents do not match their SHA-256 checksum"):
+    with pytest.raises(IntegrityError, match=re.escape(f"{damaged}: checksum does not match its contents (damaged file)")):
         engine.load_checkpoint(damaged)
 
 
@@ -341,7 +343,7 @@ def test_foreign_and_malformed_structures(tmp_path):
             engine.load_checkpoint(path)
     wrapper = torch.load(path, weights_only=True)
     torch.save({**wrapper, "sha256": 5}, path)
-    with pytest.raises(CheckpointError, match="checksum record is malformed"):
+    with pytest.raises(IntegrityError, match="its checksum record is malformed"):
         engine.load_checkpoint(path)
     with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
         engine.load_checkpoint(tmp_path)
@@ -350,16 +352,16 @@ def test_foreign_and_malformed_structures(tmp_path):
         engine.load_checkpoint(path)
 
 
-def test_checkpoint_without_checksum_is_accepted_with_a_warning(tmp_path, capsys):
-    """Checkpoints written before checksums (a bare state) load, with one warning that they are unverified."""
+def test_checkpoint_without_checksum_is_refused(tmp_path):
+    """A bare state (a checkpoint that predates checksums) is refused: nothing tells it from a damaged one."""
     path = tmp_path / "old.pt"
     state = tiny_state()
     del state["rng"]
     torch.save(state, path)
-    capsys.readouterr()
-    assert same(engine.load_checkpoint(path), state)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"warning: checkpoint {path} has no checksum")
+    with pytest.raises(IntegrityError) as err:
+        engine.load_checkpoint(path)
+    assert str(err.value) == (f"checkpoint {path} predates checksummed checkpoints (it records no SHA-256); "
+                              f"retrain it with this version of dyconv/main.py")
 
 
 def test_cli_reports_garbage_resume_and_config_files_in_one_line(static_run, folder, tmp_path, capsys):

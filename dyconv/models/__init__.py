@@ -5,6 +5,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pad.mixing import weight_banks
+from pad.partition import select_dynamic
+
 from ..layers import conv_factory
 from .mobilenetv2 import MobileNetV2
 from .resnet import RESNET_SPECS, ResNet
@@ -79,3 +82,14 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
 
 __all__ = ["ARCHS", "build_model", "count_flops", "count_parameters", "MobileNetV2", "ResNet"]
+
+
+def set_random_mask(model: nn.Module, dynamic_ratio: float, seed: int = 0, granularity: str = "element") -> None:
+    """Keeps a uniformly random ``dynamic_ratio`` of all PAD positions dynamic (global scope), whole
+    units of ``granularity`` at a time: a PAD model of the right structure without running IMP (benchmarks,
+    checks of the execution schemes)."""
+    banks = dict(weight_banks(model))
+    generator = torch.Generator().manual_seed(seed)
+    scores = {name: torch.rand(bank.mask.shape, generator=generator) for name, bank in banks.items()}
+    with torch.no_grad():
+        select_dynamic(banks, scores, dynamic_ratio, "global", granularity=granularity)
