@@ -38,7 +38,17 @@ import summarize  # noqa: E402  (a sibling script)
 from summarize import InputError  # noqa: E402
 
 FIGURES = {"ratio": "accuracy_vs_dynamic_ratio.png", "lambdas": "scale_factors_over_training.png",
-           "per_layer": "per_layer_dynamic_ratio.png", "comparisons": "paired_differences.png"}
+           "per_layer": "per_layer_dynamic_ratio.png", "comparisons": "paired_differences.png",
+           "search": "protocol_search.png"}
+SUITE_FIGURES = ("ratio", "lambdas", "per_layer", "comparisons")  # the table scripts' figures (the default)
+# The protocol search's candidates (results/regime_selection.md): ResNet-10 widths and training lengths.
+SEARCH_WIDTHS, SEARCH_EPOCHS = (4, 8, 16), (2, 8)
+# Published gains of DY-Conv (or ODConv / KernelWarehouse's DY-Conv baseline) over the static model, top-1 points:
+# (model and data, lowest, highest). ImageNet: the DY-Conv, ODConv and KernelWarehouse papers; the small data sets:
+# public reproductions.
+PUBLISHED_GAINS = [("ResNet-50, ImageNet", 1.6, 2.3), ("ResNet-18, ImageNet", 2.3, 5.6), ("ResNet-10, ImageNet", 4.2, 4.2),
+                   ("MobileNetV2 x0.5, ImageNet", 3.8, 5.9), ("ResNet-18, CIFAR-10", 0.1, 0.1),
+                   ("MobileNetV2 x0.35, Tiny-ImageNet", -2.1, -2.1), ("ResNet-10 x0.25, Tiny-ImageNet", 1.9, 1.9)]
 SCALE_VARIANTS = ("both", "s", "d", "none")
 
 
@@ -272,6 +282,53 @@ def figure_comparisons(runs: Path, scale: str, seeds: int, path: Path) -> None:
     save(fig, path)
 
 
+def search_gains(runs: Path, scale: str, seeds: int) -> dict[int, list[tuple[int, summarize.Comparison]]]:
+    """``{epochs: [(width, DY-Conv - static over the first ``seeds`` seeds), ...]}`` of the protocol search's
+    candidates whose rows have finished (the others are named on stderr)."""
+    folder = script_dir(runs, "regime_search", scale)
+    gains = {}
+    for epochs in SEARCH_EPOCHS:
+        for width in SEARCH_WIDTHS:
+            setting = f"resnet10-w{width}-e{epochs}"
+            try:
+                dynamic, static = (summarize.load_row(folder / f"{setting}-{conv}", seeds) for conv in ("dyconv", "static"))
+            except InputError as err:
+                print(f"note: {setting} is not in {FIGURES['search']}: {err}", file=sys.stderr)
+                continue
+            gains.setdefault(epochs, []).append((width, summarize.compare(dynamic, static)))
+    if not gains:
+        raise InputError(f"{folder}: no candidate of the protocol search has finished")
+    return gains
+
+
+def figure_search(runs: Path, scale: str, seeds: int, path: Path) -> None:
+    """The search's DY-Conv - static gain against width and training length, beside the published gains."""
+    gains = search_gains(runs, scale, seeds)
+    fig, (ours, published) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.2]})
+    for i, (epochs, points) in enumerate(sorted(gains.items())):
+        widths = np.array([w for w, _ in points], dtype=float) * (1 + 0.04 * (i - 0.5))  # side by side
+        means = [float(np.mean(c.differences)) for _, c in points]
+        low = [m - c.interval[0] if c.interval else 0.0 for m, (_, c) in zip(means, points)]
+        high = [c.interval[1] - m if c.interval else 0.0 for m, (_, c) in zip(means, points)]
+        ours.errorbar(widths, means, yerr=[low, high], marker="o", capsize=3, label=f"{epochs} epochs")
+    ours.axhline(0, color="grey", lw=1)
+    ours.set_xscale("log", base=2)
+    ours.set_xticks(SEARCH_WIDTHS, [str(w) for w in SEARCH_WIDTHS])
+    ours.set(xlabel="ResNet-10 width (first-stage channels)", ylabel="DY-Conv - static (top-1 points)",
+             title=f"Fashion-MNIST ({scale}, {seeds} seeds, 95% intervals)")
+    ours.legend()
+    names = [name for name, _, _ in PUBLISHED_GAINS]
+    for y, (_, lowest, highest) in enumerate(PUBLISHED_GAINS):
+        published.plot([lowest, highest], [y, y], color="C2", lw=4, solid_capstyle="butt")
+        published.plot([lowest, highest], [y, y], "|", color="C2", markersize=10)
+    published.axvline(0, color="grey", lw=1)
+    published.set_yticks(range(len(names)), names, fontsize=8)
+    published.invert_yaxis()
+    published.set(xlabel="DY-Conv - static (top-1 points)", title="Published gains")
+    fig.suptitle("Where dynamic convolution pays off: the protocol search beside published results")
+    save(fig, path)
+
+
 def shorten(name: str) -> str:
     for suffix in (".bank", ".experts", ".weight"):
         name = name.removesuffix(suffix)
@@ -286,7 +343,7 @@ def save(fig, path: Path) -> None:
 
 
 MAKERS = {"ratio": figure_ratio, "lambdas": figure_lambdas, "per_layer": figure_per_layer,
-          "comparisons": figure_comparisons}
+          "comparisons": figure_comparisons, "search": figure_search}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -300,8 +357,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", default="mini", choices=("mini", "full", "smoke"))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (seed0 .. seed<N-1>)")
     parser.add_argument("--output", type=Path, default=Path("results/figures"))
-    parser.add_argument("--figures", nargs="+", choices=list(FIGURES), default=list(FIGURES),
-                        help="which figures to make (default: all)")
+    parser.add_argument("--figures", nargs="+", choices=list(FIGURES), default=list(SUITE_FIGURES),
+                        help=f"which figures to make (default: the table scripts', {', '.join(SUITE_FIGURES)}; "
+                             f"search: the protocol search's, from scripts/regime_search.sh's runs)")
     try:
         args = parser.parse_args(argv)
         if args.seeds < 1:

@@ -5,7 +5,8 @@
 # picks the claims' protocol are fixed in results/regime_selection.md; no PAD row runs here.
 # Screen: JOBS=2 OMP_NUM_THREADS=1 bash scripts/regime_search.sh --mini            (3 seeds, every candidate)
 # Confirm: CONFIRM=w8-e2 bash scripts/regime_search.sh --mini --seeds 5             (one candidate, seeds 3-4 added)
-# Tables: results/measured/regime_search-mini.md (every candidate), regime_search-confirm-<setting>-mini.md.
+# Tables: results/measured/regime_search-mini.md (every candidate), regime_search-confirm-<setting>-mini.md; the
+# figure results/figures/protocol_search.png and the cost results/measured/suite_cost-regime_search-mini.md.
 source "$(dirname "$0")/lib.sh" "$@"
 [ "$MINI" = 1 ] && [ "$GPU" = 0 ] || { echo "error: regime_search.sh runs at CPU scale only: pass --mini" >&2; exit 2; }
 # setting -> flags, in the cost order of results/regime_selection.md (temperature over the first 10% of training)
@@ -44,3 +45,11 @@ for setting in $TEXT_ORDER; do
   compare "average-$setting-moe" "average-$setting-none"
 done
 summarize "Protocol search: fully dynamic vs static / dense ($SCALE)"
+# the screening's figure (gain against width and training length, beside the published gains) and its cost, where
+# the runs sit in the standard layout (RUNS_ROOT/regime_search-mini)
+if [ -z "${CONFIRM:-}" ] && [ "$(basename "$RUNS")" = "$SCRIPT-$SCALE" ]; then
+  "$PY" scripts/figures.py --runs "$(dirname "$RUNS")" --scale mini --seeds 3 --figures search \
+    --output "${FIGURES:-results/figures}"
+  "$PY" scripts/suite_cost.py --runs "$(dirname "$RUNS")" --scale mini --jobs "$JOBS" --scripts "$SCRIPT" \
+    --output "$RESULTS/suite_cost-$SCRIPT-mini.md"
+fi

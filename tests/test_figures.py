@@ -140,7 +140,8 @@ def test_cli_writes_every_figure(runs, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "figures.py"), "--runs", str(runs),
                              "--seeds", str(SEEDS), "--output", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for name in figures.FIGURES.values():
+    assert sorted(p.name for p in out.iterdir()) == sorted(figures.FIGURES[f] for f in figures.SUITE_FIGURES)
+    for name in (figures.FIGURES[f] for f in figures.SUITE_FIGURES):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 300
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "figures.py"), "--runs", str(runs),
@@ -213,3 +214,28 @@ def test_unfinished_ratio_reference_is_left_out_with_a_note(runs, tmp_path, caps
     figures.figure_ratio(partial, "mini", SEEDS, tmp_path / "ratio.png")  # no table2: the text panel has no lines
     assert "note: no MoE (fully dynamic) line" in capsys.readouterr().err
     assert (tmp_path / "ratio.png").stat().st_size > 0
+
+
+def test_protocol_search_gains_and_figure(tmp_path, capsys):
+    """The search's DY-Conv - static gain per finished candidate (paired by seed); unfinished candidates are named
+    and left out; the figure is drawn from what finished."""
+    root = tmp_path / "runs"
+    folder = root / "regime_search-mini"
+    for k in range(SEEDS):
+        for width, gain in ((4, 1.0 + k), (8, -0.5)):
+            dyconv_run(folder / f"resnet10-w{width}-e2-static" / f"seed{k}", 87.0 + k, k)
+            dyconv_run(folder / f"resnet10-w{width}-e2-dyconv" / f"seed{k}", 87.0 + k + gain, k)
+    dyconv_run(folder / "resnet10-w4-e8-static" / "seed0", 90.0, 0)  # unfinished candidate
+    gains = figures.search_gains(root, "mini", SEEDS)
+    assert list(gains) == [2] and [w for w, _ in gains[2]] == [4, 8]
+    assert gains[2][0][1].differences == pytest.approx([1.0, 2.0])
+    assert gains[2][1][1].differences == pytest.approx([-0.5, -0.5])
+    assert "note: resnet10-w4-e8 is not in protocol_search.png" in capsys.readouterr().err
+    assert figures.main(["--runs", str(root), "--seeds", str(SEEDS), "--figures", "search",
+                         "--output", str(tmp_path / "figures")]) == 0
+    with Image.open(tmp_path / "figures" / "protocol_search.png") as image:
+        assert image.format == "PNG" and image.width > 300
+    empty = tmp_path / "empty" / "regime_search-mini"
+    empty.mkdir(parents=True)
+    with pytest.raises(figures.InputError, match="no candidate of the protocol search has finished"):
+        figures.search_gains(empty.parent, "mini", SEEDS)
