@@ -28,11 +28,12 @@ weights and one grouped conv; ``stacked``: one conv over the K stacked kernels, 
 mixed by the routing; ``bmm``: 1x1 convs as a batched matmul).  ``scheme`` (``auto`` or
 a scheme's name, forced where exact) picks it; ``auto`` uses the cost model of
 :func:`dyconv.schemes.choose_scheme` (batch 1: grouped; 1x1: bmm; otherwise the cheaper
-of grouped, ``1 + 0.2 (C/g) k^2 / (H' W')`` static convs, and stacked, ``K + 1``; memory
-break-even ``(C/g) k^2 = K H' W'``).  Each choice is recorded in ``chosen_schemes``
-(keyed by batch class and input size) and saved with :func:`conv_schemes` /
-:func:`restore_conv_schemes`, so a resumed or re-evaluated run computes with the same
-schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
+of grouped, ``1 + GROUPED_OVERHEAD (C/g) k^2 / (H' W')`` static convs with
+:data:`dyconv.schemes.GROUPED_OVERHEAD`, and stacked, ``K + 1``; memory break-even
+``(C/g) k^2 = K H' W'``).  The layer's :class:`dyconv.schemes.SchemeChooser` makes and records
+each choice (keyed by batch class and input size; ``chosen_schemes``), saved with
+:func:`conv_schemes` / :func:`restore_conv_schemes`, so a resumed or re-evaluated run computes
+with the same schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
 
 **Unit-structured PAD.**  When a PAD bank's mask is structured by output filters
 (granularity ``unit``, :meth:`_RoutedConv2d.unit_split`), the static filters are one ordinary
@@ -41,10 +42,10 @@ conv with ``lambda_s W_s[static]`` and only the dynamic filters run through the 
 back in channel order.  Exactly the element-path output and gradients for the same mask.
 Depthwise convs slice the input channels alike; other grouped convs, ``kernel`` granularity
 (storage only), layers whose every filter is dynamic and masks being scored (``requires_grad``,
-IMP) take the element path.  Otherwise the layer picks the path per batch class and input size by
-:func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs clearly more
-than a static conv (the split saves nothing on 1x1 ``bmm`` or depthwise layers), at every batch size;
-the choice is recorded in ``chosen_paths`` and saved with the schemes.
+IMP) take the element path.  Otherwise the chooser picks the path per batch class and input size by
+:func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs at least
+:data:`dyconv.schemes.UNIT_PATH_MIN_COST` static convs (the split saves nothing on 1x1 ``bmm`` or
+depthwise layers), at every batch size; the choice is recorded in ``chosen_paths`` and saved with the schemes.
 
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
 mixed; the models never use them (every conv is followed by BatchNorm).
@@ -67,8 +68,8 @@ from torch import nn
 from pad import DynamicWeights, PartiallyDynamicWeights
 from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
 
-from .schemes import (PATHS, POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes,
-                      choose_scheme, per_sample_weight, prefers_unit_path)
+from .schemes import (SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, LayerCost, SchemeChooser, applicable_schemes,
+                      check_policy, per_sample_weight, scheme_key)  # noqa: F401  (scheme_key re-exported for callers)
 
 CONVS = ("static", "condconv", "dyconv", "odconv")
 # Which of ODConv's attentions also scale PAD's static part: "none" (the static part of DESIGN's Omega, no
@@ -181,12 +182,6 @@ class ODConvAttention(nn.Module):
 
 # ---------------------------------------------------------------- layers
 
-def _check_policy(scheme: str) -> str:
-    if scheme not in POLICIES:
-        raise ValueError(f"unknown conv scheme {scheme!r}; expected one of {POLICIES}")
-    return scheme
-
-
 def _check_static_attention(static_attention: str) -> str:
     if static_attention not in ODCONV_STATIC_ATTENTIONS:
         raise ValueError(f"unknown ODConv static attention {static_attention!r}; expected one of "
@@ -221,12 +216,6 @@ def _resolve_padding(padding: int | str, padding_mode: str, kernel_size: int, st
     return 0, (before, after, before, after)
 
 
-def scheme_key(x: torch.Tensor) -> str:
-    """The key a layer's choice is recorded under: batch class and input size, e.g. ``"batch@56x56"``
-    (the cost model depends on the batch only through ``B == 1``)."""
-    return f"{'single' if x.shape[0] == 1 else 'batch'}@{x.shape[-2]}x{x.shape[-1]}"
-
-
 def _zero_tie(attention, bank) -> torch.Tensor | float:
     """``0`` that depends on the attention's outputs and the bank's kernels, for a layer with no dynamic
     unit: their gradients are zeros (as on the element path), not missing (which DDP refuses)."""
@@ -250,33 +239,15 @@ class _RoutedConv2d(nn.Module):
             e.g. the inference bank of :mod:`dyconv.inference`).
         bias: ``(out,)`` static bias or ``None``.
         attention: the routing submodule (set by subclasses).
-        scheme: ``auto`` or the name of a scheme to force (see :mod:`dyconv.schemes`).
-        chosen_schemes: ``{scheme_key: scheme}``, the scheme used per batch class and input size.
-        chosen_paths: ``{scheme_key: "unit" | "element"}``, the path a unit-structured PAD layer
-            took per batch class and input size (empty for other layers).
+        chooser: the :class:`dyconv.schemes.SchemeChooser` that picks and records the scheme per batch
+            class and input size and, for a unit-structured PAD layer (:meth:`unit_split` not ``None``),
+            the unit or element path; ``scheme``, ``chosen_schemes`` and ``chosen_paths`` are its
+            policy and records.
 
-    Scheme choice (``scheme="auto"``, :func:`dyconv.schemes.choose_scheme`): ``grouped`` at
-    batch 1 (one plain conv), ``bmm`` for 1x1 kernels, otherwise the cheaper, in static-conv
-    units of forward + backward, of ``grouped`` ``1 + 0.2 (C/g) k^2 / (H' W')`` (per-sample
-    weights ``B |W|``, a poorly parallel grouped conv) and ``stacked`` ``K + 1`` (K x the MACs,
-    ``K B O H' W'`` outputs); ``stacked`` needs no spatial attention.  Memory break-even:
-    ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 5 K H' W'``) lies above it,
-    so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (single-layer
-    timings of ResNet-18 and of the ``--mini`` ResNet-10, see :mod:`dyconv.schemes`);
-    ``scheme=<name>`` forces one where it is exact.
-
-    Path choice of a unit-structured PAD layer (:meth:`unit_split` not ``None``),
-    :func:`dyconv.schemes.prefers_unit_path`: the *element* path runs the whole layer by its scheme,
-    ``c`` static convs (the cost above, at every batch size: at batch 1 ``grouped`` is one plain conv but
-    still mixes all ``K`` kernels of every filter into its weight); the
-    *unit* path runs the static filters as one ordinary conv and only the dynamic ones by the
-    scheme, saving ``(static share) (c - 1)`` but adding an ``index_select`` and a ``cat`` of the
-    outputs (and, depthwise, of the inputs) and a second call's fixed costs.  So the unit path is
-    taken where ``c >= 1.5`` (``stacked``, or ``grouped`` with ``(C/g) k^2 >= 2.5 H' W'``), never on
-    1x1 ``bmm`` or depthwise layers (``c ~ 1``).  The path does not depend on the batch size, so the
-    eval caches of a batch-32 and a batch-1 call are the same.  A layer without dynamic filters is
-    one static conv: unit path.
-    The scheme is the same on both paths (the cost model does not depend on the filter count).
+    The scheme is chosen by the cost model of :func:`dyconv.schemes.choose_scheme`, the path by
+    :func:`dyconv.schemes.prefers_unit_path` (a layer without dynamic filters is one static conv: unit
+    path); the scheme is the same on both paths, and the path does not depend on the batch size, so the
+    eval caches of a batch-32 and a batch-1 call are the same.
     """
 
     routing_sums_to_one = False  # True where PAD's static part folds into the kernels
@@ -291,9 +262,7 @@ class _RoutedConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.padding_mode = padding_mode
         self._conv_padding, self._input_pads = _resolve_padding(padding, padding_mode, kernel_size, stride, dilation)
-        self.scheme = _check_policy(scheme)
-        self.chosen_schemes: dict[str, str] = {}
-        self.chosen_paths: dict[str, str] = {}
+        self.chooser = SchemeChooser(scheme)
         self._fold_cache: tuple | None = None
         self._split_cache: tuple | None = None
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
@@ -317,6 +286,30 @@ class _RoutedConv2d(nn.Module):
     @property
     def num_kernels(self) -> int:
         return self.bank.num_kernels
+
+    @property
+    def scheme(self) -> str:
+        """``auto`` or the name of the scheme forced on the layer (:data:`dyconv.schemes.POLICIES`)."""
+        return self.chooser.policy
+
+    @property
+    def chosen_schemes(self) -> dict[str, str]:
+        """``{scheme_key: scheme}``, the scheme used per batch class and input size."""
+        return self.chooser.schemes
+
+    @chosen_schemes.setter
+    def chosen_schemes(self, schemes: dict[str, str]) -> None:
+        self.chooser.schemes = schemes
+
+    @property
+    def chosen_paths(self) -> dict[str, str]:
+        """``{scheme_key: "unit" | "element"}``, the path a unit-structured PAD layer took per batch class and
+        input size (empty for other layers)."""
+        return self.chooser.paths
+
+    @chosen_paths.setter
+    def chosen_paths(self, paths: dict[str, str]) -> None:
+        self.chooser.paths = paths
 
     @property
     def geometry(self) -> ConvGeometry:
@@ -399,36 +392,17 @@ class _RoutedConv2d(nn.Module):
         width = x.shape[-1] + left + right + 2 * self._conv_padding
         return ((height - extent) // self.stride + 1) * ((width - extent) // self.stride + 1)
 
-    def scheme_for(self, x: torch.Tensor, has_spatial: bool) -> str:
-        """The scheme for input ``x`` ``(B, C, H, W)``: the recorded one, else chosen now (and recorded)."""
-        key = scheme_key(x)
-        chosen = self.chosen_schemes.get(key)
-        if chosen is None:
-            applicable = applicable_schemes(self.kernel_size, has_spatial)
-            chosen = choose_scheme(self.scheme, applicable, x.shape[0], self.num_kernels,
-                                   self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
-            if not torch.compiler.is_compiling():
-                self.chosen_schemes[key] = chosen
-        return chosen
-
-    def path_for(self, x: torch.Tensor, scheme: str, split: UnitSplit) -> str:
-        """``"unit"`` or ``"element"`` for input ``x`` of a layer with a unit split: the recorded path,
-        else chosen now by :func:`dyconv.schemes.prefers_unit_path` (see the class docstring) and recorded."""
-        key = scheme_key(x)
-        chosen = self.chosen_paths.get(key)
-        if chosen is None:
-            unit = split.dynamic.numel() == 0 or prefers_unit_path(
-                scheme, self.num_kernels, self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
-            chosen = "unit" if unit else "element"
-            if not torch.compiler.is_compiling():
-                self.chosen_paths[key] = chosen
-        return chosen
+    def cost(self, x: torch.Tensor) -> LayerCost:
+        """What the cost model reads of the layer for its input ``x`` ``(B, C, H, W)``."""
+        return LayerCost(self.num_kernels, self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
 
     def weighted_conv(self, x: torch.Tensor, attention) -> torch.Tensor:
         """The conv of ``x`` ``(B, C, H, W)`` with the kernels the attention's output selects."""
-        scheme = self.scheme_for(x, self.has_spatial_attention(attention))
+        key, cost = scheme_key(x), self.cost(x)
+        applicable = applicable_schemes(self.kernel_size, self.has_spatial_attention(attention))
+        scheme = self.chooser.scheme(key, applicable, x.shape[0], cost)
         split = self.unit_split()
-        unit = split is not None and self.path_for(x, scheme, split) == "unit"
+        unit = split is not None and self.chooser.path(key, scheme, split.dynamic.numel() > 0, cost) == "unit"
         x = self.pad_input(x)  # (after the choices: they are keyed by the layer's input size)
         if unit:
             out = self._unit_conv(x, attention, split, scheme)
@@ -451,7 +425,7 @@ class _RoutedConv2d(nn.Module):
         granularity, every unit dynamic) the element path computes the same output.  A mask
         that requires grad is being scored (IMP's ``dL/dM``): the unit path does not multiply by
         it, so such a layer takes the element path.  A split does not mean the unit path is
-        taken: :meth:`path_for` decides.  Cached like the fold (eval mode without autograd) and
+        taken: the chooser decides (:meth:`dyconv.schemes.SchemeChooser.path`).  Cached like the fold (eval mode without autograd) and
         the unit indices until the mask changes.
         """
         bank = self.bank
@@ -603,18 +577,15 @@ def dynamic_convs(model: nn.Module):
 def set_conv_scheme(model: nn.Module, scheme: str) -> None:
     """Sets every dynamic conv's scheme policy (``auto`` or a scheme's name) and forgets past choices
     (schemes and unit/element paths)."""
-    _check_policy(scheme)
+    check_policy(scheme)
     for _, layer in dynamic_convs(model):
-        layer.scheme = scheme
-        layer.chosen_schemes = {}
-        layer.chosen_paths = {}
+        layer.chooser.reset(scheme)
 
 
 def conv_schemes(model: nn.Module) -> dict[str, dict]:
     """``{layer name: {"policy": ..., "chosen": {scheme_key: scheme}, "paths": {scheme_key: path}}}``:
     what a checkpoint records (``paths``: the unit/element path of a unit-structured PAD layer)."""
-    return {name: {"policy": layer.scheme, "chosen": dict(layer.chosen_schemes), "paths": dict(layer.chosen_paths)}
-            for name, layer in dynamic_convs(model)}
+    return {name: layer.chooser.record() for name, layer in dynamic_convs(model)}
 
 
 def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> None:
@@ -627,17 +598,7 @@ def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> 
     if set(recorded) != set(layers):
         raise ValueError("the recorded conv schemes name other layers than this model's")
     for name, entry in recorded.items():
-        chosen = dict(entry.get("chosen", {}))
-        unknown = [s for s in chosen.values() if s not in SCHEME_FUNCTIONS]
-        if unknown:
-            raise ValueError(f"recorded conv scheme {unknown[0]!r} of layer {name!r} is unknown")
-        paths = dict(entry.get("paths", {}))
-        unknown = [p for p in paths.values() if p not in PATHS]
-        if unknown:
-            raise ValueError(f"recorded conv path {unknown[0]!r} of layer {name!r} is unknown; expected one of {PATHS}")
-        layers[name].scheme = _check_policy(entry.get("policy", "auto"))
-        layers[name].chosen_schemes = chosen
-        layers[name].chosen_paths = paths
+        layers[name].chooser.restore(entry, name)
 
 
 # ---------------------------------------------------------------- factory and temperature
@@ -664,7 +625,7 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
     if scale_factors not in SCALE_FACTOR_VARIANTS:
         raise ValueError(f"unknown scale factors {scale_factors!r}; expected one of {SCALE_FACTOR_VARIANTS}")
     _check_positive_temperature(temperature)
-    _check_policy(scheme)
+    check_policy(scheme)
     _check_static_attention(odconv_static_attention)
     if odconv_static_attention != "none" and not (conv == "odconv" and pad):
         raise ValueError(f"the ODConv static attention {odconv_static_attention!r} needs PAD-ODConv (conv odconv "
