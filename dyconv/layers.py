@@ -36,7 +36,7 @@ each choice (keyed by batch class and input size; ``chosen_schemes``), saved wit
 with the same schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
 
 **Unit-structured PAD.**  When a PAD bank's mask is structured by output filters
-(granularity ``unit``, :meth:`_RoutedConv2d.unit_split`), the static filters are one ordinary
+(granularity ``unit``, :meth:`RoutedConv2d.unit_split`), the static filters are one ordinary
 conv with ``lambda_s W_s[static]`` and only the dynamic filters run through the scheme, over
 ``lambda_d W_k[dynamic]`` (ODConv: with those filters' attention); the two outputs are put
 back in channel order.  Exactly the element-path output and gradients for the same mask.
@@ -46,6 +46,12 @@ IMP) take the element path.  Otherwise the chooser picks the path per batch clas
 :func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs at least
 :data:`dyconv.schemes.UNIT_PATH_MIN_COST` static convs (the split saves nothing on 1x1 ``bmm`` or
 depthwise layers), at every batch size; the choice is recorded in ``chosen_paths`` and saved with the schemes.
+
+**Registry.**  :func:`conv_factory` builds the convs registered in :data:`CONV_TYPES` (``static``:
+``nn.Conv2d``; ``condconv``, ``dyconv``, ``odconv``); the CLI's ``--conv`` offers the same names.  A new
+dynamic conv is one :class:`RoutedConv2d` subclass that sets its ``attention``, decorated with
+:func:`register_conv`; it overrides :meth:`RoutedConv2d.factory_kwargs` only if its constructor takes more
+of the factory's options than the base's, and the hooks below only where its attention does more than route.
 
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
 mixed; the models never use them (every conv is followed by BatchNorm).
@@ -71,7 +77,6 @@ from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_order  # noqa: F40
 from .schemes import (SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, LayerCost, SchemeChooser, applicable_schemes,
                       check_policy, per_sample_weight, scheme_key)  # noqa: F401  (scheme_key re-exported for callers)
 
-CONVS = ("static", "condconv", "dyconv", "odconv")
 # Which of ODConv's attentions also scale PAD's static part: "none" (the static part of DESIGN's Omega, no
 # attention), "channel-filter" (the authors' release: the input-channel and filter attentions scale the whole
 # conv, the spatial and kernel attentions the dynamic part only) or "all" (ODConv over the folded kernels W'_k,
@@ -80,6 +85,58 @@ ODCONV_STATIC_ATTENTIONS = ("none", "channel-filter", "all")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
 
 ConvMaker = Callable[..., nn.Module]
+
+# ---------------------------------------------------------------- registry
+
+# ``{name: class}`` of every conv :func:`conv_factory` (and the CLI's ``--conv``) can build, in registration order.
+CONV_TYPES: dict[str, type[nn.Module]] = {}
+
+
+def register_conv(name: str):
+    """Class decorator: :func:`conv_factory` builds the class as conv ``name``.
+
+    A :class:`RoutedConv2d` subclass is built with its geometry and its :meth:`~RoutedConv2d.factory_kwargs`;
+    any other class is a static conv, built with ``nn.Conv2d``'s arguments.  ``ValueError`` for a name
+    already registered.
+    """
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in CONV_TYPES:
+            raise ValueError(f"conv {name!r} is registered already (as {CONV_TYPES[name].__name__})")
+        CONV_TYPES[name] = cls
+        return cls
+    return register
+
+
+register_conv("static")(nn.Conv2d)
+
+
+def dynamic_conv_names() -> tuple[str, ...]:
+    """The registered convs that are dynamic (:class:`RoutedConv2d` subclasses), in registration order."""
+    return tuple(name for name, cls in CONV_TYPES.items() if issubclass(cls, RoutedConv2d))
+
+
+def named_dynamic_convs() -> str:
+    """The registered dynamic convs as a message names them, e.g. ``"condconv, dyconv or odconv"``."""
+    *rest, last = dynamic_conv_names()
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def static_attention_applies(conv: str, pad: bool) -> bool:
+    """Whether ``odconv_static_attention`` applies to conv ``conv`` (a :data:`CONV_TYPES` name): with PAD, to
+    :class:`ODConv2d` and its registered subclasses."""
+    return pad and issubclass(CONV_TYPES.get(conv, nn.Module), ODConv2d)
+
+
+class ConvOptions(NamedTuple):
+    """What :func:`conv_factory` gives every dynamic conv it makes beside the geometry; each layer type takes
+    the ones its constructor has (:meth:`RoutedConv2d.factory_kwargs`)."""
+    pad: bool
+    kernels: int
+    reduction: int
+    scale_factors: str
+    temperature: float
+    scheme: str
+    odconv_static_attention: str
 
 
 # ---------------------------------------------------------------- shared maths
@@ -229,7 +286,7 @@ def _zero_tie(attention, bank) -> torch.Tensor | float:
     return 0.0 * total
 
 
-class _RoutedConv2d(nn.Module):
+class RoutedConv2d(nn.Module):
     """Shared state of a conv whose ``K`` kernels live in a (partially) dynamic bank.
 
     Attributes:
@@ -270,6 +327,13 @@ class _RoutedConv2d(nn.Module):
         self.bank = PartiallyDynamicWeights(kernels, shape, scale_factors) if pad else DynamicWeights(kernels, shape)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self._init_bias()
+
+    @classmethod
+    def factory_kwargs(cls, options: ConvOptions) -> dict:
+        """The constructor's keyword arguments that come from :func:`conv_factory`'s options (the geometry
+        comes as for ``nn.Conv2d``); a subclass whose constructor takes more options adds them."""
+        return dict(kernels=options.kernels, pad=options.pad, scale_factors=options.scale_factors,
+                    scheme=options.scheme)
 
     def _init_bias(self) -> None:
         if self.bias is not None:
@@ -482,7 +546,8 @@ class _RoutedConv2d(nn.Module):
                 f"scheme={self.scheme!r}")
 
 
-class CondConv2d(_RoutedConv2d):
+@register_conv("condconv")
+class CondConv2d(RoutedConv2d):
     """CondConv (Yang et al. 2019): ``W(x) = sum_k sigmoid(FC(GAP(x)))_k W_k``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -494,7 +559,8 @@ class CondConv2d(_RoutedConv2d):
         self.attention = CondConvRouting(in_channels, kernels)
 
 
-class DynamicConv2d(_RoutedConv2d):
+@register_conv("dyconv")
+class DynamicConv2d(RoutedConv2d):
     """DY-Conv (Chen et al. 2020): ``W(x) = sum_k softmax(z(x) / tau)_k W_k``; PAD folded."""
 
     routing_sums_to_one = True
@@ -507,8 +573,13 @@ class DynamicConv2d(_RoutedConv2d):
                          scale_factors, dilation, scheme, padding_mode)
         self.attention = DynamicConvAttention(in_channels, kernels, reduction, temperature)
 
+    @classmethod
+    def factory_kwargs(cls, options: ConvOptions) -> dict:
+        return {**super().factory_kwargs(options), "reduction": options.reduction, "temperature": options.temperature}
 
-class ODConv2d(_RoutedConv2d):
+
+@register_conv("odconv")
+class ODConv2d(RoutedConv2d):
     """ODConv (Li et al. 2022): ``W~(x) = a_s ⊙ a_c ⊙ a_f ⊙ sum_k a_w,k W_k``.
 
     The input-channel attention scales the input and the filter attention the output
@@ -537,6 +608,11 @@ class ODConv2d(_RoutedConv2d):
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
                                          temperature)
         self.static_attention = static_attention
+
+    @classmethod
+    def factory_kwargs(cls, options: ConvOptions) -> dict:
+        return {**super().factory_kwargs(options), "reduction": options.reduction, "temperature": options.temperature,
+                "static_attention": options.odconv_static_attention}
 
     @property
     def _static_scaled(self) -> bool:
@@ -568,9 +644,9 @@ class ODConv2d(_RoutedConv2d):
 
 
 def dynamic_convs(model: nn.Module):
-    """Yields ``(name, layer)`` for every CondConv, DY-Conv and ODConv layer of ``model``."""
+    """Yields ``(name, layer)`` for every dynamic conv (:class:`RoutedConv2d`) of ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, _RoutedConv2d):
+        if isinstance(module, RoutedConv2d):
             yield name, module
 
 
@@ -606,18 +682,21 @@ def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> 
 def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int = 4, scale_factors: str = "both",
                  temperature: float = 30.0, scheme: str = "auto", odconv_static_attention: str = "none") -> ConvMaker:
     """A constructor ``make(in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, bias=False, dilation=1,
-    padding_mode="zeros")`` (``padding`` also ``"same"`` or ``"valid"``, as for ``nn.Conv2d``).
+    padding_mode="zeros")`` (``padding`` also ``"same"`` or ``"valid"``, as for ``nn.Conv2d``) of the conv
+    registered as ``conv`` (:data:`CONV_TYPES`).
 
-    ``static`` gives ``nn.Conv2d``; the others their dynamic layer, partially dynamic when ``pad``.
+    ``static`` gives ``nn.Conv2d``; the dynamic convs their layer, partially dynamic when ``pad``.
     ``reduction`` and ``temperature`` are used by DY-Conv and ODConv (CondConv has neither);
     ``scheme`` is every dynamic layer's execution scheme policy (``auto`` or a scheme's name);
-    ``odconv_static_attention`` is PAD-ODConv's ``static_attention`` (other than ``"none"`` only with
-    ``conv="odconv"`` and ``pad``).
+    ``odconv_static_attention`` is PAD-ODConv's ``static_attention`` (other than ``"none"`` only where
+    :func:`static_attention_applies`).
     """
-    if conv not in CONVS:
-        raise ValueError(f"unknown conv {conv!r}; expected one of {CONVS}")
-    if conv == "static" and pad:
-        raise ValueError("PAD needs a dynamic conv (condconv, dyconv or odconv), not static")
+    if conv not in CONV_TYPES:
+        raise ValueError(f"unknown conv {conv!r}; expected one of {tuple(CONV_TYPES)}")
+    layer_type = CONV_TYPES[conv]
+    dynamic = issubclass(layer_type, RoutedConv2d)
+    if pad and not dynamic:
+        raise ValueError(f"PAD needs a dynamic conv ({named_dynamic_convs()}), not {conv}")
     if kernels < 1:
         raise ValueError(f"number of kernels must be >= 1, got {kernels}")
     if reduction < 1:
@@ -627,28 +706,24 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
     _check_positive_temperature(temperature)
     check_policy(scheme)
     _check_static_attention(odconv_static_attention)
-    if odconv_static_attention != "none" and not (conv == "odconv" and pad):
+    if odconv_static_attention != "none" and not static_attention_applies(conv, pad):
         raise ValueError(f"the ODConv static attention {odconv_static_attention!r} needs PAD-ODConv (conv odconv "
                          f"with pad), not conv {conv} with pad={pad}")
+    options = ConvOptions(pad, kernels, reduction, scale_factors, temperature, scheme, odconv_static_attention)
 
     def make(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int | str = 0, groups: int = 1,
              bias: bool = False, dilation: int = 1, padding_mode: str = "zeros") -> nn.Module:
-        if conv == "static":
-            return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
-        common = dict(stride=stride, padding=padding, groups=groups, bias=bias, kernels=kernels, pad=pad,
-                      scale_factors=scale_factors, scheme=scheme, dilation=dilation, padding_mode=padding_mode)
-        if conv == "condconv":
-            return CondConv2d(in_ch, out_ch, kernel_size, **common)
-        if conv == "odconv":
-            return ODConv2d(in_ch, out_ch, kernel_size, reduction=reduction, temperature=temperature,
-                            static_attention=odconv_static_attention, **common)
-        return DynamicConv2d(in_ch, out_ch, kernel_size, reduction=reduction, temperature=temperature, **common)
+        if not dynamic:
+            return layer_type(in_ch, out_ch, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+        return layer_type(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias,
+                          dilation=dilation, padding_mode=padding_mode, **layer_type.factory_kwargs(options))
 
     return make
 
 
-def _tempered(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (DynamicConvAttention, ODConvAttention))]
+def _tempered(model: nn.Module) -> list[nn.Module]:
+    """The attentions of ``model``'s dynamic convs that have a ``temperature`` (DY-Conv's, ODConv's)."""
+    return [layer.attention for _, layer in dynamic_convs(model) if hasattr(layer.attention, "temperature")]
 
 
 def set_temperature(model: nn.Module, value: float) -> None:

@@ -71,8 +71,8 @@ from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, Checkpoint
                            nonfinite_tensors, parameter_groups, random_states, restore_random_states, save_checkpoint,
                            train_one_epoch)
 from dyconv.inference import load_compact_model, to_inference
-from dyconv.layers import (CONVS, ODCONV_STATIC_ATTENTIONS, conv_schemes, get_temperature, restore_conv_schemes,
-                           set_temperature)
+from dyconv.layers import (CONV_TYPES, ODCONV_STATIC_ATTENTIONS, conv_schemes, dynamic_conv_names, get_temperature,
+                           named_dynamic_convs, restore_conv_schemes, set_temperature, static_attention_applies)
 from dyconv.models import ARCHS, build_model, count_flops
 from dyconv.schemes import POLICIES
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=_bounded(int, 0), default=4, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default="resnet18")
-    g.add_argument("--conv", choices=CONVS, default="dyconv")
+    g.add_argument("--conv", choices=tuple(CONV_TYPES), default="dyconv")
     g.add_argument("--pad", action=argparse.BooleanOptionalAction, default=False, help="partially dynamic (PAD) convs")
     g.add_argument("--resnet-width", type=_bounded(int, 1), default=64,
                    help="a ResNet's stem and first-stage channels (the paper's 64; each stage doubles it)")
@@ -247,12 +247,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.dataset = "imagenet" if args.data else "fashion-mnist"
     if args.image_size is None:
         args.image_size = 224 if args.dataset == "imagenet" else 28
-    if args.pad and args.conv == "static":
-        raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
-    if args.odconv_static_attention not in (None, "none") and not (args.conv == "odconv" and args.pad):
+    if args.pad and args.conv not in dynamic_conv_names():
+        raise UsageError(f"--pad needs a dynamic --conv ({named_dynamic_convs()})")
+    static_attention = static_attention_applies(args.conv, args.pad)
+    if args.odconv_static_attention not in (None, "none") and not static_attention:
         raise UsageError("--odconv-static-attention needs --conv odconv --pad")
     if args.odconv_static_attention is None:  # the authors' placement where it applies (docs/choices.md)
-        args.odconv_static_attention = "channel-filter" if args.conv == "odconv" and args.pad else "none"
+        args.odconv_static_attention = "channel-filter" if static_attention else "none"
     if args.resnet_width != 64 and not args.arch.startswith("resnet"):
         raise UsageError(f"--resnet-width applies to the ResNets only; {args.arch} takes its width from its name")
     if args.evaluate and not args.resume:
