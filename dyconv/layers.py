@@ -72,7 +72,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pad import DynamicWeights, PartiallyDynamicWeights
-from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
+from pad.mixing import (SCALE_FACTOR_VARIANTS, UnitSplit, unit_order,  # noqa: F401  (unit_order re-exported)
+                        unit_split_applies, zero_tie)
 
 from .schemes import (SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, LayerCost, SchemeChooser, applicable_schemes,
                       check_policy, per_sample_weight, scheme_key)  # noqa: F401  (scheme_key re-exported for callers)
@@ -273,19 +274,6 @@ def _resolve_padding(padding: int | str, padding_mode: str, kernel_size: int, st
     return 0, (before, after, before, after)
 
 
-def _zero_tie(attention, bank) -> torch.Tensor | float:
-    """``0`` that depends on the attention's outputs and the bank's kernels, for a layer with no dynamic
-    unit: their gradients are zeros (as on the element path), not missing (which DDP refuses)."""
-    if not torch.is_grad_enabled():
-        return 0.0
-    parts = attention if isinstance(attention, tuple) else (attention,)
-    total = sum(part.sum() for part in parts if part is not None)
-    kernels = getattr(bank, "kernels", None)
-    if isinstance(kernels, nn.Parameter):
-        total = total + kernels.sum()
-    return 0.0 * total
-
-
 class RoutedConv2d(nn.Module):
     """Shared state of a conv whose ``K`` kernels live in a (partially) dynamic bank.
 
@@ -483,23 +471,19 @@ class RoutedConv2d(nn.Module):
     def unit_split(self) -> UnitSplit | None:
         """The :class:`UnitSplit` the layer computes with, or ``None`` for the element path.
 
-        A PAD bank whose granularity is ``unit`` (or an inference bank holding a split) is split
-        when the layer's groups allow one ordinary conv per side (``groups`` 1 or depthwise) and
-        some unit is static; otherwise (other grouped convs, ``kernel`` or ``element``
-        granularity, every unit dynamic) the element path computes the same output.  A mask
-        that requires grad is being scored (IMP's ``dL/dM``): the unit path does not multiply by
-        it, so such a layer takes the element path.  A split does not mean the unit path is
-        taken: the chooser decides (:meth:`dyconv.schemes.SchemeChooser.path`).  Cached like the fold (eval mode without autograd) and
-        the unit indices until the mask changes.
+        A PAD bank is split where :func:`pad.mixing.unit_split_applies` (``unit`` granularity, some unit
+        static, the mask not being scored), the layer's groups allow one ordinary conv per side (``groups``
+        1 or depthwise) and its static units are one conv (:attr:`static_units_are_one_conv`); an inference
+        bank holding a split gives that.  Otherwise the element path computes the same output.  A split does
+        not mean the unit path is taken: the chooser decides (:meth:`dyconv.schemes.SchemeChooser.path`).
+        Cached like the fold (eval mode without autograd) and the unit indices until the mask changes.
         """
         bank = self.bank
         if not isinstance(bank, PartiallyDynamicWeights):
             return bank.unit_split() if hasattr(bank, "unit_split") else None  # the inference form's
-        if (bank.granularity != "unit" or not (self.groups == 1 or self.depthwise) or bank.mask.requires_grad
-                or not self.static_units_are_one_conv):
+        one_conv_per_side = (self.groups == 1 or self.depthwise) and self.static_units_are_one_conv
+        if not one_conv_per_side or not unit_split_applies(bank):
             return None
-        if bank.unit_indices()[1].numel() == 0:
-            return None  # fully dynamic: the element path costs the same
         key = self._fold_cache_key()
         if key is not None and self._split_cache is not None and self._split_cache[0] == key:
             return self._split_cache[1]
@@ -522,7 +506,7 @@ class RoutedConv2d(nn.Module):
         if out_scale is not None:
             static_out = static_out * out_scale.index_select(1, split.static)[:, :, None, None]
         if split.dynamic.numel() == 0:
-            return static_out.index_select(1, split.order) + _zero_tie(attention, self.bank)
+            return static_out.index_select(1, split.order) + self._zero_tie(attention)
         terms = self.routed_terms(attention, split.kernels, None)
         dynamic_in = x
         if terms.out_scale is not None:
@@ -534,6 +518,13 @@ class RoutedConv2d(nn.Module):
                 terms = terms._replace(in_scale=terms.in_scale.index_select(1, split.dynamic))
         dynamic_out = SCHEME_FUNCTIONS[scheme](dynamic_in, terms, geometry)
         return torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
+
+    def _zero_tie(self, attention) -> torch.Tensor | float:
+        """:func:`pad.mixing.zero_tie` of the attention's outputs and the bank's kernels: a layer without dynamic
+        units gives them zero gradients, as the element path does."""
+        parts = attention if isinstance(attention, tuple) else (attention,)
+        kernels = getattr(self.bank, "kernels", None)
+        return zero_tie(*parts, kernels if isinstance(kernels, nn.Parameter) else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weighted_conv(x, self.attention(x))

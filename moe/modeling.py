@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pad
-from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, set_granularity, weight_banks
+from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, set_granularity, unit_split_applies, weight_banks, zero_tie
 from moe.gating import NoisyTopKGate
 
 MOE_TYPES = ("none", "moe", "pad")
@@ -143,16 +143,9 @@ class MoELinear(nn.Module):
         return outputs.new_zeros(tokens.shape[0], weights.shape[1]).index_add_(0, token_of, outputs)
 
     def unit_split(self) -> UnitSplit | None:
-        """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) when its
-        mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output).
-        A mask that requires grad is being scored (IMP's ``dL/dM``), which the unit path, not multiplying
-        by the mask, would not give: the element path then."""
-        bank = self.experts
-        if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit" or bank.mask.requires_grad:
-            return None
-        if bank.unit_indices()[1].numel() == 0:
-            return None
-        return bank.unit_split(scaled=False)
+        """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) where
+        :func:`pad.mixing.unit_split_applies`; else ``None`` (the element path, same output)."""
+        return self.experts.unit_split(scaled=False) if unit_split_applies(self.experts) else None
 
     def _unit_forward(self, tokens: torch.Tensor, routing, split: UnitSplit) -> torch.Tensor:
         """A ``unit``-structured PAD layer, exactly: every expert's static rows are
@@ -181,8 +174,8 @@ class MoELinear(nn.Module):
             else:
                 dynamic_out = self._mix_experts(tokens, routing, split.kernels, None) * lambda_d
             result = result.index_add_(1, split.dynamic, dynamic_out)
-        else:  # kernels unused: a zero ties them in, so they get zero gradients, not none (DDP)
-            result = result + 0.0 * split.kernels.sum()
+        else:  # kernels unused: tied in, so they get zero gradients, not none (DDP)
+            result = result + zero_tie(split.kernels)
         return result.index_add_(1, split.static, static_out)
 
     def extra_repr(self) -> str:

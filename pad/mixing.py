@@ -366,6 +366,31 @@ class PartiallyDynamicWeights(DynamicWeights):
         return self.unit_mask(granularity).flatten().nonzero().squeeze(1)
 
 
+def unit_split_applies(bank: nn.Module) -> bool:
+    """Whether a layer over ``bank`` computes by its unit split (:meth:`PartiallyDynamicWeights.unit_split`): a
+    PAD bank of ``unit`` granularity with some static unit, whose mask is not being scored.
+
+    A mask that requires grad is being scored (IMP's ``dL/dM``), which the split, not multiplying by the mask,
+    would not give; a bank whose every unit is dynamic costs the same whole.  Either way the layer computes
+    over the whole bank (the same output).  A layer may add conditions of its own (a conv's groups).
+    """
+    return (isinstance(bank, PartiallyDynamicWeights) and bank.granularity == "unit" and not bank.mask.requires_grad
+            and bank.unit_indices()[1].numel() > 0)
+
+
+def zero_tie(*tensors: torch.Tensor | None) -> torch.Tensor | float:
+    """``0`` that depends on every given tensor (``None`` skipped), for a layer that leaves them unused (no
+    dynamic unit): added to its output, it gives the parameters they come from zero gradients, not none,
+    which DDP refuses.  The float ``0.0`` where autograd is off."""
+    if not torch.is_grad_enabled():
+        return 0.0
+    total = None
+    for tensor in tensors:
+        if tensor is not None:
+            total = tensor.sum() if total is None else total + tensor.sum()
+    return 0.0 * total
+
+
 def weight_banks(model: nn.Module):
     """Yields ``(name, bank)`` for every :class:`PartiallyDynamicWeights` inside ``model``."""
     for name, module in model.named_modules():
