@@ -61,7 +61,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import pad
 from pad.compact import model_granularity
-from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, set_granularity, weight_banks
+from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, UnrecordedGranularity, set_granularity, weight_banks
 from pad.partition import BATCHNORM_MODES, CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
 from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, IntegrityError, Preempted, StopSignals, WriteError, atomic_write,
                          code_version, error_line, keep_freed_memory, lock_folder, machine_description)
@@ -78,6 +78,7 @@ from dyconv.schemes import POLICIES
 
 MAX_IMAGE_SIZE = 4096  # one 3 x 4096^2 float image is 200 MB: larger sizes only exhaust memory
 MAX_SEED = 2**63 - 1  # torch takes seeds below 2**64; the runs also seed with seed + 1 and seed + epoch
+PARTITION_BUFFERS = (".mask", ".granularity_code")  # a PAD bank's partition, equal on every rank once set
 
 
 class UsageError(Exception):
@@ -489,9 +490,14 @@ def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict |
 
 
 def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
-    """Weights, masks and temperature of ``checkpoint`` into ``model``; CheckpointError when they do not fit."""
+    """Weights, masks (with their granularity) and temperature of ``checkpoint`` into ``model``; CheckpointError
+    when they do not fit."""
     try:
         model.load_state_dict(checkpoint["model"])
+    except UnrecordedGranularity:
+        raise CheckpointError(f"checkpoint {path} predates PAD layers that record their partition granularity (its "
+                              f"model holds no granularity_code); retrain it with this version of dyconv/main.py"
+                              ) from None
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(checkpoint.get("conv_schemes"), dict):
@@ -503,20 +509,6 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     if checkpoint.get("temperature") is not None:
         set_temperature(model, checkpoint["temperature"])
-    restore_granularity(model, checkpoint.get("partition"), path)
-
-
-def restore_granularity(model: nn.Module, partition, path: str) -> None:
-    """Declares the granularity the checkpoint's partition was made at (not in the state dict; a model that was
-    never partitioned has element masks)."""
-    if isinstance(partition, dict) and "granularity" not in partition:
-        raise CheckpointError(f"checkpoint {path} predates recorded partition granularities (its partition "
-                              f"names none); retrain it with this version of dyconv/main.py")
-    granularity = partition["granularity"] if isinstance(partition, dict) else "element"
-    try:
-        set_granularity(model, granularity)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: partition granularity: {err}") from None
 
 
 def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
@@ -554,22 +546,23 @@ def gather_random_states(ctx: Distributed) -> list[dict]:
 def wrap_ddp(model: nn.Module, ctx: Distributed) -> nn.Module:
     """DistributedDataParallel around ``model`` (or the model itself in one process).
 
-    PAD masks (``*.mask`` buffers) are excluded from DDP's per-forward buffer broadcast: they are
-    broadcast once after IMP (or loaded alike on every rank) and never change, while BatchNorm
-    statistics keep being broadcast from rank 0.
+    The partition (PAD's ``*.mask`` and ``*.granularity_code`` buffers) is excluded from DDP's per-forward
+    buffer broadcast: it is set alike on every rank after IMP (or loaded alike) and never changes, while
+    BatchNorm statistics keep being broadcast from rank 0.
     """
     if not ctx.enabled:
         return model
-    masks = [name for name, _ in model.named_buffers() if name.endswith(".mask")]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, masks)
+    partition = [name for name, _ in model.named_buffers() if name.endswith(PARTITION_BUFFERS)]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, partition)
     return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def sync_buffers(model: nn.Module, ctx: Distributed) -> None:
-    """Rank 0's BatchNorm statistics to every rank (masks are equal already), so every rank evaluates alike."""
+    """Rank 0's BatchNorm statistics to every rank (the partition is equal already), so every rank evaluates
+    alike."""
     if ctx.enabled:
         for name, buffer in model.named_buffers():
-            if not name.endswith(".mask"):
+            if not name.endswith(PARTITION_BUFFERS):
                 dist.broadcast(buffer, src=0)
 
 
