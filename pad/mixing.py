@@ -303,8 +303,8 @@ class PartiallyDynamicWeights(DynamicWeights):
             ``unit``; see the module docstring); IMP sets it.
         granularity_code: int64 buffer ``()``, the index of ``granularity`` in :data:`GRANULARITIES`: the
             granularity as the state dict (and so every checkpoint) holds it, so ``load_state_dict`` restores
-            it.  A state without it is refused (:class:`UnrecordedGranularity`).  ``granularity`` mirrors it
-            as a string, so that a forward pass reads no device tensor.
+            it.  A state with a mask but without it is refused (:class:`UnrecordedGranularity`).
+            ``granularity`` mirrors it as a string, so that a forward pass reads no device tensor.
 
     Like ``torch.nn.utils.prune``, the mask is a buffer beside the weights;
     :func:`pad.compact.export_compact` makes it permanent by storing only the
@@ -337,12 +337,16 @@ class PartiallyDynamicWeights(DynamicWeights):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """``nn.Module``'s, after checking the state's ``granularity_code``; then mirrors it in :attr:`granularity`.
-        :class:`UnrecordedGranularity` where the state has none, ``ValueError`` for a code out of range or a mask
-        (the state's, else the bank's) not structured at that granularity."""
+        :class:`UnrecordedGranularity` where the state holds the bank's mask but no code, ``ValueError`` for a
+        code out of range or a mask (the state's, else the bank's) not structured at that granularity."""
         bank = f"PAD bank {prefix[:-1]!r}" if prefix else "the PAD bank"
         code = state_dict.get(prefix + "granularity_code")
-        if code is None:
+        if code is None and prefix + "mask" in state_dict:
             raise UnrecordedGranularity(f"the state of {bank} holds no granularity_code")
+        if code is None:  # no PAD bank's state here: nn.Module's reports what is missing
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
         if code.dim() != 0 or code.is_floating_point() or not 0 <= int(code) < len(GRANULARITIES):
             raise ValueError(f"the state of {bank} holds granularity_code {code.tolist()!r}; expected an integer "
                              f"index into {GRANULARITIES}")
