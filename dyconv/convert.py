@@ -67,9 +67,9 @@ import torch
 from torch import nn
 
 from pad import PartiallyDynamicWeights
-from .layers import CondConv2d, DynamicConv2d, ODConv2d, conv_factory, dynamic_convs
+from .layers import (CondConv2d, DynamicConv2d, ODConv2d, conv_factory, dynamic_conv_names, dynamic_convs,
+                     static_attention_applies)
 
-DYNAMIC_CONVS = ("condconv", "dyconv", "odconv")
 INITS = ("upcycle", "fresh")
 
 Include = Callable[[str, nn.Conv2d], bool] | Collection[str] | None
@@ -83,7 +83,8 @@ def convert_to_dynamic(model: nn.Module, conv: str = "dyconv", *, pad: bool = Fa
 
     Args:
         model: any module tree holding ``nn.Conv2d`` modules, without dynamic convs yet.
-        conv: ``condconv``, ``dyconv`` or ``odconv``.
+        conv: a registered dynamic conv (:func:`dyconv.layers.dynamic_conv_names`); ``init="upcycle"``
+            knows ``condconv``, ``dyconv`` and ``odconv``.
         pad: PAD layers (static weight ``W_s``, mask all ones, scale factors ``scale_factors``);
             partition them afterwards with :func:`pad.iterative_mode_partition` (after a warm-up
             when upcycled, see the module docstring).
@@ -103,12 +104,12 @@ def convert_to_dynamic(model: nn.Module, conv: str = "dyconv", *, pad: bool = Fa
         ValueError: a bad argument, a model with dynamic convs already, nothing to convert, or a
             conv selected by ``include`` that is not in the model or the layers cannot compute.
     """
-    if conv not in DYNAMIC_CONVS:
-        raise ValueError(f"unknown dynamic conv {conv!r}; expected one of {DYNAMIC_CONVS}")
+    if conv not in dynamic_conv_names():
+        raise ValueError(f"unknown dynamic conv {conv!r}; expected one of {dynamic_conv_names()}")
     if init not in INITS:
         raise ValueError(f"unknown initialisation {init!r}; expected one of {INITS}")
     if odconv_static_attention is None:
-        odconv_static_attention = "channel-filter" if conv == "odconv" and pad else "none"
+        odconv_static_attention = "channel-filter" if static_attention_applies(conv, pad) else "none"
     make = conv_factory(conv, pad, kernels, reduction, scale_factors, temperature, scheme, odconv_static_attention)
     if next(dynamic_convs(model), None) is not None:
         raise ValueError(f"{type(model).__name__} already has dynamic convs; convert a static model")

@@ -12,7 +12,7 @@ holding, as buffers, exactly what the forward pass convolves:
   with ``all``: folded everywhere.
 
 * a layer whose mask is unit-structured (``unit`` granularity, see
-  :meth:`dyconv.layers._RoutedConv2d.unit_split`): an :class:`InferenceUnitWeights` holding
+  :meth:`dyconv.layers.RoutedConv2d.unit_split`): an :class:`InferenceUnitWeights` holding
   ``lambda_d W_k[dynamic units]`` ``(K, O_d, ...)`` and the static units as one static weight
   ``lambda_s W_s[static units]`` ``(O_s, ...)``, ``K O_d + O_s`` filters, fewer than the compact
   export stores; where the layer takes the unit path it convolves the static units with it in one

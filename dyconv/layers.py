@@ -28,23 +28,30 @@ weights and one grouped conv; ``stacked``: one conv over the K stacked kernels, 
 mixed by the routing; ``bmm``: 1x1 convs as a batched matmul).  ``scheme`` (``auto`` or
 a scheme's name, forced where exact) picks it; ``auto`` uses the cost model of
 :func:`dyconv.schemes.choose_scheme` (batch 1: grouped; 1x1: bmm; otherwise the cheaper
-of grouped, ``1 + 0.2 (C/g) k^2 / (H' W')`` static convs, and stacked, ``K + 1``; memory
-break-even ``(C/g) k^2 = K H' W'``).  Each choice is recorded in ``chosen_schemes``
-(keyed by batch class and input size) and saved with :func:`conv_schemes` /
-:func:`restore_conv_schemes`, so a resumed or re-evaluated run computes with the same
-schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
+of grouped, ``1 + GROUPED_OVERHEAD (C/g) k^2 / (H' W')`` static convs with
+:data:`dyconv.schemes.GROUPED_OVERHEAD`, and stacked, ``K + 1``; memory break-even
+``(C/g) k^2 = K H' W'``).  The layer's :class:`dyconv.schemes.SchemeChooser` makes and records
+each choice (keyed by batch class and input size; ``chosen_schemes``), saved with
+:func:`conv_schemes` / :func:`restore_conv_schemes`, so a resumed or re-evaluated run computes
+with the same schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
 
 **Unit-structured PAD.**  When a PAD bank's mask is structured by output filters
-(granularity ``unit``, :meth:`_RoutedConv2d.unit_split`), the static filters are one ordinary
+(granularity ``unit``, :meth:`RoutedConv2d.unit_split`), the static filters are one ordinary
 conv with ``lambda_s W_s[static]`` and only the dynamic filters run through the scheme, over
 ``lambda_d W_k[dynamic]`` (ODConv: with those filters' attention); the two outputs are put
 back in channel order.  Exactly the element-path output and gradients for the same mask.
 Depthwise convs slice the input channels alike; other grouped convs, ``kernel`` granularity
 (storage only), layers whose every filter is dynamic and masks being scored (``requires_grad``,
-IMP) take the element path.  Otherwise the layer picks the path per batch class and input size by
-:func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs clearly more
-than a static conv (the split saves nothing on 1x1 ``bmm`` or depthwise layers), at every batch size;
-the choice is recorded in ``chosen_paths`` and saved with the schemes.
+IMP) take the element path.  Otherwise the chooser picks the path per batch class and input size by
+:func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs at least
+:data:`dyconv.schemes.UNIT_PATH_MIN_COST` static convs (the split saves nothing on 1x1 ``bmm`` or
+depthwise layers), at every batch size; the choice is recorded in ``chosen_paths`` and saved with the schemes.
+
+**Registry.**  :func:`conv_factory` builds the convs registered in :data:`CONV_TYPES` (``static``:
+``nn.Conv2d``; ``condconv``, ``dyconv``, ``odconv``); the CLI's ``--conv`` offers the same names.  A new
+dynamic conv is one :class:`RoutedConv2d` subclass that sets its ``attention``, decorated with
+:func:`register_conv`; it overrides :meth:`RoutedConv2d.factory_kwargs` only if its constructor takes more
+of the factory's options than the base's, and the hooks below only where its attention does more than route.
 
 Biases (``bias=True``) are static, one ``(out,)`` vector per layer, and are not
 mixed; the models never use them (every conv is followed by BatchNorm).
@@ -65,12 +72,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pad import DynamicWeights, PartiallyDynamicWeights
-from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_order  # noqa: F401  (unit_order re-exported for callers)
+from pad.mixing import (SCALE_FACTOR_VARIANTS, UnitSplit, unit_order,  # noqa: F401  (unit_order re-exported)
+                        unit_split_applies, zero_tie)
 
-from .schemes import (PATHS, POLICIES, SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, applicable_schemes,
-                      choose_scheme, per_sample_weight, prefers_unit_path)
+from .schemes import (SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, LayerCost, SchemeChooser, applicable_schemes,
+                      check_policy, per_sample_weight, scheme_key)  # noqa: F401  (scheme_key re-exported for callers)
 
-CONVS = ("static", "condconv", "dyconv", "odconv")
 # Which of ODConv's attentions also scale PAD's static part: "none" (the static part of DESIGN's Omega, no
 # attention), "channel-filter" (the authors' release: the input-channel and filter attentions scale the whole
 # conv, the spatial and kernel attentions the dynamic part only) or "all" (ODConv over the folded kernels W'_k,
@@ -79,6 +86,58 @@ ODCONV_STATIC_ATTENTIONS = ("none", "channel-filter", "all")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
 
 ConvMaker = Callable[..., nn.Module]
+
+# ---------------------------------------------------------------- registry
+
+# ``{name: class}`` of every conv :func:`conv_factory` (and the CLI's ``--conv``) can build, in registration order.
+CONV_TYPES: dict[str, type[nn.Module]] = {}
+
+
+def register_conv(name: str):
+    """Class decorator: :func:`conv_factory` builds the class as conv ``name``.
+
+    A :class:`RoutedConv2d` subclass is built with its geometry and its :meth:`~RoutedConv2d.factory_kwargs`;
+    any other class is a static conv, built with ``nn.Conv2d``'s arguments.  ``ValueError`` for a name
+    already registered.
+    """
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in CONV_TYPES:
+            raise ValueError(f"conv {name!r} is registered already (as {CONV_TYPES[name].__name__})")
+        CONV_TYPES[name] = cls
+        return cls
+    return register
+
+
+register_conv("static")(nn.Conv2d)
+
+
+def dynamic_conv_names() -> tuple[str, ...]:
+    """The registered convs that are dynamic (:class:`RoutedConv2d` subclasses), in registration order."""
+    return tuple(name for name, cls in CONV_TYPES.items() if issubclass(cls, RoutedConv2d))
+
+
+def named_dynamic_convs() -> str:
+    """The registered dynamic convs as a message names them, e.g. ``"condconv, dyconv or odconv"``."""
+    *rest, last = dynamic_conv_names()
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def static_attention_applies(conv: str, pad: bool) -> bool:
+    """Whether ``odconv_static_attention`` applies to conv ``conv`` (a :data:`CONV_TYPES` name): with PAD, to
+    :class:`ODConv2d` and its registered subclasses."""
+    return pad and issubclass(CONV_TYPES.get(conv, nn.Module), ODConv2d)
+
+
+class ConvOptions(NamedTuple):
+    """What :func:`conv_factory` gives every dynamic conv it makes beside the geometry; each layer type takes
+    the ones its constructor has (:meth:`RoutedConv2d.factory_kwargs`)."""
+    pad: bool
+    kernels: int
+    reduction: int
+    scale_factors: str
+    temperature: float
+    scheme: str
+    odconv_static_attention: str
 
 
 # ---------------------------------------------------------------- shared maths
@@ -181,12 +240,6 @@ class ODConvAttention(nn.Module):
 
 # ---------------------------------------------------------------- layers
 
-def _check_policy(scheme: str) -> str:
-    if scheme not in POLICIES:
-        raise ValueError(f"unknown conv scheme {scheme!r}; expected one of {POLICIES}")
-    return scheme
-
-
 def _check_static_attention(static_attention: str) -> str:
     if static_attention not in ODCONV_STATIC_ATTENTIONS:
         raise ValueError(f"unknown ODConv static attention {static_attention!r}; expected one of "
@@ -221,26 +274,7 @@ def _resolve_padding(padding: int | str, padding_mode: str, kernel_size: int, st
     return 0, (before, after, before, after)
 
 
-def scheme_key(x: torch.Tensor) -> str:
-    """The key a layer's choice is recorded under: batch class and input size, e.g. ``"batch@56x56"``
-    (the cost model depends on the batch only through ``B == 1``)."""
-    return f"{'single' if x.shape[0] == 1 else 'batch'}@{x.shape[-2]}x{x.shape[-1]}"
-
-
-def _zero_tie(attention, bank) -> torch.Tensor | float:
-    """``0`` that depends on the attention's outputs and the bank's kernels, for a layer with no dynamic
-    unit: their gradients are zeros (as on the element path), not missing (which DDP refuses)."""
-    if not torch.is_grad_enabled():
-        return 0.0
-    parts = attention if isinstance(attention, tuple) else (attention,)
-    total = sum(part.sum() for part in parts if part is not None)
-    kernels = getattr(bank, "kernels", None)
-    if isinstance(kernels, nn.Parameter):
-        total = total + kernels.sum()
-    return 0.0 * total
-
-
-class _RoutedConv2d(nn.Module):
+class RoutedConv2d(nn.Module):
     """Shared state of a conv whose ``K`` kernels live in a (partially) dynamic bank.
 
     Attributes:
@@ -250,33 +284,15 @@ class _RoutedConv2d(nn.Module):
             e.g. the inference bank of :mod:`dyconv.inference`).
         bias: ``(out,)`` static bias or ``None``.
         attention: the routing submodule (set by subclasses).
-        scheme: ``auto`` or the name of a scheme to force (see :mod:`dyconv.schemes`).
-        chosen_schemes: ``{scheme_key: scheme}``, the scheme used per batch class and input size.
-        chosen_paths: ``{scheme_key: "unit" | "element"}``, the path a unit-structured PAD layer
-            took per batch class and input size (empty for other layers).
+        chooser: the :class:`dyconv.schemes.SchemeChooser` that picks and records the scheme per batch
+            class and input size and, for a unit-structured PAD layer (:meth:`unit_split` not ``None``),
+            the unit or element path; ``scheme``, ``chosen_schemes`` and ``chosen_paths`` are its
+            policy and records.
 
-    Scheme choice (``scheme="auto"``, :func:`dyconv.schemes.choose_scheme`): ``grouped`` at
-    batch 1 (one plain conv), ``bmm`` for 1x1 kernels, otherwise the cheaper, in static-conv
-    units of forward + backward, of ``grouped`` ``1 + 0.2 (C/g) k^2 / (H' W')`` (per-sample
-    weights ``B |W|``, a poorly parallel grouped conv) and ``stacked`` ``K + 1`` (K x the MACs,
-    ``K B O H' W'`` outputs); ``stacked`` needs no spatial attention.  Memory break-even:
-    ``(C/g) k^2 = K H' W'``; the time break-even (``(C/g) k^2 = 5 K H' W'``) lies above it,
-    so ``auto`` only picks ``stacked`` where it also saves memory.  Fitted on CPU (single-layer
-    timings of ResNet-18 and of the ``--mini`` ResNet-10, see :mod:`dyconv.schemes`);
-    ``scheme=<name>`` forces one where it is exact.
-
-    Path choice of a unit-structured PAD layer (:meth:`unit_split` not ``None``),
-    :func:`dyconv.schemes.prefers_unit_path`: the *element* path runs the whole layer by its scheme,
-    ``c`` static convs (the cost above, at every batch size: at batch 1 ``grouped`` is one plain conv but
-    still mixes all ``K`` kernels of every filter into its weight); the
-    *unit* path runs the static filters as one ordinary conv and only the dynamic ones by the
-    scheme, saving ``(static share) (c - 1)`` but adding an ``index_select`` and a ``cat`` of the
-    outputs (and, depthwise, of the inputs) and a second call's fixed costs.  So the unit path is
-    taken where ``c >= 1.5`` (``stacked``, or ``grouped`` with ``(C/g) k^2 >= 2.5 H' W'``), never on
-    1x1 ``bmm`` or depthwise layers (``c ~ 1``).  The path does not depend on the batch size, so the
-    eval caches of a batch-32 and a batch-1 call are the same.  A layer without dynamic filters is
-    one static conv: unit path.
-    The scheme is the same on both paths (the cost model does not depend on the filter count).
+    The scheme is chosen by the cost model of :func:`dyconv.schemes.choose_scheme`, the path by
+    :func:`dyconv.schemes.prefers_unit_path` (a layer without dynamic filters is one static conv: unit
+    path); the scheme is the same on both paths, and the path does not depend on the batch size, so the
+    eval caches of a batch-32 and a batch-1 call are the same.
     """
 
     routing_sums_to_one = False  # True where PAD's static part folds into the kernels
@@ -291,9 +307,7 @@ class _RoutedConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.padding_mode = padding_mode
         self._conv_padding, self._input_pads = _resolve_padding(padding, padding_mode, kernel_size, stride, dilation)
-        self.scheme = _check_policy(scheme)
-        self.chosen_schemes: dict[str, str] = {}
-        self.chosen_paths: dict[str, str] = {}
+        self.chooser = SchemeChooser(scheme)
         self._fold_cache: tuple | None = None
         self._split_cache: tuple | None = None
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
@@ -301,6 +315,13 @@ class _RoutedConv2d(nn.Module):
         self.bank = PartiallyDynamicWeights(kernels, shape, scale_factors) if pad else DynamicWeights(kernels, shape)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self._init_bias()
+
+    @classmethod
+    def factory_kwargs(cls, options: ConvOptions) -> dict:
+        """The constructor's keyword arguments that come from :func:`conv_factory`'s options (the geometry
+        comes as for ``nn.Conv2d``); a subclass whose constructor takes more options adds them."""
+        return dict(kernels=options.kernels, pad=options.pad, scale_factors=options.scale_factors,
+                    scheme=options.scheme)
 
     def _init_bias(self) -> None:
         if self.bias is not None:
@@ -317,6 +338,30 @@ class _RoutedConv2d(nn.Module):
     @property
     def num_kernels(self) -> int:
         return self.bank.num_kernels
+
+    @property
+    def scheme(self) -> str:
+        """``auto`` or the name of the scheme forced on the layer (:data:`dyconv.schemes.POLICIES`)."""
+        return self.chooser.policy
+
+    @property
+    def chosen_schemes(self) -> dict[str, str]:
+        """``{scheme_key: scheme}``, the scheme used per batch class and input size."""
+        return self.chooser.schemes
+
+    @chosen_schemes.setter
+    def chosen_schemes(self, schemes: dict[str, str]) -> None:
+        self.chooser.schemes = schemes
+
+    @property
+    def chosen_paths(self) -> dict[str, str]:
+        """``{scheme_key: "unit" | "element"}``, the path a unit-structured PAD layer took per batch class and
+        input size (empty for other layers)."""
+        return self.chooser.paths
+
+    @chosen_paths.setter
+    def chosen_paths(self, paths: dict[str, str]) -> None:
+        self.chooser.paths = paths
 
     @property
     def geometry(self) -> ConvGeometry:
@@ -399,36 +444,17 @@ class _RoutedConv2d(nn.Module):
         width = x.shape[-1] + left + right + 2 * self._conv_padding
         return ((height - extent) // self.stride + 1) * ((width - extent) // self.stride + 1)
 
-    def scheme_for(self, x: torch.Tensor, has_spatial: bool) -> str:
-        """The scheme for input ``x`` ``(B, C, H, W)``: the recorded one, else chosen now (and recorded)."""
-        key = scheme_key(x)
-        chosen = self.chosen_schemes.get(key)
-        if chosen is None:
-            applicable = applicable_schemes(self.kernel_size, has_spatial)
-            chosen = choose_scheme(self.scheme, applicable, x.shape[0], self.num_kernels,
-                                   self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
-            if not torch.compiler.is_compiling():
-                self.chosen_schemes[key] = chosen
-        return chosen
-
-    def path_for(self, x: torch.Tensor, scheme: str, split: UnitSplit) -> str:
-        """``"unit"`` or ``"element"`` for input ``x`` of a layer with a unit split: the recorded path,
-        else chosen now by :func:`dyconv.schemes.prefers_unit_path` (see the class docstring) and recorded."""
-        key = scheme_key(x)
-        chosen = self.chosen_paths.get(key)
-        if chosen is None:
-            unit = split.dynamic.numel() == 0 or prefers_unit_path(
-                scheme, self.num_kernels, self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
-            chosen = "unit" if unit else "element"
-            if not torch.compiler.is_compiling():
-                self.chosen_paths[key] = chosen
-        return chosen
+    def cost(self, x: torch.Tensor) -> LayerCost:
+        """What the cost model reads of the layer for its input ``x`` ``(B, C, H, W)``."""
+        return LayerCost(self.num_kernels, self.in_channels // self.groups, self.kernel_size, self._out_pixels(x))
 
     def weighted_conv(self, x: torch.Tensor, attention) -> torch.Tensor:
         """The conv of ``x`` ``(B, C, H, W)`` with the kernels the attention's output selects."""
-        scheme = self.scheme_for(x, self.has_spatial_attention(attention))
+        key, cost = scheme_key(x), self.cost(x)
+        applicable = applicable_schemes(self.kernel_size, self.has_spatial_attention(attention))
+        scheme = self.chooser.scheme(key, applicable, x.shape[0], cost)
         split = self.unit_split()
-        unit = split is not None and self.path_for(x, scheme, split) == "unit"
+        unit = split is not None and self.chooser.path(key, scheme, split.dynamic.numel() > 0, cost) == "unit"
         x = self.pad_input(x)  # (after the choices: they are keyed by the layer's input size)
         if unit:
             out = self._unit_conv(x, attention, split, scheme)
@@ -445,23 +471,19 @@ class _RoutedConv2d(nn.Module):
     def unit_split(self) -> UnitSplit | None:
         """The :class:`UnitSplit` the layer computes with, or ``None`` for the element path.
 
-        A PAD bank whose granularity is ``unit`` (or an inference bank holding a split) is split
-        when the layer's groups allow one ordinary conv per side (``groups`` 1 or depthwise) and
-        some unit is static; otherwise (other grouped convs, ``kernel`` or ``element``
-        granularity, every unit dynamic) the element path computes the same output.  A mask
-        that requires grad is being scored (IMP's ``dL/dM``): the unit path does not multiply by
-        it, so such a layer takes the element path.  A split does not mean the unit path is
-        taken: :meth:`path_for` decides.  Cached like the fold (eval mode without autograd) and
-        the unit indices until the mask changes.
+        A PAD bank is split where :func:`pad.mixing.unit_split_applies` (``unit`` granularity, some unit
+        static, the mask not being scored), the layer's groups allow one ordinary conv per side (``groups``
+        1 or depthwise) and its static units are one conv (:attr:`static_units_are_one_conv`); an inference
+        bank holding a split gives that.  Otherwise the element path computes the same output.  A split does
+        not mean the unit path is taken: the chooser decides (:meth:`dyconv.schemes.SchemeChooser.path`).
+        Cached like the fold (eval mode without autograd) and the unit indices until the mask changes.
         """
         bank = self.bank
         if not isinstance(bank, PartiallyDynamicWeights):
             return bank.unit_split() if hasattr(bank, "unit_split") else None  # the inference form's
-        if (bank.granularity != "unit" or not (self.groups == 1 or self.depthwise) or bank.mask.requires_grad
-                or not self.static_units_are_one_conv):
+        one_conv_per_side = (self.groups == 1 or self.depthwise) and self.static_units_are_one_conv
+        if not one_conv_per_side or not unit_split_applies(bank):
             return None
-        if bank.unit_indices()[1].numel() == 0:
-            return None  # fully dynamic: the element path costs the same
         key = self._fold_cache_key()
         if key is not None and self._split_cache is not None and self._split_cache[0] == key:
             return self._split_cache[1]
@@ -484,7 +506,7 @@ class _RoutedConv2d(nn.Module):
         if out_scale is not None:
             static_out = static_out * out_scale.index_select(1, split.static)[:, :, None, None]
         if split.dynamic.numel() == 0:
-            return static_out.index_select(1, split.order) + _zero_tie(attention, self.bank)
+            return static_out.index_select(1, split.order) + self._zero_tie(attention)
         terms = self.routed_terms(attention, split.kernels, None)
         dynamic_in = x
         if terms.out_scale is not None:
@@ -497,6 +519,13 @@ class _RoutedConv2d(nn.Module):
         dynamic_out = SCHEME_FUNCTIONS[scheme](dynamic_in, terms, geometry)
         return torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
 
+    def _zero_tie(self, attention) -> torch.Tensor | float:
+        """:func:`pad.mixing.zero_tie` of the attention's outputs and the bank's kernels: a layer without dynamic
+        units gives them zero gradients, as the element path does."""
+        parts = attention if isinstance(attention, tuple) else (attention,)
+        kernels = getattr(self.bank, "kernels", None)
+        return zero_tie(*parts, kernels if isinstance(kernels, nn.Parameter) else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weighted_conv(x, self.attention(x))
 
@@ -508,7 +537,8 @@ class _RoutedConv2d(nn.Module):
                 f"scheme={self.scheme!r}")
 
 
-class CondConv2d(_RoutedConv2d):
+@register_conv("condconv")
+class CondConv2d(RoutedConv2d):
     """CondConv (Yang et al. 2019): ``W(x) = sum_k sigmoid(FC(GAP(x)))_k W_k``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -520,7 +550,8 @@ class CondConv2d(_RoutedConv2d):
         self.attention = CondConvRouting(in_channels, kernels)
 
 
-class DynamicConv2d(_RoutedConv2d):
+@register_conv("dyconv")
+class DynamicConv2d(RoutedConv2d):
     """DY-Conv (Chen et al. 2020): ``W(x) = sum_k softmax(z(x) / tau)_k W_k``; PAD folded."""
 
     routing_sums_to_one = True
@@ -533,8 +564,13 @@ class DynamicConv2d(_RoutedConv2d):
                          scale_factors, dilation, scheme, padding_mode)
         self.attention = DynamicConvAttention(in_channels, kernels, reduction, temperature)
 
+    @classmethod
+    def factory_kwargs(cls, options: ConvOptions) -> dict:
+        return {**super().factory_kwargs(options), "reduction": options.reduction, "temperature": options.temperature}
 
-class ODConv2d(_RoutedConv2d):
+
+@register_conv("odconv")
+class ODConv2d(RoutedConv2d):
     """ODConv (Li et al. 2022): ``W~(x) = a_s ⊙ a_c ⊙ a_f ⊙ sum_k a_w,k W_k``.
 
     The input-channel attention scales the input and the filter attention the output
@@ -563,6 +599,11 @@ class ODConv2d(_RoutedConv2d):
         self.attention = ODConvAttention(in_channels, out_channels, kernel_size, groups, kernels, reduction,
                                          temperature)
         self.static_attention = static_attention
+
+    @classmethod
+    def factory_kwargs(cls, options: ConvOptions) -> dict:
+        return {**super().factory_kwargs(options), "reduction": options.reduction, "temperature": options.temperature,
+                "static_attention": options.odconv_static_attention}
 
     @property
     def _static_scaled(self) -> bool:
@@ -594,27 +635,24 @@ class ODConv2d(_RoutedConv2d):
 
 
 def dynamic_convs(model: nn.Module):
-    """Yields ``(name, layer)`` for every CondConv, DY-Conv and ODConv layer of ``model``."""
+    """Yields ``(name, layer)`` for every dynamic conv (:class:`RoutedConv2d`) of ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, _RoutedConv2d):
+        if isinstance(module, RoutedConv2d):
             yield name, module
 
 
 def set_conv_scheme(model: nn.Module, scheme: str) -> None:
     """Sets every dynamic conv's scheme policy (``auto`` or a scheme's name) and forgets past choices
     (schemes and unit/element paths)."""
-    _check_policy(scheme)
+    check_policy(scheme)
     for _, layer in dynamic_convs(model):
-        layer.scheme = scheme
-        layer.chosen_schemes = {}
-        layer.chosen_paths = {}
+        layer.chooser.reset(scheme)
 
 
 def conv_schemes(model: nn.Module) -> dict[str, dict]:
     """``{layer name: {"policy": ..., "chosen": {scheme_key: scheme}, "paths": {scheme_key: path}}}``:
     what a checkpoint records (``paths``: the unit/element path of a unit-structured PAD layer)."""
-    return {name: {"policy": layer.scheme, "chosen": dict(layer.chosen_schemes), "paths": dict(layer.chosen_paths)}
-            for name, layer in dynamic_convs(model)}
+    return {name: layer.chooser.record() for name, layer in dynamic_convs(model)}
 
 
 def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> None:
@@ -627,17 +665,7 @@ def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> 
     if set(recorded) != set(layers):
         raise ValueError("the recorded conv schemes name other layers than this model's")
     for name, entry in recorded.items():
-        chosen = dict(entry.get("chosen", {}))
-        unknown = [s for s in chosen.values() if s not in SCHEME_FUNCTIONS]
-        if unknown:
-            raise ValueError(f"recorded conv scheme {unknown[0]!r} of layer {name!r} is unknown")
-        paths = dict(entry.get("paths", {}))
-        unknown = [p for p in paths.values() if p not in PATHS]
-        if unknown:
-            raise ValueError(f"recorded conv path {unknown[0]!r} of layer {name!r} is unknown; expected one of {PATHS}")
-        layers[name].scheme = _check_policy(entry.get("policy", "auto"))
-        layers[name].chosen_schemes = chosen
-        layers[name].chosen_paths = paths
+        layers[name].chooser.restore(entry, name)
 
 
 # ---------------------------------------------------------------- factory and temperature
@@ -645,18 +673,21 @@ def restore_conv_schemes(model: nn.Module, recorded: dict[str, dict] | None) -> 
 def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int = 4, scale_factors: str = "both",
                  temperature: float = 30.0, scheme: str = "auto", odconv_static_attention: str = "none") -> ConvMaker:
     """A constructor ``make(in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, bias=False, dilation=1,
-    padding_mode="zeros")`` (``padding`` also ``"same"`` or ``"valid"``, as for ``nn.Conv2d``).
+    padding_mode="zeros")`` (``padding`` also ``"same"`` or ``"valid"``, as for ``nn.Conv2d``) of the conv
+    registered as ``conv`` (:data:`CONV_TYPES`).
 
-    ``static`` gives ``nn.Conv2d``; the others their dynamic layer, partially dynamic when ``pad``.
+    ``static`` gives ``nn.Conv2d``; the dynamic convs their layer, partially dynamic when ``pad``.
     ``reduction`` and ``temperature`` are used by DY-Conv and ODConv (CondConv has neither);
     ``scheme`` is every dynamic layer's execution scheme policy (``auto`` or a scheme's name);
-    ``odconv_static_attention`` is PAD-ODConv's ``static_attention`` (other than ``"none"`` only with
-    ``conv="odconv"`` and ``pad``).
+    ``odconv_static_attention`` is PAD-ODConv's ``static_attention`` (other than ``"none"`` only where
+    :func:`static_attention_applies`).
     """
-    if conv not in CONVS:
-        raise ValueError(f"unknown conv {conv!r}; expected one of {CONVS}")
-    if conv == "static" and pad:
-        raise ValueError("PAD needs a dynamic conv (condconv, dyconv or odconv), not static")
+    if conv not in CONV_TYPES:
+        raise ValueError(f"unknown conv {conv!r}; expected one of {tuple(CONV_TYPES)}")
+    layer_type = CONV_TYPES[conv]
+    dynamic = issubclass(layer_type, RoutedConv2d)
+    if pad and not dynamic:
+        raise ValueError(f"PAD needs a dynamic conv ({named_dynamic_convs()}), not {conv}")
     if kernels < 1:
         raise ValueError(f"number of kernels must be >= 1, got {kernels}")
     if reduction < 1:
@@ -664,30 +695,26 @@ def conv_factory(conv: str, pad: bool = False, kernels: int = 4, reduction: int 
     if scale_factors not in SCALE_FACTOR_VARIANTS:
         raise ValueError(f"unknown scale factors {scale_factors!r}; expected one of {SCALE_FACTOR_VARIANTS}")
     _check_positive_temperature(temperature)
-    _check_policy(scheme)
+    check_policy(scheme)
     _check_static_attention(odconv_static_attention)
-    if odconv_static_attention != "none" and not (conv == "odconv" and pad):
+    if odconv_static_attention != "none" and not static_attention_applies(conv, pad):
         raise ValueError(f"the ODConv static attention {odconv_static_attention!r} needs PAD-ODConv (conv odconv "
                          f"with pad), not conv {conv} with pad={pad}")
+    options = ConvOptions(pad, kernels, reduction, scale_factors, temperature, scheme, odconv_static_attention)
 
     def make(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int | str = 0, groups: int = 1,
              bias: bool = False, dilation: int = 1, padding_mode: str = "zeros") -> nn.Module:
-        if conv == "static":
-            return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
-        common = dict(stride=stride, padding=padding, groups=groups, bias=bias, kernels=kernels, pad=pad,
-                      scale_factors=scale_factors, scheme=scheme, dilation=dilation, padding_mode=padding_mode)
-        if conv == "condconv":
-            return CondConv2d(in_ch, out_ch, kernel_size, **common)
-        if conv == "odconv":
-            return ODConv2d(in_ch, out_ch, kernel_size, reduction=reduction, temperature=temperature,
-                            static_attention=odconv_static_attention, **common)
-        return DynamicConv2d(in_ch, out_ch, kernel_size, reduction=reduction, temperature=temperature, **common)
+        if not dynamic:
+            return layer_type(in_ch, out_ch, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+        return layer_type(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias,
+                          dilation=dilation, padding_mode=padding_mode, **layer_type.factory_kwargs(options))
 
     return make
 
 
-def _tempered(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (DynamicConvAttention, ODConvAttention))]
+def _tempered(model: nn.Module) -> list[nn.Module]:
+    """The attentions of ``model``'s dynamic convs that have a ``temperature`` (DY-Conv's, ODConv's)."""
+    return [layer.attention for _, layer in dynamic_convs(model) if hasattr(layer.attention, "temperature")]
 
 
 def set_temperature(model: nn.Module, value: float) -> None:

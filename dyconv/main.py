@@ -61,7 +61,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import pad
 from pad.compact import model_granularity
-from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, set_granularity, weight_banks
+from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, UnrecordedGranularity, set_granularity, weight_banks
 from pad.partition import BATCHNORM_MODES, CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
 from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, IntegrityError, Preempted, StopSignals, WriteError, atomic_write,
                          code_version, error_line, keep_freed_memory, lock_folder, machine_description)
@@ -71,13 +71,14 @@ from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, Checkpoint
                            nonfinite_tensors, parameter_groups, random_states, restore_random_states, save_checkpoint,
                            train_one_epoch)
 from dyconv.inference import load_compact_model, to_inference
-from dyconv.layers import (CONVS, ODCONV_STATIC_ATTENTIONS, conv_schemes, get_temperature, restore_conv_schemes,
-                           set_temperature)
+from dyconv.layers import (CONV_TYPES, ODCONV_STATIC_ATTENTIONS, conv_schemes, dynamic_conv_names, get_temperature,
+                           named_dynamic_convs, restore_conv_schemes, set_temperature, static_attention_applies)
 from dyconv.models import ARCHS, build_model, count_flops
 from dyconv.schemes import POLICIES
 
 MAX_IMAGE_SIZE = 4096  # one 3 x 4096^2 float image is 200 MB: larger sizes only exhaust memory
 MAX_SEED = 2**63 - 1  # torch takes seeds below 2**64; the runs also seed with seed + 1 and seed + epoch
+PARTITION_BUFFERS = (".mask", ".granularity_code")  # a PAD bank's partition, equal on every rank once set
 
 
 class UsageError(Exception):
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=_bounded(int, 0), default=4, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default="resnet18")
-    g.add_argument("--conv", choices=CONVS, default="dyconv")
+    g.add_argument("--conv", choices=tuple(CONV_TYPES), default="dyconv")
     g.add_argument("--pad", action=argparse.BooleanOptionalAction, default=False, help="partially dynamic (PAD) convs")
     g.add_argument("--resnet-width", type=_bounded(int, 1), default=64,
                    help="a ResNet's stem and first-stage channels (the paper's 64; each stage doubles it)")
@@ -247,12 +248,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.dataset = "imagenet" if args.data else "fashion-mnist"
     if args.image_size is None:
         args.image_size = 224 if args.dataset == "imagenet" else 28
-    if args.pad and args.conv == "static":
-        raise UsageError("--pad needs a dynamic --conv (condconv, dyconv or odconv)")
-    if args.odconv_static_attention not in (None, "none") and not (args.conv == "odconv" and args.pad):
+    if args.pad and args.conv not in dynamic_conv_names():
+        raise UsageError(f"--pad needs a dynamic --conv ({named_dynamic_convs()})")
+    static_attention = static_attention_applies(args.conv, args.pad)
+    if args.odconv_static_attention not in (None, "none") and not static_attention:
         raise UsageError("--odconv-static-attention needs --conv odconv --pad")
     if args.odconv_static_attention is None:  # the authors' placement where it applies (docs/choices.md)
-        args.odconv_static_attention = "channel-filter" if args.conv == "odconv" and args.pad else "none"
+        args.odconv_static_attention = "channel-filter" if static_attention else "none"
     if args.resnet_width != 64 and not args.arch.startswith("resnet"):
         raise UsageError(f"--resnet-width applies to the ResNets only; {args.arch} takes its width from its name")
     if args.evaluate and not args.resume:
@@ -488,9 +490,14 @@ def run_partition(model: nn.Module, train_set, args, ctx: Distributed) -> dict |
 
 
 def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
-    """Weights, masks and temperature of ``checkpoint`` into ``model``; CheckpointError when they do not fit."""
+    """Weights, masks (with their granularity) and temperature of ``checkpoint`` into ``model``; CheckpointError
+    when they do not fit."""
     try:
         model.load_state_dict(checkpoint["model"])
+    except UnrecordedGranularity:
+        raise CheckpointError(f"checkpoint {path} predates PAD layers that record their partition granularity (its "
+                              f"model holds no granularity_code); retrain it with this version of dyconv/main.py"
+                              ) from None
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(checkpoint.get("conv_schemes"), dict):
@@ -502,20 +509,6 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     if checkpoint.get("temperature") is not None:
         set_temperature(model, checkpoint["temperature"])
-    restore_granularity(model, checkpoint.get("partition"), path)
-
-
-def restore_granularity(model: nn.Module, partition, path: str) -> None:
-    """Declares the granularity the checkpoint's partition was made at (not in the state dict; a model that was
-    never partitioned has element masks)."""
-    if isinstance(partition, dict) and "granularity" not in partition:
-        raise CheckpointError(f"checkpoint {path} predates recorded partition granularities (its partition "
-                              f"names none); retrain it with this version of dyconv/main.py")
-    granularity = partition["granularity"] if isinstance(partition, dict) else "element"
-    try:
-        set_granularity(model, granularity)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: partition granularity: {err}") from None
 
 
 def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
@@ -553,22 +546,23 @@ def gather_random_states(ctx: Distributed) -> list[dict]:
 def wrap_ddp(model: nn.Module, ctx: Distributed) -> nn.Module:
     """DistributedDataParallel around ``model`` (or the model itself in one process).
 
-    PAD masks (``*.mask`` buffers) are excluded from DDP's per-forward buffer broadcast: they are
-    broadcast once after IMP (or loaded alike on every rank) and never change, while BatchNorm
-    statistics keep being broadcast from rank 0.
+    The partition (PAD's ``*.mask`` and ``*.granularity_code`` buffers) is excluded from DDP's per-forward
+    buffer broadcast: it is set alike on every rank after IMP (or loaded alike) and never changes, while
+    BatchNorm statistics keep being broadcast from rank 0.
     """
     if not ctx.enabled:
         return model
-    masks = [name for name, _ in model.named_buffers() if name.endswith(".mask")]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, masks)
+    partition = [name for name, _ in model.named_buffers() if name.endswith(PARTITION_BUFFERS)]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, partition)
     return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def sync_buffers(model: nn.Module, ctx: Distributed) -> None:
-    """Rank 0's BatchNorm statistics to every rank (masks are equal already), so every rank evaluates alike."""
+    """Rank 0's BatchNorm statistics to every rank (the partition is equal already), so every rank evaluates
+    alike."""
     if ctx.enabled:
         for name, buffer in model.named_buffers():
-            if not name.endswith(".mask"):
+            if not name.endswith(PARTITION_BUFFERS):
                 dist.broadcast(buffer, src=0)
 
 

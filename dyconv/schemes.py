@@ -11,8 +11,8 @@ every scheme computes the same ``(B, O, H', W')`` output::
 authors' release computes it)::
 
     y_b = out_scale_b ⊙ conv(in_scale_b ⊙ x_b,  spatial_b ⊙ sum_k routing[b, k] W_k  +  static)
-  The schemes
-differ in cost only:
+
+The schemes differ in cost only:
 
 * ``grouped``: per-sample weights ``routing @ W.flatten(1)`` (``B x |W|`` memory), one
   conv with ``groups = B * groups`` over the input viewed as ``(1, B*C, H, W)``.  Same
@@ -28,6 +28,10 @@ differ in cost only:
 The static part is added as a ``(K+1)``-th kernel with routing 1 where that is exact (no input or
 output scale applies, as for CondConv PAD, or the scales apply to it too and there is no spatial
 attention), else by one ordinary conv (ODConv PAD) or into the per-sample weight (``grouped``).
+
+Which scheme a layer runs (:func:`choose_scheme`, by the cost model of :func:`modelled_cost`) and, for a
+unit-structured PAD layer, which path (:func:`prefers_unit_path`) is decided by the layer's
+:class:`SchemeChooser`, once per batch class and input size, and recorded.
 """
 from __future__ import annotations
 
@@ -39,6 +43,14 @@ import torch.nn.functional as F
 SCHEMES = ("grouped", "stacked", "bmm")
 POLICIES = ("auto",) + SCHEMES
 
+
+def check_policy(policy: str) -> str:
+    """``policy`` itself if it is one of :data:`POLICIES`, else ``ValueError``."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown conv scheme {policy!r}; expected one of {POLICIES}")
+    return policy
+
+
 # Cost model, in units of the layer's static conv (forward + backward), fitted on CPU with the default
 # allocator (K = 4; the 3x3 convs of ResNet-18 at batch 32, results/measured/bench_dyconv-full-layers.txt, and of
 # the --mini suite's ResNet-10 at width 16, 28 px, batch 64, one thread):
@@ -46,12 +58,14 @@ POLICIES = ("auto",) + SCHEMES
 #                                                            14x at 64 ch/4x4, 18x at 256 ch/4x4)
 #   stacked ~ K + 1                                         (3.3x to 6x everywhere at K = 4)
 # Every coefficient between about 0.17 and 0.34 picks the faster of the two on every measured layer where they
-# differ by more than 10%; 0.2 is a round value in that range. The earlier 0.1, fitted on ResNet-18's layers
-# alone, kept grouped on 7x7 and 4x4 outputs of 64-128 input channels, where it costs 1.6x-4x stacked.
+# differ by more than 10%; 0.2 is a round value in that range. A fit on ResNet-18's layers alone (0.1) keeps
+# grouped on 7x7 and 4x4 outputs of 64-128 input channels, where it costs 1.6x-4x stacked.
 GROUPED_OVERHEAD = 0.2
 
-# Unit-structured PAD layers (issue 9): the two exact ways of computing one (see ``prefers_unit_path``)
+# Unit-structured PAD layers: the two exact ways of computing one (see ``prefers_unit_path``)
 PATHS = ("element", "unit")
+# The modelled cost (static convs) from which a unit-structured layer takes the unit path: its own work (index
+# selects, a cat, a second scheme call) is only repaid where the scheme costs clearly more than a static conv.
 UNIT_PATH_MIN_COST = 1.5
 
 
@@ -231,15 +245,14 @@ def choose_scheme(policy: str, applicable: tuple[str, ...], batch: int, kernels:
 
     ``policy`` names a scheme to force it (``grouped`` where it is not exact for the
     layer); ``auto``: ``grouped`` at batch 1 (one plain conv), ``bmm`` for 1x1 convs,
-    otherwise the cheaper of ``grouped`` and ``stacked`` by :func:`modelled_cost`.  At
-    ``K = 4`` ``stacked`` wins once ``(C/g) k^2 > 20 H' W'`` (ResNet-18's convs with 7x7 or
-    smaller outputs and 128 or more input channels: from ``layer4`` at 224 px, from ``layer3`` at
-    112 px); the memory break-even, ``(C/g) k^2 = K H' W'``, lies lower, so ``auto`` never picks
-    ``stacked`` where it would also cost more memory.  The choice depends on the batch only through
-    ``batch == 1``.
+    otherwise the cheaper of ``grouped`` and ``stacked`` by :func:`modelled_cost`:
+    ``stacked`` wins once ``(C/g) k^2 > K H' W' / GROUPED_OVERHEAD`` (at ``K = 4``, ResNet-18's
+    convs with 7x7 or smaller outputs and 128 or more input channels: from ``layer4`` at 224 px,
+    from ``layer3`` at 112 px); the memory break-even, ``(C/g) k^2 = K H' W'``, lies lower, so
+    ``auto`` never picks ``stacked`` where it would also cost more memory.  The choice depends on
+    the batch only through ``batch == 1``.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown conv scheme {policy!r}; expected one of {POLICIES}")
+    check_policy(policy)
     if policy != "auto":
         return policy if policy in applicable else "grouped"
     if batch == 1:
@@ -264,10 +277,91 @@ def prefers_unit_path(scheme: str, kernels: int, in_per_group: int, kernel_size:
     the scheme, ``s + (1 - s) c``, plus work of its own (an ``index_select`` and a ``cat`` of the
     outputs, forward and backward, the input's channels gathered twice for depthwise convs, the
     scheme's fixed per-call costs).  It saves ``s (c - 1)``: nothing where ``c ~ 1`` (1x1 convs by
-    ``bmm``, depthwise and other grouped convs with many output pixels) while its own work remains.  So it is taken only where the scheme
-    costs clearly more than a static conv, ``c >= UNIT_PATH_MIN_COST`` (1.5): ``stacked``, or
-    ``grouped`` with ``(C/g) k^2 >= 2.5 H' W'`` (ResNet-18's 3x3 convs with 128 or more input
-    channels in ``layer3`` and ``layer4`` at 224 px, from ``layer2`` on at 112 px; no MobileNetV2
-    layer).  Both paths are exact.
+    ``bmm``, depthwise and other grouped convs with many output pixels) while its own work remains.  So it
+    is taken only where the scheme costs clearly more than a static conv, ``c >= UNIT_PATH_MIN_COST``:
+    ``stacked``, or ``grouped`` with ``(C/g) k^2 >= (UNIT_PATH_MIN_COST - 1) H' W' / GROUPED_OVERHEAD``
+    (ResNet-18's 3x3 convs with 128 or more input channels in ``layer3`` and ``layer4`` at 224 px, from
+    ``layer2`` on at 112 px; no MobileNetV2 layer).  Both paths are exact.
     """
     return modelled_cost(scheme, kernels, in_per_group, kernel_size, out_pixels) >= UNIT_PATH_MIN_COST
+
+
+# ---------------------------------------------------------------- a layer's choices
+
+def scheme_key(x: torch.Tensor) -> str:
+    """The key a layer's choice is recorded under: batch class and input size, e.g. ``"batch@56x56"``
+    (the cost model depends on the batch only through ``B == 1``)."""
+    return f"{'single' if x.shape[0] == 1 else 'batch'}@{x.shape[-2]}x{x.shape[-1]}"
+
+
+class LayerCost(NamedTuple):
+    """What the cost model reads of one layer for one input size (see :func:`modelled_cost`)."""
+    kernels: int
+    in_per_group: int
+    kernel_size: int
+    out_pixels: int
+
+
+class SchemeChooser:
+    """The scheme, and for a unit-structured PAD layer the path, that one dynamic conv runs with: chosen once
+    per batch class and input size (:func:`scheme_key`) and recorded, so that a checkpoint can carry them and a
+    resumed or re-evaluated run computes with the same choices.
+
+    Attributes:
+        policy: ``auto`` or the name of a scheme to force (:data:`POLICIES`).
+        schemes: ``{scheme_key: scheme}``, by :func:`choose_scheme`.
+        paths: ``{scheme_key: "unit" | "element"}`` (:data:`PATHS`), by :func:`prefers_unit_path`; empty for a
+            layer that never had a unit split.
+
+    Choices made while ``torch.compile`` traces are not recorded (the record is Python state the graph cannot
+    write); the eager calls before and after record them.
+    """
+
+    def __init__(self, policy: str = "auto"):
+        self.policy = check_policy(policy)
+        self.schemes: dict[str, str] = {}
+        self.paths: dict[str, str] = {}
+
+    def scheme(self, key: str, applicable: tuple[str, ...], batch: int, cost: LayerCost) -> str:
+        """The scheme for inputs under ``key``: the recorded one, else :func:`choose_scheme`'s (then recorded)."""
+        chosen = self.schemes.get(key)
+        if chosen is None:
+            chosen = choose_scheme(self.policy, applicable, batch, *cost)
+            if not torch.compiler.is_compiling():
+                self.schemes[key] = chosen
+        return chosen
+
+    def path(self, key: str, scheme: str, has_dynamic_units: bool, cost: LayerCost) -> str:
+        """``"unit"`` or ``"element"`` for inputs under ``key`` of a layer with a unit split: the recorded path,
+        else the unit path where :func:`prefers_unit_path` says so or no unit is dynamic (the layer is one
+        static conv), then recorded.  Both paths run ``scheme`` (the cost model does not depend on the
+        filter count), and the path does not depend on the batch size."""
+        chosen = self.paths.get(key)
+        if chosen is None:
+            chosen = "unit" if not has_dynamic_units or prefers_unit_path(scheme, *cost) else "element"
+            if not torch.compiler.is_compiling():
+                self.paths[key] = chosen
+        return chosen
+
+    def reset(self, policy: str) -> None:
+        """Takes ``policy`` and forgets every past choice."""
+        self.policy = check_policy(policy)
+        self.schemes, self.paths = {}, {}
+
+    def record(self) -> dict:
+        """``{"policy": ..., "chosen": {scheme_key: scheme}, "paths": {scheme_key: path}}``: what a checkpoint holds."""
+        return {"policy": self.policy, "chosen": dict(self.schemes), "paths": dict(self.paths)}
+
+    def restore(self, entry: dict, layer: str) -> None:
+        """Takes :meth:`record`'s output (``ValueError`` naming ``layer`` for an unknown scheme or path); an entry
+        without ``paths`` (written before paths were chosen) chooses its paths afresh."""
+        chosen = dict(entry.get("chosen", {}))
+        unknown = [s for s in chosen.values() if s not in SCHEME_FUNCTIONS]
+        if unknown:
+            raise ValueError(f"recorded conv scheme {unknown[0]!r} of layer {layer!r} is unknown")
+        paths = dict(entry.get("paths", {}))
+        unknown = [p for p in paths.values() if p not in PATHS]
+        if unknown:
+            raise ValueError(f"recorded conv path {unknown[0]!r} of layer {layer!r} is unknown; expected one of {PATHS}")
+        self.policy = check_policy(entry.get("policy", "auto"))
+        self.schemes, self.paths = chosen, paths

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pad
-from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, set_granularity, weight_banks
+from pad.mixing import (SCALE_FACTOR_VARIANTS, UnitSplit, UnrecordedGranularity, set_granularity, unit_split_applies,
+                        weight_banks, zero_tie)
+from pad.runtime import predates
 from moe.gating import NoisyTopKGate
 
 MOE_TYPES = ("none", "moe", "pad")
@@ -143,16 +145,9 @@ class MoELinear(nn.Module):
         return outputs.new_zeros(tokens.shape[0], weights.shape[1]).index_add_(0, token_of, outputs)
 
     def unit_split(self) -> UnitSplit | None:
-        """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) when its
-        mask is ``unit``-structured and some row is static; else ``None`` (the element path, same output).
-        A mask that requires grad is being scored (IMP's ``dL/dM``), which the unit path, not multiplying
-        by the mask, would not give: the element path then."""
-        bank = self.experts
-        if not isinstance(bank, pad.PartiallyDynamicWeights) or bank.granularity != "unit" or bank.mask.requires_grad:
-            return None
-        if bank.unit_indices()[1].numel() == 0:
-            return None
-        return bank.unit_split(scaled=False)
+        """The bank cut by output rows (:meth:`pad.PartiallyDynamicWeights.unit_split`, unscaled) where
+        :func:`pad.mixing.unit_split_applies`; else ``None`` (the element path, same output)."""
+        return self.experts.unit_split(scaled=False) if unit_split_applies(self.experts) else None
 
     def _unit_forward(self, tokens: torch.Tensor, routing, split: UnitSplit) -> torch.Tensor:
         """A ``unit``-structured PAD layer, exactly: every expert's static rows are
@@ -181,8 +176,8 @@ class MoELinear(nn.Module):
             else:
                 dynamic_out = self._mix_experts(tokens, routing, split.kernels, None) * lambda_d
             result = result.index_add_(1, split.dynamic, dynamic_out)
-        else:  # kernels unused: a zero ties them in, so they get zero gradients, not none (DDP)
-            result = result + 0.0 * split.kernels.sum()
+        else:  # kernels unused: tied in, so they get zero gradients, not none (DDP)
+            result = result + zero_tie(split.kernels)
         return result.index_add_(1, split.static, static_out)
 
     def extra_repr(self) -> str:
@@ -369,8 +364,10 @@ def load_model(model_name_or_path: str | os.PathLike, config, **from_pretrained_
 
     With ``config.moe`` set (a saved MoE/PAD-MoE directory): builds the dense
     architecture from ``config``, converts it with ``config.moe`` and loads the saved
-    weights strictly (masks and scale factors included), from ``model.safetensors`` or, when a
-    directory holds only the compact export, from ``model_compact.safetensors``.  Otherwise
+    weights strictly (masks, their granularity and scale factors included), from ``model.safetensors`` or,
+    when a directory holds only the compact export, from ``model_compact.safetensors``; ``ValueError`` when
+    the masks' granularity is not the one ``config.moe`` records, :class:`pad.runtime.IntegrityError` when
+    the weights predate recorded granularities.  Otherwise
     ``AutoModelForSequenceClassification.from_pretrained(model_name_or_path, config=config,
     **from_pretrained_kwargs)``.
     """
@@ -388,21 +385,27 @@ def load_model(model_name_or_path: str | os.PathLike, config, **from_pretrained_
             pad.load_compact_file(model, directory / COMPACT_WEIGHTS)
         except SafetensorError as err:
             raise ValueError(f"cannot read {directory / COMPACT_WEIGHTS}: {err}") from None
-        _declare_saved_granularity(model, settings, directory / COMPACT_WEIGHTS)
+        _check_saved_granularity(model, settings, directory / COMPACT_WEIGHTS)
         return model
     state = _saved_state(directory)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except UnrecordedGranularity:
+        raise predates(f"model folder {directory}", "PAD layers that record their partition granularity (its "
+                       "weights hold no granularity_code)", "train it again with this version of moe/run_glue.py"
+                       ) from None
     if missing or unexpected:
         raise ValueError(f"{model_name_or_path} does not match its MoE config {settings}: "
                          f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    _declare_saved_granularity(model, settings, directory)
+    _check_saved_granularity(model, settings, directory)
     return model
 
 
-def _declare_saved_granularity(model: nn.Module, settings: dict, source) -> None:
-    """Declares ``config.moe``'s partition granularity (``element`` for configs saved before it was
-    recorded) on the loaded masks; ``ValueError`` naming ``source`` when they are not so structured."""
-    try:
-        set_granularity(model, settings.get("partition_granularity", "element"))
-    except ValueError as err:
-        raise ValueError(f"{source}: the saved masks do not match config.moe's partition granularity: {err}") from None
+def _check_saved_granularity(model: nn.Module, settings: dict, source) -> None:
+    """``ValueError`` naming ``source`` unless the loaded masks have ``config.moe``'s partition granularity
+    (``element`` for configs saved before it was recorded)."""
+    recorded = settings.get("partition_granularity", "element")
+    loaded = sorted({bank.granularity for _, bank in weight_banks(model)} - {recorded})
+    if loaded:
+        raise ValueError(f"{source}: the saved masks do not match config.moe's partition granularity: they are "
+                         f"{' and '.join(loaded)}, config.moe records {recorded}")

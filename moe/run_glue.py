@@ -43,7 +43,7 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Ev
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 
 import pad
-from pad.mixing import SCALE_FACTOR_VARIANTS, set_granularity
+from pad.mixing import SCALE_FACTOR_VARIANTS
 from pad.partition import CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
 from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, WriteError, atomic_write,
                          code_version, error_line, keep_freed_memory, lock_folder, machine_description)
@@ -348,9 +348,8 @@ def moe_summary(model) -> dict:
 
 
 def declare_partition_granularity(model, granularity: str) -> None:
-    """Declares ``granularity`` on every PAD layer (:func:`pad.mixing.set_granularity`; ``ValueError`` if a mask is
-    not so structured) and in ``config.moe``, so that ``save_pretrained`` records it."""
-    set_granularity(model, granularity)
+    """Declares ``granularity`` in ``config.moe``, so that ``save_pretrained`` records it (the PAD layers take it
+    from the checkpoint's weights when the Trainer loads them)."""
     settings = getattr(model.config, "moe", None)
     if isinstance(settings, dict):
         settings["partition_granularity"] = granularity

@@ -34,7 +34,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 import pad
-from pad.mixing import weight_banks
+from pad.mixing import UnrecordedGranularity, weight_banks
 from pad.partition import check_dynamic_ratio
 from pad.runtime import atomic_write, predates
 from moe import files
@@ -106,6 +106,16 @@ class MoETrainer(Trainer):
                 for write in self.checkpoint_writers:
                     write(output_dir)
             files.write_checksums(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """``Trainer``'s, which restores the PAD layers' granularity with their weights;
+        :class:`pad.runtime.IntegrityError` naming the checkpoint when its weights predate that record."""
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except UnrecordedGranularity:
+            raise predates(f"checkpoint {resume_from_checkpoint}", "PAD layers that record their partition "
+                           "granularity (its weights hold no granularity_code)",
+                           "train it again with this version of moe/run_glue.py") from None
 
     def _reset_running_means(self) -> None:
         self._task_loss_sum = self._aux_loss_sum = self._load_sum = None

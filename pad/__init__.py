@@ -23,7 +23,7 @@ Public names:
 * :func:`model_granularity`: the partition granularity shared by a model's PAD layers.
 
 Everything else is imported from its submodule: :mod:`pad.mixing` (granularities, scale factors,
-``weight_banks``, ``set_granularity``), :mod:`pad.partition` (criteria, schedules, scoring and
+``weight_banks``, ``set_granularity``, ``unit_split_applies``, ``zero_tie``), :mod:`pad.partition` (criteria, schedules, scoring and
 selection), :mod:`pad.stats`, :mod:`pad.compact`, and :mod:`pad.runtime` (process utilities:
 ``code_version``, ``keep_freed_memory``, ``machine_description``).
 """

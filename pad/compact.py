@@ -8,10 +8,10 @@ For every :class:`~pad.PartiallyDynamicWeights` at ``name`` the compact state ho
   bit per unit of the model's partition granularity (:func:`model_granularity`): per position
   for ``element``, per ``kh x kw`` slice for ``kernel``, per output unit for ``unit``,
 
-and every other entry of the state dict unchanged.  :func:`save_compact` records the
-granularity in the safetensors metadata (``pad_granularity``) and :func:`load_compact_file`
-declares it again (:func:`pad.mixing.set_granularity`), so a reloaded model computes with the same
-structure.  It also records a SHA-256 of the tensors (:func:`state_digest`, metadata key
+and every other entry of the state dict unchanged but each bank's ``granularity_code``: the
+granularity is stored once, in the safetensors metadata (``pad_granularity``) that :func:`save_compact`
+writes.  :func:`load_compact_file` gives every bank that granularity back through its state, so a
+reloaded model computes with the same structure.  It also records a SHA-256 of the tensors (:func:`state_digest`, metadata key
 ``pad_sha256``) that :func:`load_compact_file` verifies (:func:`pad.runtime.verify`), so bytes
 overwritten inside the file (same size, still a valid safetensors file) are reported instead of
 evaluated; a file without either key is refused.  Loading scatters the values back into a dense
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .mixing import check_granularity, set_granularity, unit_grid, unit_view, weight_banks
+from .mixing import GRANULARITIES, check_granularity, unit_grid, unit_view, weight_banks
 from .runtime import atomic_write, predates, sha256_fields, verify
 
 GRANULARITY_KEY = "pad_granularity"
@@ -59,6 +59,7 @@ def export_compact(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, bank in weight_banks(model):
         prefix = f"{name}." if name else ""
+        del state[prefix + "granularity_code"]
         dynamic = bank.mask.detach().cpu() > 0
         state[prefix + "kernels"] = state[prefix + "kernels"][:, dynamic].contiguous()
         state[prefix + "static_weight"] = state[prefix + "static_weight"][~dynamic].contiguous()
@@ -69,7 +70,7 @@ def export_compact(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_compact(model: nn.Module, state: dict[str, torch.Tensor], granularity: str = "element") -> None:
     """Loads a state made by :func:`export_compact` of a model at ``granularity`` into ``model`` (same
-    architecture), and declares that granularity on its PAD layers."""
+    architecture), that granularity included (each bank's ``granularity_code``)."""
     check_granularity(granularity)
     state = dict(state)
     for name, bank in weight_banks(model):
@@ -90,12 +91,12 @@ def load_compact(model: nn.Module, state: dict[str, torch.Tensor], granularity: 
         bank.kernels[:, dynamic] = kernels.to(bank.kernels)
         bank.static_weight.zero_()
         bank.static_weight[~dynamic] = static.to(bank.static_weight)
+        state[prefix + "granularity_code"] = torch.tensor(GRANULARITIES.index(granularity))
     missing, unexpected = model.load_state_dict(state, strict=False)
     bank_keys = {f"{n}.{k}" if n else k for n, _ in weight_banks(model) for k in ("kernels", "static_weight", "mask")}
     missing = [k for k in missing if k not in bank_keys]
     if missing or unexpected:
         raise ValueError(f"compact state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    set_granularity(model, granularity)
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

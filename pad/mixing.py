@@ -34,7 +34,10 @@ or a linear layer's output row).  :meth:`PartiallyDynamicWeights.unit_mask`
 and :meth:`PartiallyDynamicWeights.dynamic_units` tell a layer which units are
 dynamic, so that it can compute the static units with one ordinary op;
 :meth:`PartiallyDynamicWeights.unit_split` gives a ``unit`` mask's two parts
-(``lambda_d W_k`` on the dynamic units, ``lambda_s W_s`` on the static ones).
+(``lambda_d W_k`` on the dynamic units, ``lambda_s W_s`` on the static ones),
+and :func:`unit_split_applies` says where a layer computes by them.  A bank keeps its
+granularity in its state dict (the ``granularity_code`` buffer), so loading a bank's
+state restores its partition whole.
 """
 from __future__ import annotations
 
@@ -51,6 +54,12 @@ GRANULARITIES = ("element", "kernel", "unit")
 def check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown partition granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+class UnrecordedGranularity(ValueError):
+    """A PAD bank's state without its ``granularity_code``: written before banks recorded their partition
+    granularity, so nothing tells how its mask is structured.  Loaders name the file (see
+    :func:`pad.runtime.predates`)."""
 
 
 def unit_grid(shape: tuple[int, ...], granularity: str) -> tuple[int, ...]:
@@ -72,6 +81,17 @@ def unit_view(tensor: torch.Tensor, granularity: str) -> torch.Tensor:
     row-major order of :func:`unit_grid`."""
     units = math.prod(unit_grid(tensor.shape, granularity))
     return tensor.reshape(units, -1)
+
+
+def unit_mask(mask: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Boolean ``unit_grid(mask.shape, granularity)``: True where the unit of a 0/1 ``mask`` is dynamic.  Raises
+    ``ValueError`` if some unit is only partly dynamic."""
+    units = unit_view(mask.detach() > 0, granularity)
+    dynamic = units.all(1)
+    if not torch.equal(dynamic, units.any(1)):
+        raise ValueError(f"the mask is not structured at {granularity} granularity: "
+                         f"{int((dynamic != units.any(1)).sum())} units are partly dynamic")
+    return dynamic.view(unit_grid(mask.shape, granularity))
 
 
 class UnitSplit(NamedTuple):
@@ -280,8 +300,11 @@ class PartiallyDynamicWeights(DynamicWeights):
         mask: float buffer ``(*S)`` of 0/1, 1 = dynamic position (starts all ones).
         scale: :class:`ScaleFactors`.
         granularity: which blocks of the mask move together (``element``, ``kernel``,
-            ``unit``; see the module docstring); IMP sets it.  Not part of the state dict:
-            whoever saves a partition records it and sets it back (:func:`set_granularity`).
+            ``unit``; see the module docstring); IMP sets it.
+        granularity_code: int64 buffer ``()``, the index of ``granularity`` in :data:`GRANULARITIES`: the
+            granularity as the state dict (and so every checkpoint) holds it, so ``load_state_dict`` restores
+            it.  A state with a mask but without it is refused (:class:`UnrecordedGranularity`).
+            ``granularity`` mirrors it as a string, so that a forward pass reads no device tensor.
 
     Like ``torch.nn.utils.prune``, the mask is a buffer beside the weights;
     :func:`pad.compact.export_compact` makes it permanent by storing only the
@@ -292,11 +315,51 @@ class PartiallyDynamicWeights(DynamicWeights):
                  dtype: torch.dtype | None = None, granularity: str = "element"):
         super().__init__(num_kernels, shape, dtype=dtype)
         unit_grid(shape, granularity)  # validates
-        self.granularity = granularity
         self.static_weight = nn.Parameter(torch.empty(*shape, dtype=dtype))
         init_like_conv(self.static_weight)
         self.register_buffer("mask", torch.ones(*shape, dtype=dtype if dtype is not None else torch.get_default_dtype()))
+        self.register_buffer("granularity_code", torch.tensor(GRANULARITIES.index(granularity)))
+        self._granularity = granularity
         self.scale = ScaleFactors(scale_factors)
+
+    @property
+    def granularity(self) -> str:
+        """Which blocks of the mask move together: ``GRANULARITIES[granularity_code]``."""
+        return self._granularity
+
+    @granularity.setter
+    def granularity(self, granularity: str) -> None:
+        unit_grid(self.mask.shape, granularity)  # validates
+        with torch.no_grad():
+            self.granularity_code.fill_(GRANULARITIES.index(granularity))
+        self._granularity = granularity
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``nn.Module``'s, after checking the state's ``granularity_code``; then mirrors it in :attr:`granularity`.
+        :class:`UnrecordedGranularity` where the state holds the bank's mask but no code, ``ValueError`` for a
+        code out of range or a mask (the state's, else the bank's) not structured at that granularity."""
+        bank = f"PAD bank {prefix[:-1]!r}" if prefix else "the PAD bank"
+        code = state_dict.get(prefix + "granularity_code")
+        if code is None and prefix + "mask" in state_dict:
+            raise UnrecordedGranularity(f"the state of {bank} holds no granularity_code")
+        if code is None:  # no PAD bank's state here: nn.Module's reports what is missing
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
+        if code.dim() != 0 or code.is_floating_point() or not 0 <= int(code) < len(GRANULARITIES):
+            raise ValueError(f"the state of {bank} holds granularity_code {code.tolist()!r}; expected an integer "
+                             f"index into {GRANULARITIES}")
+        granularity = GRANULARITIES[int(code)]
+        mask = state_dict.get(prefix + "mask", self.mask)
+        if mask.shape == self.mask.shape:  # (another shape: nn.Module's size-mismatch error)
+            try:
+                unit_mask(mask, granularity)
+            except ValueError as err:
+                raise ValueError(f"the state of {bank}: {err}") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._granularity = granularity
 
     def reset_parameters(self) -> None:
         """Initialises the kernels, then ``W_s``, again (:func:`init_like_conv`); the mask and the scale
@@ -327,13 +390,7 @@ class PartiallyDynamicWeights(DynamicWeights):
     def unit_mask(self, granularity: str | None = None) -> torch.Tensor:
         """Boolean ``unit_grid(S, granularity)``: True where the unit is dynamic (``granularity``
         defaults to the bank's).  Raises ``ValueError`` if some unit is only partly dynamic."""
-        granularity = self.granularity if granularity is None else granularity
-        units = unit_view(self.mask.detach() > 0, granularity)
-        dynamic = units.all(1)
-        if not torch.equal(dynamic, units.any(1)):
-            raise ValueError(f"the mask is not structured at {granularity} granularity: "
-                             f"{int((dynamic != units.any(1)).sum())} units are partly dynamic")
-        return dynamic.view(unit_grid(self.mask.shape, granularity))
+        return unit_mask(self.mask, self.granularity if granularity is None else granularity)
 
     def unit_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`unit_order` of the output units of a ``unit``-structured mask, recomputed only when the
@@ -366,6 +423,31 @@ class PartiallyDynamicWeights(DynamicWeights):
         return self.unit_mask(granularity).flatten().nonzero().squeeze(1)
 
 
+def unit_split_applies(bank: nn.Module) -> bool:
+    """Whether a layer over ``bank`` computes by its unit split (:meth:`PartiallyDynamicWeights.unit_split`): a
+    PAD bank of ``unit`` granularity with some static unit, whose mask is not being scored.
+
+    A mask that requires grad is being scored (IMP's ``dL/dM``), which the split, not multiplying by the mask,
+    would not give; a bank whose every unit is dynamic costs the same whole.  Either way the layer computes
+    over the whole bank (the same output).  A layer may add conditions of its own (a conv's groups).
+    """
+    return (isinstance(bank, PartiallyDynamicWeights) and bank.granularity == "unit" and not bank.mask.requires_grad
+            and bank.unit_indices()[1].numel() > 0)
+
+
+def zero_tie(*tensors: torch.Tensor | None) -> torch.Tensor | float:
+    """``0`` that depends on every given tensor (``None`` skipped), for a layer that leaves them unused (no
+    dynamic unit): added to its output, it gives the parameters they come from zero gradients, not none,
+    which DDP refuses.  The float ``0.0`` where autograd is off."""
+    if not torch.is_grad_enabled():
+        return 0.0
+    total = None
+    for tensor in tensors:
+        if tensor is not None:
+            total = tensor.sum() if total is None else total + tensor.sum()
+    return 0.0 * total
+
+
 def weight_banks(model: nn.Module):
     """Yields ``(name, bank)`` for every :class:`PartiallyDynamicWeights` inside ``model``."""
     for name, module in model.named_modules():
@@ -374,8 +456,9 @@ def weight_banks(model: nn.Module):
 
 
 def set_granularity(model: nn.Module, granularity: str) -> None:
-    """Declares the granularity of every PAD layer's mask (e.g. after loading a checkpoint whose
-    partition was made at ``granularity``); raises ``ValueError`` if a mask is not structured so."""
+    """Declares the granularity of every PAD layer's mask (e.g. on the ranks that took the masks of an IMP run
+    elsewhere); raises ``ValueError`` if a mask is not structured so.  Loading needs none: a bank's state holds
+    its granularity (``granularity_code``)."""
     banks = list(weight_banks(model))
     for name, bank in banks:
         try:

@@ -53,9 +53,11 @@ def test_resume_restores_the_recorded_schemes_and_older_checkpoints_are_refused(
         assert entry["chosen"].items() <= resumed[name]["chosen"].items()
 
     no_schemes = {k: v for k, v in state.items() if k != "conv_schemes"}
-    no_granularity = {**state, "partition": {k: v for k, v in state["partition"].items() if k != "granularity"}}
+    no_granularity = {**state, "partition": {k: v for k, v in state["partition"].items() if k != "granularity"},
+                      "model": {k: v for k, v in state["model"].items() if not k.endswith(".granularity_code")}}
     cases = [(no_schemes, "predates recorded conv schemes (it holds none)"),
-             (no_granularity, "predates recorded partition granularities (its partition names none)")]
+             (no_granularity, "predates PAD layers that record their partition granularity (its model holds no "
+                              "granularity_code)")]
     for older, what in cases:
         save_checkpoint(older, tmp_path / "old.pt")
         capsys.readouterr()

@@ -94,6 +94,9 @@ def test_resume_and_evaluate_keep_the_recorded_granularity(runs, folder, tmp_pat
 def test_checkpoint_with_a_granularity_its_masks_do_not_have_is_refused(runs, folder, tmp_path, capsys):
     checkpoint = engine.load_checkpoint(runs["element"] / "checkpoint.pt")
     checkpoint["partition"]["granularity"] = "unit"
+    for key in checkpoint["model"]:
+        if key.endswith(".granularity_code"):  # what the PAD layers hold of their granularity
+            checkpoint["model"][key] = torch.tensor(GRANULARITIES.index("unit"))
     engine.save_checkpoint(checkpoint, tmp_path / "forged.pt")
     capsys.readouterr()
     rc = main(pad_args(folder, tmp_path / "out", "--epochs", "2", "--resume", str(tmp_path / "forged.pt")))

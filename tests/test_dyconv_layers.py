@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
-from dyconv.layers import (CONVS, CondConv2d, DynamicConv2d, ODConv2d, conv_factory, get_temperature,
+from dyconv.layers import (CONV_TYPES, CondConv2d, DynamicConv2d, ODConv2d, conv_factory, get_temperature,
                            set_temperature, temperature_schedule)
 
 torch.set_num_threads(1)
@@ -275,7 +275,7 @@ def test_all_dynamic_mask_leaves_static_weight_without_gradient(kind):
 
 # ---------------------------------------------------------------- factory
 
-@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("conv", list(CONV_TYPES))
 @pytest.mark.parametrize("use_pad", [False, True])
 def test_factory_builds_requested_layer(conv, use_pad):
     if conv == "static" and use_pad:

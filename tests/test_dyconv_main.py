@@ -95,7 +95,8 @@ def test_pad_run_writes_outputs_with_target_ratio(pad_run):
     assert summary["dynamic_ratio"] == pytest.approx(dynamic / entries, abs=1e-12)
     assert abs(dynamic - 0.3 * entries) <= len(layer_masks)  # within one position per layer
     # stored parameters: compact keeps (1 - M) of W_s and M of each of the K kernels
-    params = {k: v for k, v in checkpoint["model"].items() if not k.endswith((".mask", "running_mean", "running_var",
+    params = {k: v for k, v in checkpoint["model"].items() if not k.endswith((".mask", ".granularity_code",
+                                                                               "running_mean", "running_var",
                                                                                "num_batches_tracked"))}
     dense = sum(v.numel() for v in params.values())
     unused = sum(float(m.sum()) + float((1 - m).sum()) * 4 for m in layer_masks.values())

@@ -14,13 +14,13 @@ import pad
 from pad.mixing import weight_banks
 from pad.partition import SCHEDULES, SCOPES, ratio_schedule, score_positions, select_dynamic
 from dyconv import bench
-from dyconv.layers import CONVS, CondConv2d, DynamicConv2d, ODConv2d, dynamic_convs
+from dyconv.layers import CondConv2d, DynamicConv2d, ODConv2d, dynamic_conv_names, dynamic_convs
 from dyconv.models import ARCHS, build_model, count_flops, count_parameters, set_random_mask
 
 torch.set_num_threads(1)
 
 LAYERS = {"static": nn.Conv2d, "condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d}
-VARIANTS = [("static", False)] + [(conv, use_pad) for conv in CONVS[1:] for use_pad in (False, True)]
+VARIANTS = [("static", False)] + [(conv, use_pad) for conv in dynamic_conv_names() for use_pad in (False, True)]
 RESNET_BLOCKS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3),
                  "resnet50": (3, 4, 6, 3)}
 

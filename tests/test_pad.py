@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pad
-from pad.mixing import ScaleFactors, weight_banks
+from pad.mixing import ScaleFactors, UnrecordedGranularity, weight_banks
 from pad.partition import CRITERIA, SCHEDULES, SCOPES, ratio_schedule, score_positions, select_dynamic
 from pad.runtime import keep_freed_memory
 
@@ -146,12 +146,38 @@ def test_all_dynamic_none_equals_fully_dynamic_and_all_static_equals_static():
     partial = RoutedLinear(scale_factors="none")
     full = RoutedLinear(partial=False)
     full.load_state_dict({k: v for k, v in partial.state_dict().items()
-                          if not k.startswith("bank.static") and k != "bank.mask"})
+                          if not k.startswith("bank.static") and k not in ("bank.mask", "bank.granularity_code")})
     x = torch.randn(4, 5)
     torch.testing.assert_close(partial(x), full(x))
     with torch.no_grad():
         partial.bank.mask.zero_()
     torch.testing.assert_close(partial(x), x @ partial.bank.static_weight.T)
+
+
+def test_the_state_dict_holds_the_granularity(tmp_path):
+    """Loading a bank's state restores its granularity (a safetensors file too); a state without it is refused,
+    strict or not, and the refusal leaves the bank as it was."""
+    from safetensors.torch import load_file, save_file
+    model = tiny_model()
+    pad.iterative_mode_partition(model, batches(), loss_fn, 0.4, iterations=2, granularity="unit")
+    assert [b.granularity for _, b in weight_banks(model)] == ["unit", "unit"]
+    assert model.state_dict()["0.bank.granularity_code"].dtype == torch.int64
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    for state in (model.state_dict(), load_file(tmp_path / "model.safetensors")):
+        fresh = tiny_model()
+        fresh.load_state_dict(state)
+        assert [b.granularity for _, b in weight_banks(fresh)] == ["unit", "unit"]
+        assert torch.equal(fresh[0].bank.mask, model[0].bank.mask)
+        x = torch.randn(4, 5)
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    older = {k: v for k, v in model.state_dict().items() if not k.endswith("granularity_code")}
+    for strict in (True, False):
+        fresh = tiny_model()
+        with pytest.raises(UnrecordedGranularity, match="the state of PAD bank '0.bank' holds no granularity_code"):
+            fresh.load_state_dict(older, strict=strict)
+        assert [b.granularity for _, b in weight_banks(fresh)] == ["element", "element"]
+    with pytest.raises(ValueError, match="holds granularity_code 7"):
+        tiny_model().load_state_dict({**model.state_dict(), "2.bank.granularity_code": torch.tensor(7)})
 
 
 def test_gradients_reach_only_used_positions():

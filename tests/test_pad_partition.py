@@ -240,7 +240,8 @@ def test_synflow_in_float64_where_float32_overflows():
     scores = score_positions(model, data, None, "synflow", synflow)
     assert all(torch.isfinite(s).all() and (s > 0).all() and s.dtype == torch.float64 for s in scores.values())
     for k, v in model.state_dict().items():
-        assert v.dtype == torch.float32 and torch.equal(v, before[k][0]) and v.data_ptr() == before[k][1]
+        dtype = torch.int64 if k.endswith("granularity_code") else torch.float32  # (the partition's granularity)
+        assert v.dtype == dtype and torch.equal(v, before[k][0]) and v.data_ptr() == before[k][1]
     assert [p is q for p, q in zip(model.parameters(), params)] == [True] * len(params)
     assert all(p.grad is None for p in params)
 

@@ -99,6 +99,33 @@ def test_saved_masks_that_do_not_match_the_recorded_granularity_are_refused(runs
     assert len(errors) == 1 and "do not match config.moe's partition granularity" in errors[0]
 
 
+def without_granularity(source: Path, folder: Path) -> Path:
+    """A copy of the model folder ``source`` as the format before it recorded each PAD layer's granularity: its
+    weights without ``granularity_code`` (checksums written again, so only that tells it apart)."""
+    from safetensors.torch import load_file, save_file
+    from moe import files
+    shutil.copytree(source, folder)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.endswith(".granularity_code")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    files.write_checksums(str(folder))
+    return folder
+
+
+def test_weights_that_predate_recorded_granularities_are_refused(runs, tiny_bert_dir, glue_dir, tmp_path, capfd):
+    older = without_granularity(runs["unit"], tmp_path / "older")
+    checkpoint = without_granularity(runs["unit"] / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    predates = ("predates PAD layers that record their partition granularity (its weights hold no granularity_code); "
+                "train it again with this version of moe/run_glue.py")
+    for args, expected in [(base_args(older, glue_dir, tmp_path / "out", "sst2", "--do_eval"),
+                            f"error: model folder {older} {predates}"),
+                           (pad_args(tiny_bert_dir, glue_dir, tmp_path / "resumed", "--resume_from_checkpoint",
+                                     str(checkpoint)), f"error: checkpoint {checkpoint} {predates}")]:
+        capfd.readouterr()
+        assert main(args) == 2
+        assert [line for line in capfd.readouterr().err.splitlines() if line.startswith("error")] == [expected]
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--partition_granularity", "kernel", "error: argument --partition_granularity/--partition-granularity: "
                                           "invalid choice: 'kernel' (choose from 'element', 'unit')"),

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pad.mixing import weight_banks
 from pad.partition import select_dynamic
 
-from ..layers import conv_factory
+from ..layers import conv_factory, static_attention_applies
 from .mobilenetv2 import MobileNetV2
 from .resnet import RESNET_SPECS, ResNet
 
@@ -36,7 +36,7 @@ def build_model(arch: str, conv: str = "static", pad: bool = False, num_classes:
     non-positive ``num_classes`` / ``in_channels`` / ``resnet_width``.
     """
     if odconv_static_attention is None:
-        odconv_static_attention = "channel-filter" if conv == "odconv" and pad else "none"
+        odconv_static_attention = "channel-filter" if static_attention_applies(conv, pad) else "none"
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     if num_classes < 1 or in_channels < 1:
