@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from summarize import InputError, read_results  # one reader of a run's records (a sibling script)
+from pad.records import InputError, read_results
 
 EXIT_BAD_INPUT = 2
 
