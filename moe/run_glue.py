@@ -548,8 +548,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     trainer.add_callback(stopper)
     train_metrics = eval_metrics = record = None
     if training_args.do_train:
-        start_partition(trainer, keeper, moe_args, checkpoint, saved_masks=model_args.model_name_or_path
-                        if from_saved_moe else None)
+        saved_model = model_args.model_name_or_path if from_saved_moe else None
+        start_partition(trainer, keeper, moe_args, checkpoint, saved_model)
         train_metrics, record = train(trainer, keeper, stopper, checkpoint)
     if training_args.do_eval:
         eval_metrics = evaluate(trainer, eval_sets)
@@ -623,13 +623,14 @@ def is_pad_model(model) -> bool:
 
 
 def start_partition(trainer: MoETrainer, keeper: PartitionReportKeeper, moe_args: MoEArguments,
-                    checkpoint: str | None, saved_masks: str | None) -> None:
+                    checkpoint: str | None, saved_model: str | None) -> None:
     """Where a PAD run's masks come from: IMP now (before training), IMP after ``--partition_warmup_steps``
-    (:class:`moe.trainer.PartitionAtStep`), the resumed ``checkpoint`` or the saved PAD model ``saved_masks``.
-    A checkpoint past the partition step must hold the report of that partition (``partition.json``)."""
+    (:class:`moe.trainer.PartitionAtStep`), the resumed ``checkpoint``, or ``saved_model``, the saved MoE/PAD
+    model the run started from (``None``: a dense model converted with ``--moe``). A checkpoint past the
+    partition step must hold the report of that partition (``partition.json``)."""
     model = trainer.model
     pad_run = is_pad_model(model)
-    if pad_run and saved_masks is None:
+    if pad_run and saved_model is None:
         settings = dict(dynamic_ratio=moe_args.dynamic_ratio, iterations=moe_args.partition_iterations,
                         criterion=moe_args.partition_criterion, schedule=moe_args.partition_schedule,
                         scope=moe_args.partition_scope, num_batches=moe_args.partition_batches,
@@ -644,8 +645,8 @@ def start_partition(trainer: MoETrainer, keeper: PartitionReportKeeper, moe_args
             trainer.partition(**settings)
         else:
             logger.info("masks come from %s; no partition", checkpoint)
-    elif saved_masks is not None:
-        logger.info("masks come from %s; no partition", saved_masks)
+    elif saved_model is not None:
+        logger.info("masks come from %s; no partition", saved_model)
     if pad_run and keeper.restored is not None:  # the checkpoint's masks, at its granularity
         declare_partition_granularity(model, keeper.restored.get("granularity", "element"))
 
