@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from pad import records  # noqa: E402
 from pad.records import InputError  # noqa: E402
+from pad.runtime import EXIT_BAD_INPUT  # noqa: E402
 
 FIGURES = {"ratio": "accuracy_vs_dynamic_ratio.png", "lambdas": "scale_factors_over_training.png",
            "per_layer": "per_layer_dynamic_ratio.png", "comparisons": "paired_differences.png",
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
-        return records.EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 from pad.records import InputError, read_results
-
-EXIT_BAD_INPUT = 2
+from pad.runtime import EXIT_BAD_INPUT
 
 
 def run_seconds(run: Path) -> tuple[str, float | None]:

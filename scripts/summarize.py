@@ -25,8 +25,7 @@ from pathlib import Path
 
 from pad.records import (CONFIDENCE, DYCONV_METRICS, GLUE_METRICS, Comparison, InputError, Row, average_row, compare,
                          load_row, mean_std)
-
-EXIT_BAD_INPUT = 2
+from pad.runtime import EXIT_BAD_INPUT
 
 
 # ---------------------------------------------------------------- tables
