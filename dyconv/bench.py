@@ -59,6 +59,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -94,30 +95,39 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
-def forward_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable[[], None]:
-    """Inference: eval mode, no autograd graph. ``run.prepare()`` sets the mode alone (see :func:`peak_bytes`)."""
-    def run():
-        model.eval()
+@dataclass(frozen=True)
+class ModelPass:
+    """One pass of a model the benchmark times. ``prepare()`` puts the model in the state the pass starts from
+    (its mode and, for a training step, no gradients yet: see :func:`peak_bytes`); calling the pass runs
+    ``prepare()`` and then ``body()``, the pass itself."""
+    prepare: Callable[[], None]
+    body: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.prepare()
+        self.body()
+
+
+def forward_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> ModelPass:
+    """Inference of ``x`` ``(B, C, H, W)``: eval mode, no autograd graph."""
+    def body():
         with torch.no_grad(), _autocast(x.device, amp):
             model(x)
-    run.prepare = model.eval
-    return run
+    return ModelPass(model.eval, body)
 
 
-def training_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable[[], None]:
-    """Forward and backward of ``logits.sum()`` in training mode. ``run.prepare()`` sets the mode and frees
-    the previous gradients (as ``optimizer.zero_grad()`` does), see :func:`peak_bytes`."""
+def training_pass(model: nn.Module, x: torch.Tensor, amp: bool = False) -> ModelPass:
+    """Forward and backward of ``logits.sum()`` for ``x`` ``(B, C, H, W)`` in training mode; ``prepare()`` sets
+    the mode and frees the previous gradients (as ``optimizer.zero_grad()`` does)."""
     def prepare():
         model.train()
         model.zero_grad(set_to_none=True)
 
-    def run():
-        prepare()
+    def body():
         with _autocast(x.device, amp):
             loss = model(x).float().sum()
         loss.backward()
-    run.prepare = prepare
-    return run
+    return ModelPass(prepare, body)
 
 
 def seconds(run: Callable[[], None], device: torch.device) -> float:
@@ -131,15 +141,23 @@ def seconds(run: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated by torch during ``run()`` above those live before it, after ``run.prepare()``
-    (where the run has one): what switching the mode frees (a PAD layer's cached fold, dropped by
-    ``train()``) or a training step's ``zero_grad`` frees (the previous gradients) would otherwise be
-    subtracted from the pass's own allocations, so the peak of a pass that follows another model state
-    would read low. A training pass's peak therefore includes its new gradients."""
-    prepare = getattr(run, "prepare", None)
-    if prepare is not None:
-        prepare()
+def interleaved_seconds(runs: dict, repeats: int, device: torch.device) -> dict[object, list[float]]:
+    """``{key: [seconds of each round]}``: ``repeats`` rounds, each calling every one of ``runs`` once in turn, so
+    that changes of load hit every run alike."""
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            times[key].append(seconds(run, device))
+    return times
+
+
+def peak_bytes(run: ModelPass, device: torch.device) -> int:
+    """Peak bytes allocated by torch during ``run()`` above those live after ``run.prepare()``: what switching
+    the mode frees (a PAD layer's cached fold, dropped by ``train()``) or a training step's ``zero_grad`` frees
+    (the previous gradients) would otherwise be subtracted from the pass's own allocations, so the peak of a pass
+    that follows another model state would read low. A training pass's peak therefore includes its new
+    gradients."""
+    run.prepare()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -187,8 +205,8 @@ def build_variants(arch: str, kernels: int, dynamic_ratio: float, scheme: str, d
 
 
 def pass_runs(models: dict, x: torch.Tensor, amp: bool, passes: Sequence[str] = PASSES) -> dict:
-    """``{(variant, pass): run}`` for every variant and each of ``passes`` (no training pass of an inference
-    form)."""
+    """``{(variant, pass): ModelPass}`` for every variant and each of ``passes`` (no training pass of an
+    inference form); ``infer1`` infers the first image of ``x`` ``(B, 3, S, S)`` alone."""
     return {(name, label): make(model, inputs, amp) for name, model in models.items()
             for label, make, inputs in (("train", training_pass, x), ("infer", forward_pass, x),
                                         ("infer1", forward_pass, x[:1]))
@@ -196,7 +214,7 @@ def pass_runs(models: dict, x: torch.Tensor, amp: bool, passes: Sequence[str] = 
 
 
 def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
-    """Calls every run of compiled models once, model by model: ``{variant: {"<pass>_compile_s": seconds
+    """Calls every pass of compiled models once, model by model: ``{variant: {"<pass>_compile_s": seconds
     of the first call (compile plus one run), "graphs": graphs dynamo compiled, "breaks": {reason: count},
     "failures": {pass: first line of the error}}}``. A pass whose compile fails (the backend raises) gets
     ``None`` seconds and its error under ``failures``: the benchmark reports it rather than stopping."""
@@ -217,72 +235,118 @@ def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
     return stats
 
 
-def measure(archs: Sequence[str], sizes: Sequence[int], batch_size: int, repeats: int, dynamic_ratio: float,
-            kernels: int, device: torch.device, scheme: str = "auto", amp: bool = False,
-            compile_backend: str | None = None, variants: Sequence[str] | None = None,
-            passes: Sequence[str] = PASSES, dynamic_shapes: bool = True) -> tuple[list[dict], dict]:
-    """One row per (arch, size, variant): median seconds and peak bytes of each of ``passes`` (``None``
-    for the others).
+@dataclass(frozen=True)
+class BenchSettings:
+    """How every model is built and timed (the flags of :func:`parse_args`)."""
+    batch_size: int
+    repeats: int
+    dynamic_ratio: float
+    kernels: int
+    device: torch.device
+    scheme: str = "auto"
+    amp: bool = False
+    compile_backend: str | None = None  # time torch.compile(model, backend=..., dynamic=dynamic_shapes)
+    dynamic_shapes: bool = True
+    variants: Sequence[str] | None = None  # timed besides static (None: all of build_variants)
+    passes: Sequence[str] = PASSES
 
-    ``variants``: the variants timed besides ``static`` (default all of :func:`build_variants`).
 
-    ``compile_backend``: time ``torch.compile(model, backend=compile_backend, dynamic=dynamic_shapes)``; each row
-    then also has ``<pass>_compile_s``, ``graphs``, ``breaks`` (:func:`compiled_warm_up`) and
-    ``timed_graphs`` (graphs compiled during the timed rounds of its arch and size).
-    Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD models' :func:`scheme_rows` at that size.
-    """
+@dataclass
+class SizeTimings:
+    """What the timed rounds of one arch at one image size measured."""
+    runs: dict[tuple[str, str], ModelPass]  # the passes timed, by (variant, pass)
+    times: dict[tuple[str, str], list[float]]  # their seconds, one per round
+    compile_stats: dict[str, dict] | None  # compiled_warm_up's, by variant; None when not compiled
+    timed_graphs: int  # graphs dynamo compiled during the timed rounds
+
+
+def measure(archs: Sequence[str], sizes: Sequence[int], settings: BenchSettings) -> tuple[list[dict], dict]:
+    """One row per (arch, size, variant): median seconds and peak bytes of each of ``settings.passes``
+    (``None`` for the others); compiled, each row also has ``<pass>_compile_s``, ``graphs``, ``breaks``
+    (:func:`compiled_warm_up`) and ``timed_graphs`` (graphs compiled during the timed rounds of its arch and
+    size). Returns ``(rows, schemes)`` with ``schemes[(arch, size)]`` the PAD models' :func:`scheme_rows` at that
+    size."""
     rows, schemes = [], {}
     progress = tqdm(total=len(archs) * len(sizes), desc="bench", file=sys.stderr, leave=False)
     for arch in archs:
-        models = build_variants(arch, kernels, dynamic_ratio, scheme, device)
-        timed_models = {name: model for name, model in models.items()
-                        if variants is None or name == "static" or name in variants}
-        if compile_backend is not None:
-            torch._dynamo.reset()
-            timed_models = {name: torch.compile(model, backend=compile_backend, dynamic=dynamic_shapes)
-                            for name, model in timed_models.items()}
+        models = build_variants(arch, settings.kernels, settings.dynamic_ratio, settings.scheme, settings.device)
+        timed_models = timed_variants(models, settings)
         for size in sizes:
-            x = torch.randn(batch_size, 3, size, size, device=device)
-            for model in models.values():  # only this size's choices recorded (made again alike: same rule)
-                set_conv_scheme(model, scheme)
-            runs = pass_runs(timed_models, x, amp, passes)
-            compile_stats = {}
-            listed = {name: models[name] for name in ("pad-dyconv", "pad-unit")}  # what the scheme table lists
-            if compile_backend is not None or any((name, label) not in runs for name in listed for label in PASSES):
-                for run in pass_runs(listed, x, amp).values():
-                    run()  # uncompiled: records the schemes and paths the scheme table lists
-            if compile_backend is None:
-                for run in runs.values():
-                    run()  # warm-up: first-call allocations, kernel selection, scheme choice
-            else:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    compile_stats = compiled_warm_up(runs, device)
-                runs = {key: run for key, run in runs.items() if key[1] not in compile_stats[key[0]]["failures"]}
-                dynamo_counters.clear()
-            times = {key: [] for key in runs}
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                for _ in range(repeats):  # interleaved: load changes hit every model alike
-                    for key, run in runs.items():
-                        times[key].append(seconds(run, device))
-            timed_graphs = dynamo_counters["stats"]["unique_graphs"]
-            measure_memory = compile_backend is None or device.type == "cuda"
-            for name in timed_models:
-                row = {"arch": arch, "size": size, "model": name}
-                for label in PASSES:
-                    row[f"{label}_s"] = statistics.median(times[(name, label)]) if (name, label) in runs else None
-                for label in ("train", "infer"):
-                    row[f"{label}_bytes"] = (peak_bytes(runs[(name, label)], device)
-                                             if (name, label) in runs and measure_memory else None)
-                if compile_backend is not None:
-                    untimed = {"graphs": 0, "breaks": {}, "failures": {}}  # a variant with no pass timed
-                    row.update({f"{label}_compile_s": None for label in PASSES}, **compile_stats.get(name, untimed),
-                               timed_graphs=timed_graphs)
-                rows.append(row)
+            x = torch.randn(settings.batch_size, 3, size, size, device=settings.device)
+            timings = time_size(models, timed_models, x, settings)
+            rows += [variant_row(arch, size, name, timings, settings) for name in timed_models]
             schemes[(arch, size)] = scheme_rows(models["pad-dyconv"], models["pad-unit"])
             progress.update()
         del models
     progress.close()
     return rows, schemes
+
+
+def timed_variants(models: dict, settings: BenchSettings) -> dict:
+    """``{variant: model}`` of the variants timed (``static`` always: the ratios' base), compiled where asked."""
+    timed = {name: model for name, model in models.items()
+             if settings.variants is None or name == "static" or name in settings.variants}
+    if settings.compile_backend is None:
+        return timed
+    torch._dynamo.reset()
+    return {name: torch.compile(model, backend=settings.compile_backend, dynamic=settings.dynamic_shapes)
+            for name, model in timed.items()}
+
+
+def time_size(models: dict, timed_models: dict, x: torch.Tensor, settings: BenchSettings) -> SizeTimings:
+    """Times every pass of ``timed_models`` on ``x`` ``(B, 3, S, S)`` in interleaved rounds (load changes hit
+    every model alike), after one warm-up call each; ``models`` (all variants, uncompiled) choose their
+    schemes afresh for this size."""
+    for model in models.values():  # only this size's choices recorded (made again alike: same rule)
+        set_conv_scheme(model, settings.scheme)
+    runs = pass_runs(timed_models, x, settings.amp, settings.passes)
+    record_listed_schemes(models, runs, x, settings)
+    runs, compile_stats = warm_up(runs, settings)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        times = interleaved_seconds(runs, settings.repeats, settings.device)
+    return SizeTimings(runs, times, compile_stats, dynamo_counters["stats"]["unique_graphs"])
+
+
+def record_listed_schemes(models: dict, runs: dict, x: torch.Tensor, settings: BenchSettings) -> None:
+    """Calls every pass of the PAD models the scheme table lists once, uncompiled, where the timed ``runs`` do not
+    (compiled, or not all their passes timed): a compiled layer runs the same cost model but records nothing."""
+    listed = {name: models[name] for name in ("pad-dyconv", "pad-unit")}
+    if settings.compile_backend is not None or any((name, label) not in runs for name in listed for label in PASSES):
+        for run in pass_runs(listed, x, settings.amp).values():
+            run()
+
+
+def warm_up(runs: dict, settings: BenchSettings) -> tuple[dict, dict[str, dict] | None]:
+    """Calls every pass once before the timed rounds: eagerly for first-call allocations, kernel selection and
+    scheme choice; compiled, to compile (:func:`compiled_warm_up`). Returns ``(the passes to time, compile
+    stats or None)``: a pass whose compile failed is not timed."""
+    if settings.compile_backend is None:
+        for run in runs.values():
+            run()
+        return runs, None
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        compile_stats = compiled_warm_up(runs, settings.device)
+    runs = {key: run for key, run in runs.items() if key[1] not in compile_stats[key[0]]["failures"]}
+    dynamo_counters.clear()
+    return runs, compile_stats
+
+
+def variant_row(arch: str, size: int, name: str, timings: SizeTimings, settings: BenchSettings) -> dict:
+    """The row of variant ``name``: median seconds of each pass, peak bytes of its training and inference
+    passes (measured here; not when compiled on CPU, see the module docstring), compile statistics."""
+    row = {"arch": arch, "size": size, "model": name}
+    runs = timings.runs
+    for label in PASSES:
+        row[f"{label}_s"] = statistics.median(timings.times[(name, label)]) if (name, label) in runs else None
+    measure_memory = settings.compile_backend is None or settings.device.type == "cuda"
+    for label in ("train", "infer"):
+        row[f"{label}_bytes"] = (peak_bytes(runs[(name, label)], settings.device)
+                                 if (name, label) in runs and measure_memory else None)
+    if timings.compile_stats is not None:
+        untimed = {"graphs": 0, "breaks": {}, "failures": {}}  # a variant with no pass timed
+        row.update({f"{label}_compile_s": None for label in PASSES}, **timings.compile_stats.get(name, untimed),
+                   timed_graphs=timings.timed_graphs)
+    return row
 
 
 def parameter_rows(archs: Sequence[str], dynamic_ratio: float, kernels: int) -> list[dict]:
@@ -329,13 +393,15 @@ def _layer_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def layer_costs(arch: str, size: int, batch_size: int, repeats: int, dynamic_ratio: float, kernels: int,
-                device: torch.device) -> list[dict]:
+def layer_costs(arch: str, size: int, settings: BenchSettings) -> list[dict]:
     """One row per dynamic conv of ``arch`` at ``size`` px: median seconds of its training step (forward +
     backward of ``out.sum()``, the input requiring grad) as an ordinary ``nn.Conv2d`` (``static_s``), as the
     PAD-DY-Conv layer under each exact scheme (``schemes: {scheme: s}``) and under ``auto``
     (``auto_s``, ``auto``: the scheme it chose), and as the DY-Conv layer under ``auto`` (``dyconv_s``);
-    interleaved rounds, on a random input of the shape the layer gets in the model."""
+    interleaved rounds (``settings.repeats``), on a random input of the shape the layer gets in the model at
+    ``settings.batch_size``."""
+    batch_size, repeats, device = settings.batch_size, settings.repeats, settings.device
+    kernels, dynamic_ratio = settings.kernels, settings.dynamic_ratio
     torch.manual_seed(0)
     pad_model = build_model(arch, "dyconv", True, kernels=kernels).to(device)
     set_random_mask(pad_model, dynamic_ratio)
@@ -357,10 +423,7 @@ def layer_costs(arch: str, size: int, batch_size: int, repeats: int, dynamic_rat
                 "dyconv": _layer_step(dy_layers[name], x), **{s: _layer_step(m, x) for s, m in forced.items()}}
         for run in runs.values():
             run()  # warm-up; records auto's choice
-        times = {key: [] for key in runs}
-        for _ in range(repeats):
-            for key, run in runs.items():
-                times[key].append(seconds(run, device))
+        times = interleaved_seconds(runs, repeats, device)
         median = {key: statistics.median(values) for key, values in times.items()}
         rows.append({"arch": arch, "size": size, "name": name, "input": tuple(shapes[name][-2:]),
                      "shape": layer_shape(layer),
@@ -567,11 +630,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"K={args.kernels}, PAD dynamic ratio {args.dynamic_ratio}, scheme {args.scheme}, {allocator}"
           + (", amp" if args.amp else "")
           + (f", torch.compile backend {args.compile} dynamic={not args.static_shapes}" if args.compile else ""))
+    settings = BenchSettings(args.batch_size, args.repeats, args.dynamic_ratio, args.kernels, device, args.scheme,
+                             args.amp, args.compile, not args.static_shapes, args.variants, args.passes)
     if args.layers:
         print("time: median over interleaved rounds; x: ratio to an ordinary conv of the layer's shape on the same input")
-        rows = [row for arch in args.archs for size in args.sizes
-                for row in layer_costs(arch, size, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
-                                       device)]
+        rows = [row for arch in args.archs for size in args.sizes for row in layer_costs(arch, size, settings)]
         print(format_layer_costs(rows))
         return 0
     print("time: median over interleaved rounds; x: ratio to the static model of the same arch and size; "
@@ -579,9 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda"
              else "(not measured when compiled, see dyconv/bench.py)" if args.compile
              else "(torch.profiler, at operator boundaries)"))
-    rows, schemes = measure(args.archs, args.sizes, args.batch_size, args.repeats, args.dynamic_ratio, args.kernels,
-                            device, args.scheme, args.amp, args.compile, args.variants, args.passes,
-                            not args.static_shapes)
+    rows, schemes = measure(args.archs, args.sizes, settings)
     print(format_timing(rows))
     if args.compile:
         print()

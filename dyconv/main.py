@@ -64,8 +64,8 @@ from pad.compact import model_granularity
 from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, UnrecordedGranularity, set_granularity, weight_banks
 from pad.partition import BATCHNORM_MODES, CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
 from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, IntegrityError, Preempted, StopSignals, WriteError, atomic_write,
-                         code_version, error_line, keep_freed_memory, lock_folder, machine_description)
-from dyconv.data import DATASETS, DataError, build_datasets
+                         code_version, error_line, keep_freed_memory, lock_folder, machine_description, predates)
+from dyconv.data import DATASETS, DataError, DatasetInfo, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, EpochProgress, TrainingDiverged,
                            TrainSettings, check_compatible, evaluate, link_checkpoint, load_checkpoint,
                            nonfinite_tensors, parameter_groups, random_states, restore_random_states, save_checkpoint,
@@ -119,10 +119,19 @@ def _dynamic_ratio(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    add = p.add_argument
-    add("--config", help="YAML file of flag values; command-line flags override it")
-    g = p.add_argument_group("data")
+    """The CLI's flags, in the groups ``--help`` shows."""
+    parser = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of flag values; command-line flags override it")
+    _add_data_flags(parser.add_argument_group("data"))
+    _add_model_flags(parser.add_argument_group("model"))
+    _add_partition_flags(parser.add_argument_group("mode partition (IMP)"))
+    _add_optimisation_flags(parser.add_argument_group("optimisation"))
+    _add_run_flags(parser.add_argument_group("run"))
+    return parser
+
+
+def _add_data_flags(g: argparse._ArgumentGroup) -> None:
+    """The flags of what the run trains and evaluates on."""
     g.add_argument("--data", help="ImageNet layout DIR/train/<class>/*, DIR/val/<class>/*; "
                                   "for fashion-mnist, a folder holding the IDX files (downloaded there if absent)")
     g.add_argument("--dataset", choices=DATASETS, help="default: imagenet with --data, else fashion-mnist")
@@ -131,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-subset", type=_bounded(int, 1), help="train on a seeded random subset of N samples")
     g.add_argument("--val-subset", type=_bounded(int, 1), help="evaluate on a seeded random subset of N samples")
     g.add_argument("--workers", type=_bounded(int, 0), default=4, help="DataLoader worker processes")
-    g = p.add_argument_group("model")
+
+
+def _add_model_flags(g: argparse._ArgumentGroup) -> None:
+    """The flags of the network and its dynamic convs."""
     g.add_argument("--arch", choices=ARCHS, default="resnet18")
     g.add_argument("--conv", choices=tuple(CONV_TYPES), default="dyconv")
     g.add_argument("--pad", action=argparse.BooleanOptionalAction, default=False, help="partially dynamic (PAD) convs")
@@ -147,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-scheme", choices=POLICIES, default="auto",
                    help="execution scheme of every dynamic conv: auto (per layer, by a cost model) or one forced "
                         "where exact; a resumed run keeps the schemes its checkpoint recorded")
-    g = p.add_argument_group("mode partition (IMP)")
+
+
+def _add_partition_flags(g: argparse._ArgumentGroup) -> None:
+    """The flags of Iterative Mode Partition of a PAD model."""
     g.add_argument("--dynamic-ratio", type=_dynamic_ratio, default=0.3, help="kappa in (0, 1]")
     g.add_argument("--partition-criterion", choices=CRITERIA, default="taylor")
     g.add_argument("--partition-iterations", type=_bounded(int, 1), default=10)
@@ -160,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "its checkpoint's")
     g.add_argument("--partition-batchnorm", choices=BATCHNORM_MODES, default="batch",
                    help="BatchNorm statistics while IMP scores: the partition batches' own or the running ones")
-    g = p.add_argument_group("optimisation")
+
+
+def _add_optimisation_flags(g: argparse._ArgumentGroup) -> None:
+    """The flags of the optimizer, its schedules and the attention temperature."""
     g.add_argument("--epochs", type=_bounded(int, 1), default=100)
     g.add_argument("--batch-size", type=_bounded(int, 1), default=256, help="per process")
     g.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=0.1)
@@ -177,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temp-epochs", type=_bounded(float, 0.0), default=10.0, help="epochs to anneal it to 1")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="autocast: bfloat16 on CPU, float16 + GradScaler on CUDA")
-    g = p.add_argument_group("run")
+
+
+def _add_run_flags(g: argparse._ArgumentGroup) -> None:
+    """The flags of seeds, the output folder, checkpoints, resuming and evaluating."""
     g.add_argument("--seed", type=_bounded(int, 0, MAX_SEED), default=0,
                    help="seeds torch generators with seed, seed + 1 and seed + epoch: 0 to 2**63 - 1")
     g.add_argument("--output", default="runs/dyconv", help="output folder (checked before any data is read)")
@@ -199,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
                    help="only evaluate the --resume checkpoint and write summary.json into --output, which must "
                         "not hold a training run (checkpoint.pt or best.pt): a training folder is never overwritten")
-    return p
 
 
 def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -501,8 +521,8 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(checkpoint.get("conv_schemes"), dict):
-        raise CheckpointError(f"checkpoint {path} predates recorded conv schemes (it holds none); "
-                              f"retrain it with this version of dyconv/main.py")
+        raise predates(f"checkpoint {path}", "recorded conv schemes (it holds none)",
+                       "retrain it with this version of dyconv/main.py")
     try:
         restore_conv_schemes(model, checkpoint["conv_schemes"])
     except ValueError as err:
@@ -523,13 +543,13 @@ def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
 
 
 def restore_rank_random_states(checkpoint: dict, ctx: Distributed) -> None:
-    """This rank's random states from ``checkpoint`` (one record per rank); a note when there are none."""
-    states = checkpoint.get("rng")
-    if isinstance(states, list) and len(states) == ctx.world_size:
+    """This rank's random states from ``checkpoint`` (one record per rank); a note when it was saved by a run of
+    another number of processes."""
+    states = checkpoint["rng"]
+    if len(states) == ctx.world_size:
         restore_random_states(states[ctx.rank], ctx.device)
     elif ctx.is_main:
-        have = "none" if states is None else f"{len(states)} rank(s)"
-        print(f"note: the checkpoint holds random states of {have}, this run has {ctx.world_size}: "
+        print(f"note: the checkpoint holds random states of {len(states)} rank(s), this run has {ctx.world_size}: "
               f"the resumed run is not bit-identical to an uninterrupted one", flush=True)
 
 
@@ -746,13 +766,25 @@ def load_resume(args: argparse.Namespace, meta: dict) -> dict | None:
         return None
     checkpoint = load_checkpoint(args.resume)
     check_compatible(checkpoint["meta"], meta, args.resume)
-    if not args.evaluate and isinstance(checkpoint.get("args"), dict):
+    if not args.evaluate:
+        check_resumable(checkpoint, args.resume)
         recorded = dict(checkpoint["args"])
         if isinstance(checkpoint.get("partition"), dict):
             # a partitioned checkpoint's masks fix the granularity, which the resume keeps and records
             args.partition_granularity = recorded.pop("partition_granularity", args.partition_granularity)
         check_same_run(recorded, args, args.resume)
     return checkpoint
+
+
+def check_resumable(checkpoint: dict, path: str) -> None:
+    """A checkpoint training continues from records the run's flags (:func:`check_same_run`) and every rank's
+    random states; one without them predates those records."""
+    for key, what in (("args", "recorded run arguments"), ("rng", "recorded random states")):
+        if checkpoint.get(key) is None:
+            raise predates(f"checkpoint {path}", f"{what} (it holds none)",
+                           "retrain it with this version of dyconv/main.py")
+    if not isinstance(checkpoint["args"], dict):
+        raise CheckpointError(f"checkpoint {path} is not a dyconv checkpoint: 'args' is malformed")
 
 
 def stop_requested(signals: StopSignals, ctx: Distributed) -> int | None:
@@ -847,7 +879,19 @@ def end_epoch(run: Training, args, ctx: Distributed, output: Path, val_loader, w
         run.last_good = LastGood(str(output / "checkpoint.pt"), run.epoch + 1)
 
 
+@dataclass
+class RunRecord:
+    """What a run's summary records besides the model and its metrics: where it writes, the data, the sizes of
+    the sets (``train_samples``, ``val_samples``, ``world_size``) and when the run started (``time.time()``)."""
+    output: Path
+    info: DatasetInfo
+    sizes: dict
+    start: float
+
+
 def run(args: argparse.Namespace, ctx: Distributed, signals: StopSignals) -> int:
+    """One run, as its steps: the output folder, the data, the model (restored from ``--resume``), then
+    evaluation alone (``--evaluate``) or mode partition, training and the summary."""
     start = time.time()
     output, _lock = check_output_folder(args, lock=ctx.is_main)  # before any data is read or model built
     if ctx.is_main:
@@ -855,11 +899,7 @@ def run(args: argparse.Namespace, ctx: Distributed, signals: StopSignals) -> int
     if args.evaluate and args.resume.endswith(".safetensors"):
         return evaluate_compact(args, ctx, output, start)
     torch.manual_seed(args.seed)
-    train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
-                                              args.val_subset, args.seed)
-    if info.hidden_entries_skipped and ctx.is_main:
-        print(f"data: skipped {info.hidden_entries_skipped} hidden entries (names starting with '.', e.g. "
-              f".ipynb_checkpoints, AppleDouble ._* files) in {args.data}", flush=True)
+    train_set, val_set, info = load_datasets(args, ctx)
     meta = model_metadata(args, info.num_classes, info.in_channels, info.small_input)
     checkpoint = load_resume(args, meta)  # checked before anything is built or written
     model = build(args, info, pad_layers=args.pad, temperature=args.temp_init)
@@ -867,44 +907,78 @@ def run(args: argparse.Namespace, ctx: Distributed, signals: StopSignals) -> int
         restore_model(model, checkpoint, args.resume)
     model.to(ctx.device)
     loaders = make_loaders(train_set, val_set, args, ctx)
-    sizes = {"train_samples": len(train_set), "val_samples": len(val_set), "world_size": ctx.world_size}
-
+    record = RunRecord(output, info, {"train_samples": len(train_set), "val_samples": len(val_set),
+                                      "world_size": ctx.world_size}, start)
     if args.evaluate:
-        metrics = evaluate(model, loaders[1], ctx.device, args.amp, ctx.enabled)
-        if ctx.is_main:
-            finish_evaluation(model, args, info, metrics, output, {
-                "epochs": checkpoint["epoch"], "partition": checkpoint.get("partition"),
-                "wall_seconds": time.time() - start, **sizes})
-        return 0
-
+        return evaluate_checkpoint(model, checkpoint, loaders[1], args, ctx, record)
     partition = checkpoint.get("partition") if checkpoint else None
     if args.pad and checkpoint is None:
         partition = run_partition(model, train_set, args, ctx)
-    steps_per_epoch = len(loaders[0])
-    settings = TrainSettings(base_lr=args.lr, lr_schedule=args.lr_schedule,
-                             warmup_steps=round(args.warmup_epochs * steps_per_epoch),
-                             total_steps=args.epochs * steps_per_epoch, temp_init=args.temp_init,
-                             temp_anneal_steps=round(args.temp_epochs * steps_per_epoch),
-                             mixup_alpha=args.mixup, amp=args.amp)
+    settings = train_settings(args, steps_per_epoch=len(loaders[0]))
+    run_state = start_training(model, meta, partition, checkpoint, args, ctx)
+    if ctx.is_main and checkpoint is None and args.overwrite_output_dir:
+        discard_replaced_run(output, args.save_checkpoints)
+    train(run_state, args, ctx, output, loaders, settings, signals, checkpoint)
+    if ctx.is_main:
+        write_training_results(run_state, checkpoint, args, record)
+    return 0
+
+
+def load_datasets(args: argparse.Namespace, ctx: Distributed):
+    """``(train set, validation set, DatasetInfo)`` the flags name (:func:`dyconv.data.build_datasets`)."""
+    train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
+                                              args.val_subset, args.seed)
+    if info.hidden_entries_skipped and ctx.is_main:
+        print(f"data: skipped {info.hidden_entries_skipped} hidden entries (names starting with '.', e.g. "
+              f".ipynb_checkpoints, AppleDouble ._* files) in {args.data}", flush=True)
+    return train_set, val_set, info
+
+
+def evaluate_checkpoint(model: nn.Module, checkpoint: dict, val_loader: DataLoader, args: argparse.Namespace,
+                        ctx: Distributed, record: RunRecord) -> int:
+    """``--evaluate --resume checkpoint.pt``: the restored ``model`` evaluated, and its summary."""
+    metrics = evaluate(model, val_loader, ctx.device, args.amp, ctx.enabled)
+    if ctx.is_main:
+        finish_evaluation(model, args, record.info, metrics, record.output, {
+            "epochs": checkpoint["epoch"], "partition": checkpoint.get("partition"),
+            "wall_seconds": time.time() - record.start, **record.sizes})
+    return 0
+
+
+def train_settings(args: argparse.Namespace, steps_per_epoch: int) -> TrainSettings:
+    """The learning-rate, temperature and mixup schedules of the flags, in optimizer steps."""
+    return TrainSettings(base_lr=args.lr, lr_schedule=args.lr_schedule,
+                         warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+                         total_steps=args.epochs * steps_per_epoch, temp_init=args.temp_init,
+                         temp_anneal_steps=round(args.temp_epochs * steps_per_epoch),
+                         mixup_alpha=args.mixup, amp=args.amp)
+
+
+def start_training(model: nn.Module, meta: dict, partition: dict | None, checkpoint: dict | None,
+                   args: argparse.Namespace, ctx: Distributed) -> Training:
+    """The optimizer (SGD), GradScaler and state a training run starts from, resumed from ``checkpoint``
+    (then this rank's random states are restored last: nothing random may run between this and training)."""
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler("cuda") if args.amp and ctx.device.type == "cuda" else None
     run_state = Training(model, optimizer, scaler, meta, partition, last_good=LastGood())
     if checkpoint is not None:
         run_state.restore(checkpoint, args.resume)
-        restore_rank_random_states(checkpoint, ctx)  # last: nothing random may run between this and training
-    if ctx.is_main and checkpoint is None and args.overwrite_output_dir:
-        discard_replaced_run(output, args.save_checkpoints)
-    train(run_state, args, ctx, output, loaders, settings, signals, checkpoint)
-    if ctx.is_main:
-        summary = summarise(model, args, info, run_state.metrics, {
-            "epochs": args.epochs if checkpoint is None else max(args.epochs, checkpoint["epoch"]),
-            "steps": run_state.step, "train_loss": run_state.train_loss, "best_top1": run_state.best_top1,
-            "evaluate_only": False, "partition": partition, "wall_seconds": time.time() - start,
-            "train_seconds_per_step": run_state.timing.per_step(), **sizes})
-        write_json(summary, output / "summary.json")
-        if args.pad:
-            pad.save_compact(model, output / "model_compact.safetensors")
-    return 0
+        restore_rank_random_states(checkpoint, ctx)
+    return run_state
+
+
+def write_training_results(run_state: Training, checkpoint: dict | None, args: argparse.Namespace,
+                           record: RunRecord) -> None:
+    """The summary of a finished training run (``summary.json``) and, for PAD, its compact model."""
+    model = run_state.model
+    summary = summarise(model, args, record.info, run_state.metrics, {
+        "epochs": args.epochs if checkpoint is None else max(args.epochs, checkpoint["epoch"]),
+        "steps": run_state.step, "train_loss": run_state.train_loss, "best_top1": run_state.best_top1,
+        "evaluate_only": False, "partition": run_state.partition, "wall_seconds": time.time() - record.start,
+        "train_seconds_per_step": run_state.timing.per_step(), **record.sizes})
+    write_json(summary, record.output / "summary.json")
+    if args.pad:
+        pad.save_compact(model, record.output / "model_compact.safetensors")
 
 
 def main(argv: list[str] | None = None) -> int:

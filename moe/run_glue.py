@@ -46,7 +46,7 @@ import pad
 from pad.mixing import SCALE_FACTOR_VARIANTS
 from pad.partition import CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
 from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, WriteError, atomic_write,
-                         code_version, error_line, keep_freed_memory, lock_folder, machine_description)
+                         code_version, error_line, keep_freed_memory, lock_folder, machine_description, predates)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import PARTITION_FILE, MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
@@ -361,7 +361,7 @@ def partition_summary(record: dict) -> dict:
                                                              "iterations", "batches", "step")}
     summary["partition_granularity"] = record["granularity"]
     # what really decided the partition: the criterion, or the share tie-broken at random (pad.PartitionReport)
-    summary["partition_decided_by"] = record.get("decided_by") or "not recorded"
+    summary["partition_decided_by"] = record["decided_by"]
     return summary
 
 
@@ -460,11 +460,12 @@ def arguments_record(model_args: ModelArguments, data_args: DataTrainingArgument
 
 def check_same_run(record: dict, checkpoint: str) -> None:
     """``ValueError`` naming the first flag outside :data:`RESUME_MAY_CHANGE` whose value differs from the one
-    ``checkpoint`` was trained with (its :data:`RUN_ARGS_FILE`; checkpoints without one are not compared), before
-    a changed model or batch shape could fail deep inside the Trainer or train a different run silently."""
+    ``checkpoint`` was trained with (its :data:`RUN_ARGS_FILE`), before a changed model or batch shape could fail
+    deep inside the Trainer or train a different run silently."""
     path = os.path.join(checkpoint, RUN_ARGS_FILE)
     if not os.path.lexists(path):
-        return
+        raise predates(f"checkpoint {checkpoint}", f"recorded run arguments (it has no {RUN_ARGS_FILE})",
+                       "train the run again with this version of moe/run_glue.py")
     recorded = files.read_json(path)
     kept = KEPT_BY_PARTITIONED_CHECKPOINT if os.path.lexists(os.path.join(checkpoint, PARTITION_FILE)) else set()
     for flag, value in record.items():
@@ -535,17 +536,58 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     set_seed(training_args.seed)
     raw, spec = load_raw_datasets(data_args, training_args, model_args.cache_dir)
     check_splits(raw, training_args, spec)
-    label_names, is_regression = label_list(raw, spec)
-    task_name = spec.name if spec is not None else None
-    model, tokenizer, from_saved_moe = build_model(model_args, moe_args, 1 if is_regression else len(label_names),
-                                                   task_name, label_names)
+    task = Task(spec, *label_list(raw, spec))
+    model, tokenizer, from_saved_moe = build_model(model_args, moe_args, task.num_labels, task.name, task.label_names)
+    data = encode_splits(raw, task, tokenizer, data_args, training_args)
+    train_dataset, eval_sets = run_splits(data, task.name, data_args, training_args)
+    trainer = make_trainer(model, tokenizer, task, train_dataset, eval_sets, data_args, training_args)
+    keeper = PartitionReportKeeper(trainer, resumed_from=checkpoint if training_args.do_train else None)
+    trainer.checkpoint_writers.append(arguments_writer(arguments))
+    stopper = StopAtSignal(signals or StopSignals())
+    trainer.add_callback(stopper)
+    train_metrics = eval_metrics = record = None
+    if training_args.do_train:
+        saved_model = model_args.model_name_or_path if from_saved_moe else None
+        start_partition(trainer, keeper, moe_args, checkpoint, saved_model)
+        train_metrics, record = train(trainer, keeper, stopper, checkpoint)
+    if training_args.do_eval:
+        eval_metrics = evaluate(trainer, eval_sets)
+    save_results(trainer, train_metrics, eval_metrics, record)
+    if training_args.do_predict:
+        predict(trainer, data, data_args, task.name, task.is_regression)
+    return eval_metrics if eval_metrics is not None else (train_metrics or {})
+
+
+@dataclass
+class Task:
+    """What a run predicts: the GLUE task (``spec``; ``None`` for files without one) and its labels."""
+    spec: glue.TaskSpec | None
+    label_names: list[str] | None  # the class names; None for regression
+    is_regression: bool
+
+    @property
+    def name(self) -> str | None:
+        return self.spec.name if self.spec is not None else None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.is_regression else len(self.label_names)
+
+
+def encode_splits(raw, task: Task, tokenizer, data_args: DataTrainingArguments, training_args: TrainingArguments):
+    """Every split of ``raw`` tokenized (:func:`tokenize`) on its text columns, with class ids as labels."""
+    spec = task.spec
     text_columns = spec.text_columns if spec is not None else glue.infer_text_columns(
         next(iter(raw.values())).column_names)
     # Files without a task hold raw label values; a task's sources already hold class ids.
-    if spec is None and not is_regression:
-        labels_to_ids(raw, {name: i for i, name in enumerate(label_names)})
-    data = tokenize(raw, tokenizer, text_columns, data_args, training_args)
+    if spec is None and not task.is_regression:
+        labels_to_ids(raw, {name: i for i, name in enumerate(task.label_names)})
+    return tokenize(raw, tokenizer, text_columns, data_args, training_args)
 
+
+def run_splits(data, task_name: str | None, data_args: DataTrainingArguments, training_args: TrainingArguments):
+    """``(training set or None, {name: evaluation set})`` of the tokenized ``data``, each cut to its
+    ``--max_*_samples``; MNLI evaluates its matched (``mnli``) and mismatched (``mnli-mm``) sets."""
     def limit(split, n):
         return split.select(range(min(n, len(split)))) if n is not None else split
 
@@ -557,66 +599,110 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
                                                data_args.max_eval_samples)
         if mnli and "validation_mismatched" in data:
             eval_sets["mnli-mm"] = limit(data["validation_mismatched"], data_args.max_eval_samples)
+    return train_dataset, eval_sets
 
+
+def make_trainer(model, tokenizer, task: Task, train_dataset, eval_sets: dict, data_args: DataTrainingArguments,
+                 training_args: TrainingArguments) -> MoETrainer:
+    """The :class:`moe.trainer.MoETrainer` of the run, scoring predictions with the task's GLUE metrics."""
     def compute_metrics(p: EvalPrediction) -> dict:
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        predictions = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
-        return glue.compute_metrics(task_name, predictions, p.label_ids)
+        predictions = np.squeeze(logits, -1) if task.is_regression else np.argmax(logits, axis=-1)
+        return glue.compute_metrics(task.name, predictions, p.label_ids)
 
     collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(
         tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
-    trainer = MoETrainer(model=model, args=training_args, train_dataset=train_dataset,
-                         eval_dataset=next(iter(eval_sets.values()), None), processing_class=tokenizer,
-                         data_collator=collator, compute_metrics=compute_metrics)
-    pad_run = (getattr(model.config, "moe", None) or {}).get("moe") == "pad"
-    keeper = PartitionReportKeeper(trainer, resumed_from=checkpoint if training_args.do_train else None)
-    trainer.checkpoint_writers.append(arguments_writer(arguments))
-    stopper = StopAtSignal(signals or StopSignals())
-    trainer.add_callback(stopper)
-    train_metrics = eval_metrics = record = None
-    if training_args.do_train:
-        if pad_run and not from_saved_moe:
-            settings = dict(dynamic_ratio=moe_args.dynamic_ratio, iterations=moe_args.partition_iterations,
-                            criterion=moe_args.partition_criterion, schedule=moe_args.partition_schedule,
-                            scope=moe_args.partition_scope, num_batches=moe_args.partition_batches,
-                            granularity=moe_args.partition_granularity)
-            if moe_args.partition_warmup_steps > 0:
-                trainer.add_callback(PartitionAtStep(trainer, moe_args.partition_warmup_steps, **settings))
-            elif checkpoint is None:
-                trainer.partition(**settings)
-            else:
-                logger.info("masks come from %s; no partition", checkpoint)
-        elif from_saved_moe:
-            logger.info("masks come from %s; no partition", model_args.model_name_or_path)
-        if pad_run and keeper.restored is not None:  # the checkpoint's masks, at its granularity
-            declare_partition_granularity(model, keeper.restored.get("granularity", "element"))
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        if stopper.signum is not None:
-            saved = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
-            if training_args.overwrite_output_dir:
-                rerun = "rerun the same command without --overwrite_output_dir to continue"
-            elif training_args.resume_from_checkpoint is not None:  # the same command would resume the old one
-                rerun = f"rerun with --resume_from_checkpoint {saved} to continue"
-            else:
-                rerun = "rerun the same command to continue"
-            raise Preempted(stopper.signum, f"saved {saved}; {rerun}")
-        record = keeper.record()
-        if pad_run and not from_saved_moe and record is None:
-            logger.warning("%s holds no partition.json: this run's partition report is unknown", checkpoint)
-        train_metrics = {**result.metrics, "train_samples": len(train_dataset), **moe_summary(model),
-                         **(partition_summary(record) if record is not None else {})}
-    if training_args.do_eval:
-        eval_metrics = {}
-        for task, dataset in eval_sets.items():
-            metrics = trainer.evaluate(eval_dataset=dataset)
-            metrics["eval_samples"] = len(dataset)
-            if task == "mnli-mm":
-                metrics = {f"{k}_mm": v for k, v in metrics.items()}
-            eval_metrics.update(metrics)
-        eval_metrics.update(moe_summary(model))
+    return MoETrainer(model=model, args=training_args, train_dataset=train_dataset,
+                      eval_dataset=next(iter(eval_sets.values()), None), processing_class=tokenizer,
+                      data_collator=collator, compute_metrics=compute_metrics)
+
+
+def is_pad_model(model) -> bool:
+    return (getattr(model.config, "moe", None) or {}).get("moe") == "pad"
+
+
+def start_partition(trainer: MoETrainer, keeper: PartitionReportKeeper, moe_args: MoEArguments,
+                    checkpoint: str | None, saved_model: str | None) -> None:
+    """Where a PAD run's masks come from: IMP now (before training), IMP after ``--partition_warmup_steps``
+    (:class:`moe.trainer.PartitionAtStep`), the resumed ``checkpoint``, or ``saved_model``, the saved MoE/PAD
+    model the run started from (``None``: a dense model converted with ``--moe``). A checkpoint past the
+    partition step must hold the report of that partition (``partition.json``)."""
+    model = trainer.model
+    pad_run = is_pad_model(model)
+    if pad_run and saved_model is None:
+        settings = dict(dynamic_ratio=moe_args.dynamic_ratio, iterations=moe_args.partition_iterations,
+                        criterion=moe_args.partition_criterion, schedule=moe_args.partition_schedule,
+                        scope=moe_args.partition_scope, num_batches=moe_args.partition_batches,
+                        granularity=moe_args.partition_granularity)
+        if (checkpoint is not None and keeper.restored is None
+                and checkpoint_step(checkpoint) >= moe_args.partition_warmup_steps):
+            raise predates(f"checkpoint {checkpoint}", f"partition reports in checkpoints (it has no {PARTITION_FILE})",
+                           "train the run again with this version of moe/run_glue.py")
+        if moe_args.partition_warmup_steps > 0:
+            trainer.add_callback(PartitionAtStep(trainer, moe_args.partition_warmup_steps, **settings))
+        elif checkpoint is None:
+            trainer.partition(**settings)
+        else:
+            logger.info("masks come from %s; no partition", checkpoint)
+    elif saved_model is not None:
+        logger.info("masks come from %s; no partition", saved_model)
+    if pad_run and keeper.restored is not None:  # the checkpoint's masks, at its granularity
+        declare_partition_granularity(model, keeper.restored.get("granularity", "element"))
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a Trainer checkpoint was saved at (its ``trainer_state.json``)."""
+    return files.read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
+
+
+def train(trainer: MoETrainer, keeper: PartitionReportKeeper, stopper: StopAtSignal,
+          checkpoint: str | None) -> tuple[dict, dict | None]:
+    """``(train metrics, partition record or None)`` of ``trainer.train`` resumed from ``checkpoint``;
+    :class:`pad.runtime.Preempted` naming the checkpoint saved when a stop signal ended training."""
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.signum is not None:
+        raise preempted(trainer, stopper.signum)
+    record = keeper.record()
+    metrics = {**result.metrics, "train_samples": len(trainer.train_dataset), **moe_summary(trainer.model),
+               **(partition_summary(record) if record is not None else {})}
+    return metrics, record
+
+
+def preempted(trainer: MoETrainer, signum: int) -> Preempted:
+    """The :class:`pad.runtime.Preempted` of a run a stop signal ended: names the checkpoint saved at the
+    current step and the command that continues from it."""
+    args = trainer.args
+    saved = os.path.join(args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    if args.overwrite_output_dir:
+        rerun = "rerun the same command without --overwrite_output_dir to continue"
+    elif args.resume_from_checkpoint is not None:  # the same command would resume the old one
+        rerun = f"rerun with --resume_from_checkpoint {saved} to continue"
+    else:
+        rerun = "rerun the same command to continue"
+    return Preempted(signum, f"saved {saved}; {rerun}")
+
+
+def evaluate(trainer: MoETrainer, eval_sets: dict) -> dict:
+    """The metrics of every evaluation set (MNLI's mismatched ones with a ``_mm`` suffix) and the
+    :func:`moe_summary` of the model."""
+    eval_metrics = {}
+    for task, dataset in eval_sets.items():
+        metrics = trainer.evaluate(eval_dataset=dataset)
+        metrics["eval_samples"] = len(dataset)
+        if task == "mnli-mm":
+            metrics = {f"{k}_mm": v for k, v in metrics.items()}
+        eval_metrics.update(metrics)
+    eval_metrics.update(moe_summary(trainer.model))
+    return eval_metrics
+
+
+def save_results(trainer: MoETrainer, train_metrics: dict | None, eval_metrics: dict | None,
+                 record: dict | None) -> None:
+    """Writes the output directory once training and evaluation succeeded: the partition report, the model,
+    the train and eval metrics (``*_results.json``) and the trainer state."""
     if train_metrics is not None:
         if record is not None and trainer.is_world_process_zero():
-            atomic_write(os.path.join(training_args.output_dir, "partition.json"), json.dumps(record, indent=2))
+            atomic_write(os.path.join(trainer.args.output_dir, "partition.json"), json.dumps(record, indent=2))
         trainer.save_model()
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
@@ -624,9 +710,6 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, moe_args: 
     if eval_metrics is not None:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    if training_args.do_predict:
-        predict(trainer, data, data_args, task_name, is_regression)
-    return eval_metrics if eval_metrics is not None else (train_metrics or {})
 
 
 # GLUE's submission files (https://gluebenchmark.com/submit takes a zip of them): one

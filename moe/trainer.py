@@ -306,7 +306,8 @@ PARTITION_KEYS = ("target", "achieved", "criterion", "schedule", "scope", "itera
 
 def read_partition_record(folder: str) -> dict | None:
     """``folder/partition.json`` (a checkpoint's), or ``None`` when it has none; ``ValueError``
-    naming the file when it is unreadable or lacks one of :data:`PARTITION_KEYS` or the granularity."""
+    naming the file when it is unreadable or lacks one of :data:`PARTITION_KEYS`, the granularity or what decided
+    the partition (``decided_by``)."""
     from moe.files import read_json
     path = os.path.join(folder, PARTITION_FILE)
     if not os.path.lexists(path):
@@ -317,6 +318,9 @@ def read_partition_record(folder: str) -> dict | None:
         raise ValueError(f"{path}: not a partition report (missing {', '.join(missing)})")
     if "granularity" not in record:
         raise predates(f"partition report {path}", "recorded partition granularities (it names none)",
+                       "train the run again with this version of moe/run_glue.py")
+    if "decided_by" not in record:
+        raise predates(f"partition report {path}", "records of what decided the partition (it has no decided_by)",
                        "train the run again with this version of moe/run_glue.py")
     return record
 

@@ -23,9 +23,10 @@ Public names:
 * :func:`model_granularity`: the partition granularity shared by a model's PAD layers.
 
 Everything else is imported from its submodule: :mod:`pad.mixing` (granularities, scale factors,
-``weight_banks``, ``set_granularity``, ``unit_split_applies``, ``zero_tie``), :mod:`pad.partition` (criteria, schedules, scoring and
-selection), :mod:`pad.stats`, :mod:`pad.compact`, and :mod:`pad.runtime` (process utilities:
-``code_version``, ``keep_freed_memory``, ``machine_description``).
+``weight_banks``, ``set_granularity``, ``unit_split_applies``, ``zero_tie``), :mod:`pad.partition` (criteria,
+schedules, scoring and selection), :mod:`pad.stats`, :mod:`pad.compact`, :mod:`pad.runtime` (process utilities:
+``code_version``, ``keep_freed_memory``, ``machine_description``) and :mod:`pad.records` (the finished
+runs' records, read and compared over seeds for the tables and figures).
 """
 from .compact import export_compact, load_compact, load_compact_file, model_granularity, save_compact
 from .mixing import DynamicWeights, PartiallyDynamicWeights, pad_kernels

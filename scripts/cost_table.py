@@ -22,7 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from pad.runtime import EXIT_BAD_INPUT
+
 COLUMNS = ("stored parameters", "mask bits", "s / training step")
 
 

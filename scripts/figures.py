@@ -34,8 +34,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import summarize  # noqa: E402  (a sibling script)
-from summarize import InputError  # noqa: E402
+from pad import records  # noqa: E402
+from pad.records import InputError  # noqa: E402
+from pad.runtime import EXIT_BAD_INPUT  # noqa: E402
 
 FIGURES = {"ratio": "accuracy_vs_dynamic_ratio.png", "lambdas": "scale_factors_over_training.png",
            "per_layer": "per_layer_dynamic_ratio.png", "comparisons": "paired_differences.png",
@@ -66,20 +67,20 @@ def rows_matching(folder: Path, prefix: str) -> list[Path]:
 
 # ---------------------------------------------------------------- data
 
-def ratio_curve(rows: list[summarize.Row], ratios: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ratio_curve(rows: list[records.Row], ratios: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ratios, mean score, std of the score)`` sorted by ratio; std 0 for one seed."""
     order = np.argsort(ratios)
-    means = np.array([summarize.mean_std(rows[i].score)[0] for i in order])
-    stds = np.array([summarize.mean_std(rows[i].score)[1] or 0.0 for i in order])
+    means = np.array([records.mean_std(rows[i].score)[0] for i in order])
+    stds = np.array([records.mean_std(rows[i].score)[1] or 0.0 for i in order])
     return np.asarray(ratios)[order], means, stds
 
 
 def achieved_ratio(row_dir: Path, seeds: int) -> float:
     """The mean achieved dynamic ratio of a row's seeds (summary.json / all_results.json)."""
-    summarize.load_row(row_dir, seeds)  # every seed finished
+    records.load_row(row_dir, seeds)  # every seed finished
     values = []
-    for _, run in summarize.seed_dirs(row_dir, seeds):
-        _, results = summarize.read_results(run)
+    for _, run in records.seed_dirs(row_dir, seeds):
+        _, results = records.read_results(run)
         if results.get("dynamic_ratio") is None:
             raise InputError(f"{run}: no dynamic_ratio in the results")
         values.append(float(results["dynamic_ratio"]))
@@ -106,7 +107,7 @@ def event_scalars(run: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 def seed_mean_curve(row_dir: Path, seeds: int, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """The mean over seeds of a scalar's curve, on the steps every seed logged."""
-    curves = [event_scalars(run, tag) for _, run in summarize.seed_dirs(row_dir, seeds)]
+    curves = [event_scalars(run, tag) for _, run in records.seed_dirs(row_dir, seeds)]
     common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves)))
     if not common:
         raise InputError(f"{row_dir}: the seeds logged {tag!r} at no common step")
@@ -116,11 +117,11 @@ def seed_mean_curve(row_dir: Path, seeds: int, tag: str) -> tuple[np.ndarray, np
 
 def per_layer_ratios(row_dir: Path, seeds: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(layer names, mean ratio, std)`` of the per-layer dynamic ratios IMP chose, over seeds."""
-    summarize.load_row(row_dir, seeds)  # every seed finished
+    records.load_row(row_dir, seeds)  # every seed finished
     layers = None
     table = []
-    for _, run in summarize.seed_dirs(row_dir, seeds):
-        kind, results = summarize.read_results(run)
+    for _, run in records.seed_dirs(row_dir, seeds):
+        kind, results = records.read_results(run)
         if kind == "dyconv":
             partition = results.get("partition")
             source = run / "summary.json"
@@ -168,7 +169,7 @@ def ratio_references(runs: Path, scale: str, seeds: int, prefix: str, row_dirs: 
     references = []
     for script, row, label in wanted:
         try:
-            mean, std = summarize.mean_std(summarize.load_row(runs / f"{script}-{scale}" / row, seeds).score)
+            mean, std = records.mean_std(records.load_row(runs / f"{script}-{scale}" / row, seeds).score)
         except InputError as err:
             print(f"note: no {label} line in {FIGURES['ratio']}: {err}", file=sys.stderr)
             continue
@@ -182,7 +183,7 @@ def figure_ratio(runs: Path, scale: str, seeds: int, path: Path) -> None:
                                            ("rte-pad", "PAD-MoE, RTE accuracy (%)")), 10)
     for ax, prefix, label in panels:
         row_dirs = rows_matching(folder, prefix)
-        rows = [summarize.load_row(d, seeds) for d in row_dirs]
+        rows = [records.load_row(d, seeds) for d in row_dirs]
         x, mean, std = ratio_curve(rows, [achieved_ratio(d, seeds) for d in row_dirs])
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label="PAD at each ratio")
         for (name, ref_mean, ref_std), color in zip(ratio_references(runs, scale, seeds, prefix, row_dirs),
@@ -233,7 +234,7 @@ def figure_per_layer(runs: Path, scale: str, seeds: int, path: Path) -> None:
     save(fig, path)
 
 
-def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, summarize.Comparison]]:
+def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, records.Comparison]]:
     """``[(table, comparison)]``: the paper's comparisons, PAD vs fully dynamic and fully dynamic vs
     static/dense, on every table (table_dynamic_convs: also its PAD variants, e.g. PAD-ODConv whose static
     part the attentions scale, against the fully dynamic conv)."""
@@ -242,24 +243,24 @@ def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, 
     for pad_dir in rows_matching(folder, ""):
         if pad_dir.name.endswith("-dyconv-pad0.3"):
             arch = pad_dir.name[: -len("-dyconv-pad0.3")]
-            pad, dyn, static = (summarize.load_row(folder / f"{arch}-{v}", seeds)
+            pad, dyn, static = (records.load_row(folder / f"{arch}-{v}", seeds)
                                 for v in ("dyconv-pad0.3", "dyconv", "static"))
-            comparisons += [("table 1", summarize.compare(pad, dyn)), ("table 1", summarize.compare(dyn, static))]
+            comparisons += [("table 1", records.compare(pad, dyn)), ("table 1", records.compare(dyn, static))]
     folder = script_dir(runs, "table_dynamic_convs", scale)
     for pad_dir in rows_matching(folder, ""):  # <arch>-<conv>-pad0.3 and its variants <arch>-<conv>-pad0.3-<variant>
         if pad_dir.name.endswith("-pad0.3") or "-pad0.3-" in pad_dir.name:
             dynamic = folder / pad_dir.name.split("-pad0.3")[0]
-            comparisons.append(("dynamic convs", summarize.compare(summarize.load_row(pad_dir, seeds),
-                                                                   summarize.load_row(dynamic, seeds))))
+            comparisons.append(("dynamic convs", records.compare(records.load_row(pad_dir, seeds),
+                                                                   records.load_row(dynamic, seeds))))
     folder = script_dir(runs, "table2_glue_moe", scale)
     averages = {}
     for moe in ("none", "moe", "pad"):
-        rows = [summarize.load_row(d, seeds) for d in rows_matching(folder, "") if d.name.endswith(f"-{moe}")]
+        rows = [records.load_row(d, seeds) for d in rows_matching(folder, "") if d.name.endswith(f"-{moe}")]
         if not rows:
             raise InputError(f"{folder}: no *-{moe} rows")
-        averages[moe] = summarize.average_row(f"GLUE average {moe}", rows)
-    comparisons += [("GLUE", summarize.compare(averages["pad"], averages["moe"])),
-                    ("GLUE", summarize.compare(averages["moe"], averages["none"]))]
+        averages[moe] = records.average_row(f"GLUE average {moe}", rows)
+    comparisons += [("GLUE", records.compare(averages["pad"], averages["moe"])),
+                    ("GLUE", records.compare(averages["moe"], averages["none"]))]
     return comparisons
 
 
@@ -282,7 +283,7 @@ def figure_comparisons(runs: Path, scale: str, seeds: int, path: Path) -> None:
     save(fig, path)
 
 
-def search_gains(runs: Path, scale: str, seeds: int) -> dict[int, list[tuple[int, summarize.Comparison]]]:
+def search_gains(runs: Path, scale: str, seeds: int) -> dict[int, list[tuple[int, records.Comparison]]]:
     """``{epochs: [(width, DY-Conv - static over the first ``seeds`` seeds), ...]}`` of the protocol search's
     candidates whose rows have finished (the others are named on stderr)."""
     folder = script_dir(runs, "regime_search", scale)
@@ -291,11 +292,11 @@ def search_gains(runs: Path, scale: str, seeds: int) -> dict[int, list[tuple[int
         for width in SEARCH_WIDTHS:
             setting = f"resnet10-w{width}-e{epochs}"
             try:
-                dynamic, static = (summarize.load_row(folder / f"{setting}-{conv}", seeds) for conv in ("dyconv", "static"))
+                dynamic, static = (records.load_row(folder / f"{setting}-{conv}", seeds) for conv in ("dyconv", "static"))
             except InputError as err:
                 print(f"note: {setting} is not in {FIGURES['search']}: {err}", file=sys.stderr)
                 continue
-            gains.setdefault(epochs, []).append((width, summarize.compare(dynamic, static)))
+            gains.setdefault(epochs, []).append((width, records.compare(dynamic, static)))
     if not gains:
         raise InputError(f"{folder}: no candidate of the protocol search has finished")
     return gains
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
-        return summarize.EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -18,9 +18,6 @@ import sys
 
 # Where a run writes, not what it computes.
 DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config", "save_checkpoints", "save_steps")
-# Settings added after runs were indexed, left out of the key at the value that computes what the runs before
-# them computed, so that those runs keep their keys.
-DYCONV_LATER = {"odconv_static_attention": "none"}
 GLUE_WHERE = ("output_dir", "overwrite_output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
 
 
@@ -36,8 +33,7 @@ def _parsed(parse, argv: list[str], errors: tuple[type[Exception], ...]):
 def dyconv_settings(argv: list[str]) -> dict:
     from dyconv.main import UsageError, parse_args
     args = _parsed(parse_args, argv, (UsageError,))
-    return {key: value for key, value in vars(args).items()
-            if key not in DYCONV_WHERE and not (key in DYCONV_LATER and value == DYCONV_LATER[key])}
+    return {key: value for key, value in vars(args).items() if key not in DYCONV_WHERE}
 
 
 def glue_settings(argv: list[str]) -> dict:

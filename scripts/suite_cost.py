@@ -23,9 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from summarize import InputError, read_results  # one reader of a run's records (a sibling script)
-
-EXIT_BAD_INPUT = 2
+from pad.records import InputError, read_results
+from pad.runtime import EXIT_BAD_INPUT
 
 
 def run_seconds(run: Path) -> tuple[str, float | None]:

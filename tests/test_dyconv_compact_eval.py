@@ -67,6 +67,22 @@ def test_resume_restores_the_recorded_schemes_and_older_checkpoints_are_refused(
         assert not (tmp_path / "b" / "summary.json").exists()
 
 
+def test_a_resume_from_a_checkpoint_without_its_flags_or_random_states_is_refused(stacked_run, folder, tmp_path,
+                                                                                   capsys):
+    """Training continues a run only from a checkpoint that records its flags and random states: one without
+    them predates those records (one error line, nothing written); --evaluate needs neither."""
+    state = load_checkpoint(stacked_run / "checkpoint.pt")
+    for key, what in (("args", "recorded run arguments"), ("rng", "recorded random states")):
+        save_checkpoint({k: v for k, v in state.items() if k != key}, tmp_path / "old.pt")
+        capsys.readouterr()
+        assert main(pad_args(folder, tmp_path / "b", "--epochs", "2", "--resume", str(tmp_path / "old.pt"))) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: checkpoint {tmp_path / 'old.pt'} predates {what} (it holds none); retrain it with this version "
+            f"of dyconv/main.py"]
+        assert not (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "summary.json").exists()
+    assert main(pad_args(folder, tmp_path / "c", "--evaluate", "--resume", str(tmp_path / "old.pt"))) == 0
+
+
 def test_bad_recorded_schemes_are_one_error_line(stacked_run, folder, tmp_path, capsys):
     state = load_checkpoint(stacked_run / "checkpoint.pt")
     state["conv_schemes"]["layer1.0.conv1"]["chosen"]["batch@8x8"] = "fft"

@@ -535,9 +535,10 @@ def test_peak_memory_reading_of_nothing_is_taken_again(monkeypatch):
     readings = iter([0, 0, 4096, 8192])
     calls = []
     monkeypatch.setattr(bench, "_profiled_peak_bytes", lambda run: calls.append(run) or next(readings))
-    assert bench.peak_bytes(lambda: None, torch.device("cpu")) == 4096 and len(calls) == 3
+    nothing = bench.ModelPass(prepare=lambda: None, body=lambda: None)
+    assert bench.peak_bytes(nothing, torch.device("cpu")) == 4096 and len(calls) == 3
     monkeypatch.setattr(bench, "_profiled_peak_bytes", lambda run: calls.append(run) or 0)
-    assert bench.peak_bytes(lambda: None, torch.device("cpu")) == 0 and len(calls) == 6
+    assert bench.peak_bytes(nothing, torch.device("cpu")) == 0 and len(calls) == 6
 
 
 def test_training_peak_does_not_depend_on_the_pass_before():

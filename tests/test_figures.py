@@ -94,7 +94,7 @@ def runs(tmp_path_factory) -> Path:
 
 def test_ratio_curve_means_and_stds(runs):
     folder = runs / "ablation_dynamic_ratio-mini"
-    rows = [figures.summarize.load_row(d, SEEDS) for d in figures.rows_matching(folder, "resnet")]
+    rows = [figures.records.load_row(d, SEEDS) for d in figures.rows_matching(folder, "resnet")]
     ratios = [figures.achieved_ratio(d, SEEDS) for d in figures.rows_matching(folder, "resnet")]
     x, mean, std = figures.ratio_curve(rows, ratios)
     assert x == pytest.approx([r + 0.0005 for r in (0.1, 0.3, 0.5, 0.7, 1.0)])

@@ -76,19 +76,31 @@ def test_resumed_pad_run_ends_where_the_uninterrupted_one_ends(warmup, tiny_bert
     assert read_json(resumed / "checkpoint-4" / "partition.json") == read_json(whole / "partition.json")
 
 
-def test_resume_without_partition_report_is_logged(tiny_bert_dir, glue_dir, tmp_path, capfd):
-    """A checkpoint without partition.json (an older run): the run resumes, says so, and writes no report."""
+def test_resume_from_a_checkpoint_that_predates_its_records_is_refused(tiny_bert_dir, glue_dir, tmp_path, capfd):
+    """A PAD checkpoint past its partition step without partition.json, one without run_args.json, and a partition
+    report without decided_by predate those records: one error line each, nothing trained or written."""
     torch.set_num_threads(1)
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole = tmp_path / "whole"
     assert main(pad_args(tiny_bert_dir, glue_dir, whole, "--max_steps", "2", "--do_eval", "false")) == 0
+    cases = {"partition.json": "partition reports in checkpoints (it has no partition.json)",
+             "run_args.json": "recorded run arguments (it has no run_args.json)"}
+    for removed, what in cases.items():
+        resumed = tmp_path / f"resumed-{removed}"
+        shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+        (resumed / "checkpoint-2" / removed).unlink()
+        code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, resumed, "--do_eval", "false",
+                                        "--resume_from_checkpoint", str(resumed / "checkpoint-2")), capfd)
+        assert code == 2 and errors == [f"error: checkpoint {resumed / 'checkpoint-2'} predates {what}; train the run "
+                                        f"again with this version of moe/run_glue.py"]
+        assert not (resumed / "checkpoint-4").exists() and not (resumed / "all_results.json").exists()
+    resumed = tmp_path / "resumed-decided_by"
     shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
-    (resumed / "checkpoint-2" / "partition.json").unlink()
-    capfd.readouterr()
-    assert main(pad_args(tiny_bert_dir, glue_dir, resumed, "--do_eval", "false",
-                         "--resume_from_checkpoint", str(resumed / "checkpoint-2"))) == 0
-    assert "holds no partition.json: this run's partition report is unknown" in capfd.readouterr().out
-    assert not (resumed / "partition.json").exists()
-    assert not any(k.startswith("partition_") for k in read_json(resumed / "all_results.json"))
+    report = resumed / "checkpoint-2" / "partition.json"
+    report.write_text(json.dumps({k: v for k, v in read_json(report).items() if k != "decided_by"}))
+    code, errors = run_cli(pad_args(tiny_bert_dir, glue_dir, resumed, "--do_eval", "false",
+                                    "--resume_from_checkpoint", str(resumed / "checkpoint-2")), capfd)
+    assert code == 2 and errors == [f"error: partition report {report} predates records of what decided the partition "
+                                    f"(it has no decided_by); train the run again with this version of moe/run_glue.py"]
 
 
 # ---------------------------------------------------------------- non-finite losses

@@ -459,15 +459,16 @@ def test_run_key_resolves_defaults_and_ignores_where_a_run_writes():
     assert run_key("glue", *glue, "--dynamic_ratio", "0.7", "--seed", "0", "--output_dir", "x") != key
 
 
-def test_run_key_leaves_a_later_setting_out_at_the_value_earlier_runs_computed():
-    """--odconv-static-attention came after runs were indexed: at none (what those runs computed) it is left out of
-    the key; the default PAD-ODConv is the authors' channel-filter. Where a run saves (--save-steps) is no setting."""
+def test_run_key_holds_every_setting_and_no_place_a_run_saves_to():
+    """Every setting of what a run computes is in the key (the default PAD-ODConv is the authors' channel-filter);
+    where a run saves (--save-steps) is no setting."""
     odconv = ["--config", "configs/dyconv/fashion_mnist_mini.yaml", "--conv", "odconv", "--pad", "--seed", "0"]
     key = run_key("dyconv", *odconv)
     assert run_key("dyconv", *odconv, "--odconv-static-attention", "channel-filter") == key
     assert run_key("dyconv", *odconv, "--odconv-static-attention", "none") != key
     import run_key as run_key_module
-    assert "odconv_static_attention" not in run_key_module.dyconv_settings(odconv + ["--odconv-static-attention", "none"])
+    assert run_key_module.dyconv_settings(odconv + ["--odconv-static-attention", "none"])["odconv_static_attention"] \
+        == "none"
     assert run_key("dyconv", *odconv, "--save-steps", "7") == key
 
 
