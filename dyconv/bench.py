@@ -428,7 +428,7 @@ def layer_costs(arch: str, size: int, settings: BenchSettings) -> list[dict]:
         rows.append({"arch": arch, "size": size, "name": name, "input": tuple(shapes[name][-2:]),
                      "shape": layer_shape(layer),
                      "static_s": median["static"], "auto_s": median["auto"], "dyconv_s": median["dyconv"],
-                     "auto": next(iter(auto.chosen_schemes.values())),
+                     "auto": next(iter(auto.chooser.schemes.values())),
                      "schemes": {s: median[s] for s in forced}})
     return rows
 

@@ -16,7 +16,7 @@ holding, as buffers, exactly what the forward pass convolves:
   ``lambda_d W_k[dynamic units]`` ``(K, O_d, ...)`` and the static units as one static weight
   ``lambda_s W_s[static units]`` ``(O_s, ...)``, ``K O_d + O_s`` filters, fewer than the compact
   export stores; where the layer takes the unit path it convolves the static units with it in one
-  ordinary conv.  The path is the trained layer's choice (``chosen_paths``, copied with the model;
+  ordinary conv.  The path is the trained layer's choice (``chooser.paths``, copied with the model;
   :func:`dyconv.schemes.prefers_unit_path` for inputs it has not seen); on the element path the
   bank rebuilds the element form (``forward``), once while the model is evaluated without autograd.
 
@@ -51,14 +51,7 @@ class InferenceWeights(nn.Module):
         super().__init__()
         self.register_buffer("kernels", kernels.detach().clone())
         self.register_buffer("static", None if static is None else static.detach().clone())
-
-    @property
-    def num_kernels(self) -> int:
-        return self.kernels.shape[0]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.kernels.shape[1:]
+        self.num_kernels, self.shape = kernels.shape[0], kernels.shape[1:]  # (a buffer keeps its shape)
 
     def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(kernels, static)``; ``fold``: ``(kernels + static, None)`` (the layer folds only where its
@@ -78,15 +71,7 @@ class InferenceUnitWeights(nn.Module):
         super().__init__()
         for field, tensor in split._asdict().items():
             self.register_buffer(field, tensor.detach().clone())
-        self.static_shape = torch.Size(shape)
-
-    @property
-    def num_kernels(self) -> int:
-        return self.kernels.shape[0]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.static_shape
+        self.num_kernels, self.shape = split.kernels.shape[0], torch.Size(shape)
 
     def unit_split(self) -> UnitSplit:
         if self.training:
@@ -96,9 +81,8 @@ class InferenceUnitWeights(nn.Module):
     def forward(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(kernels (K, *S), static (*S))``; ``fold``: ``(kernels + static, None)``."""
         split = self.unit_split()
-        kernels = split.kernels.new_zeros(self.num_kernels, *self.static_shape).index_copy_(1, split.dynamic,
-                                                                                           split.kernels)
-        static = split.weight.new_zeros(self.static_shape).index_copy_(0, split.static, split.weight)
+        kernels = split.kernels.new_zeros(self.num_kernels, *self.shape).index_copy_(1, split.dynamic, split.kernels)
+        static = split.weight.new_zeros(self.shape).index_copy_(0, split.static, split.weight)
         return _terms(kernels, static, fold)
 
 

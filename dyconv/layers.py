@@ -31,7 +31,7 @@ a scheme's name, forced where exact) picks it; ``auto`` uses the cost model of
 of grouped, ``1 + GROUPED_OVERHEAD (C/g) k^2 / (H' W')`` static convs with
 :data:`dyconv.schemes.GROUPED_OVERHEAD`, and stacked, ``K + 1``; memory break-even
 ``(C/g) k^2 = K H' W'``).  The layer's :class:`dyconv.schemes.SchemeChooser` makes and records
-each choice (keyed by batch class and input size; ``chosen_schemes``), saved with
+each choice (keyed by batch class and input size; ``chooser.schemes``), saved with
 :func:`conv_schemes` / :func:`restore_conv_schemes`, so a resumed or re-evaluated run computes
 with the same schemes.  Nothing of size ``B x K x |W|`` is ever materialised.
 
@@ -45,7 +45,7 @@ Depthwise convs slice the input channels alike; other grouped convs, ``kernel`` 
 IMP) take the element path.  Otherwise the chooser picks the path per batch class and input size by
 :func:`dyconv.schemes.prefers_unit_path`: the unit path only where its scheme costs at least
 :data:`dyconv.schemes.UNIT_PATH_MIN_COST` static convs (the split saves nothing on 1x1 ``bmm`` or
-depthwise layers), at every batch size; the choice is recorded in ``chosen_paths`` and saved with the schemes.
+depthwise layers), at every batch size; the choice is recorded in ``chooser.paths`` and saved with the schemes.
 
 **Registry.**  :func:`conv_factory` builds the convs registered in :data:`CONV_TYPES` (``static``:
 ``nn.Conv2d``; ``condconv``, ``dyconv``, ``odconv``); the CLI's ``--conv`` offers the same names.  A new
@@ -72,11 +72,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pad import DynamicWeights, PartiallyDynamicWeights
-from pad.mixing import (SCALE_FACTOR_VARIANTS, UnitSplit, unit_order,  # noqa: F401  (unit_order re-exported)
-                        unit_split_applies, zero_tie)
+from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_split_applies, zero_tie
 
 from .schemes import (SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, LayerCost, SchemeChooser, applicable_schemes,
                       check_policy, per_sample_weight, scheme_key)  # noqa: F401  (scheme_key re-exported for callers)
+from .unit_path import dynamic_units_conv, static_units_conv
 
 # Which of ODConv's attentions also scale PAD's static part: "none" (the static part of DESIGN's Omega, no
 # attention), "channel-filter" (the authors' release: the input-channel and filter attentions scale the whole
@@ -274,6 +274,32 @@ def _resolve_padding(padding: int | str, padding_mode: str, kernel_size: int, st
     return 0, (before, after, before, after)
 
 
+class EvalCache:
+    """Values computed from a bank's tensors, kept while its layer is in eval mode without autograd (and not
+    being compiled) and recomputed once any of the tensors changes: an entry's key holds their version
+    counters and storage, so a stale entry is never hit."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str, bank: nn.Module, training: bool, compute: Callable[[], object]):
+        """``compute()``, or the entry ``name`` computed from the bank's present tensors."""
+        if training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        tensors = [*bank.parameters(), *bank.buffers()]
+        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            entry = self._entries[name] = (key, compute())
+        return entry[1]
+
+
 class RoutedConv2d(nn.Module):
     """Shared state of a conv whose ``K`` kernels live in a (partially) dynamic bank.
 
@@ -286,8 +312,8 @@ class RoutedConv2d(nn.Module):
         attention: the routing submodule (set by subclasses).
         chooser: the :class:`dyconv.schemes.SchemeChooser` that picks and records the scheme per batch
             class and input size and, for a unit-structured PAD layer (:meth:`unit_split` not ``None``),
-            the unit or element path; ``scheme``, ``chosen_schemes`` and ``chosen_paths`` are its
-            policy and records.
+            the unit or element path (its ``policy``, ``schemes`` and ``paths``).
+        cache: the :class:`EvalCache` of the fold and the unit split.
 
     The scheme is chosen by the cost model of :func:`dyconv.schemes.choose_scheme`, the path by
     :func:`dyconv.schemes.prefers_unit_path` (a layer without dynamic filters is one static conv: unit
@@ -308,8 +334,7 @@ class RoutedConv2d(nn.Module):
         self.padding_mode = padding_mode
         self._conv_padding, self._input_pads = _resolve_padding(padding, padding_mode, kernel_size, stride, dilation)
         self.chooser = SchemeChooser(scheme)
-        self._fold_cache: tuple | None = None
-        self._split_cache: tuple | None = None
+        self.cache = EvalCache()
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         # The bank initialises its kernels and W_s like conv weights (pad.mixing.init_like_conv).
         self.bank = PartiallyDynamicWeights(kernels, shape, scale_factors) if pad else DynamicWeights(kernels, shape)
@@ -340,30 +365,6 @@ class RoutedConv2d(nn.Module):
         return self.bank.num_kernels
 
     @property
-    def scheme(self) -> str:
-        """``auto`` or the name of the scheme forced on the layer (:data:`dyconv.schemes.POLICIES`)."""
-        return self.chooser.policy
-
-    @property
-    def chosen_schemes(self) -> dict[str, str]:
-        """``{scheme_key: scheme}``, the scheme used per batch class and input size."""
-        return self.chooser.schemes
-
-    @chosen_schemes.setter
-    def chosen_schemes(self, schemes: dict[str, str]) -> None:
-        self.chooser.schemes = schemes
-
-    @property
-    def chosen_paths(self) -> dict[str, str]:
-        """``{scheme_key: "unit" | "element"}``, the path a unit-structured PAD layer took per batch class and
-        input size (empty for other layers)."""
-        return self.chooser.paths
-
-    @chosen_paths.setter
-    def chosen_paths(self, paths: dict[str, str]) -> None:
-        self.chooser.paths = paths
-
-    @property
     def geometry(self) -> ConvGeometry:
         """What the schemes convolve with: the conv's own zero padding, 0 where :meth:`pad_input` pads."""
         return ConvGeometry(self.stride, self._conv_padding, self.dilation, self.groups)
@@ -379,31 +380,15 @@ class RoutedConv2d(nn.Module):
 
     def kernel_terms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(kernels (K, *S), static (*S) or None)``, with PAD's static part folded into
-        the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``).
-
-        In eval mode without autograd the result is cached until a bank tensor changes (its
-        version counter or storage), so evaluating a PAD model (or an inference form rebuilding
-        the element form from a unit split) folds once, not once per batch (``eval()`` keeps it);
-        ``train()`` drops the cache.
-        """
-        key = self._fold_cache_key()
-        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
-            return self._fold_cache[1]
-        terms = self._fold()
-        if key is not None:  # (a stale cache is never hit: its key holds the tensors' versions)
-            self._fold_cache = (key, terms)
-        return terms
-
-    def _fold_cache_key(self) -> tuple | None:
-        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or type(self.bank) is DynamicWeights):  # (a plain bank returns its parameter: nothing to cache)
-            return None
-        tensors = [*self.bank.parameters(), *self.bank.buffers()]
-        return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        the kernels where the routing sums to 1 (``W'_k = lambda_d M W_k + lambda_s (1 - M) W_s``);
+        kept in :attr:`cache`, so evaluating a PAD model folds once, not once per batch."""
+        if type(self.bank) is DynamicWeights:  # (a plain bank returns its parameter: nothing to cache)
+            return self._fold()
+        return self.cache.get("fold", self.bank, self.training, self._fold)
 
     def train(self, mode: bool = True):
-        if mode:  # (eval() keeps a cache: its key still tells whether it is stale)
-            self._fold_cache = self._split_cache = None
+        if mode:  # (eval() keeps the cache: its keys still tell whether an entry is stale)
+            self.cache.clear()
         return super().train(mode)
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -484,39 +469,15 @@ class RoutedConv2d(nn.Module):
         one_conv_per_side = (self.groups == 1 or self.depthwise) and self.static_units_are_one_conv
         if not one_conv_per_side or not unit_split_applies(bank):
             return None
-        key = self._fold_cache_key()
-        if key is not None and self._split_cache is not None and self._split_cache[0] == key:
-            return self._split_cache[1]
-        split = bank.unit_split()
-        if key is not None:
-            self._split_cache = (key, split)
-        return split
+        return self.cache.get("split", bank, self.training, bank.unit_split)
 
     def _unit_conv(self, x: torch.Tensor, attention, split: UnitSplit, scheme: str) -> torch.Tensor:
-        """Static units by one ordinary conv with ``lambda_s W_s[static]``, dynamic units by the layer's
-        scheme over ``lambda_d W_k[dynamic]``; outputs put back in channel order (no bias)."""
-        geometry = self.geometry
-        in_scale, out_scale = self.static_scales(attention)
-        static_in = x if in_scale is None else x * in_scale[:, :, None, None]
-        if self.depthwise:  # output unit o reads input channel o only
-            static_in = static_in.index_select(1, split.static)
-            geometry = geometry._replace(groups=split.static.numel())
-        static_out = F.conv2d(static_in, split.weight, None, geometry.stride, geometry.padding,
-                              geometry.dilation, geometry.groups)
-        if out_scale is not None:
-            static_out = static_out * out_scale.index_select(1, split.static)[:, :, None, None]
+        """The output of :mod:`dyconv.unit_path` (static and dynamic filters apart), in channel order (no bias)."""
+        static_out = static_units_conv(x, split, self.geometry, self.depthwise, *self.static_scales(attention))
         if split.dynamic.numel() == 0:
             return static_out.index_select(1, split.order) + self._zero_tie(attention)
         terms = self.routed_terms(attention, split.kernels, None)
-        dynamic_in = x
-        if terms.out_scale is not None:
-            terms = terms._replace(out_scale=terms.out_scale.index_select(1, split.dynamic))
-        if self.depthwise:
-            dynamic_in = x.index_select(1, split.dynamic)
-            geometry = geometry._replace(groups=split.dynamic.numel())
-            if terms.in_scale is not None:
-                terms = terms._replace(in_scale=terms.in_scale.index_select(1, split.dynamic))
-        dynamic_out = SCHEME_FUNCTIONS[scheme](dynamic_in, terms, geometry)
+        dynamic_out = dynamic_units_conv(x, split, terms, self.geometry, self.depthwise, scheme)
         return torch.cat([dynamic_out, static_out], 1).index_select(1, split.order)
 
     def _zero_tie(self, attention) -> torch.Tensor | float:
@@ -534,7 +495,7 @@ class RoutedConv2d(nn.Module):
                 f"padding={self.padding!r}, dilation={self.dilation}, padding_mode={self.padding_mode!r}, "
                 f"groups={self.groups}, kernels={self.num_kernels}, "
                 f"pad={isinstance(self.bank, PartiallyDynamicWeights)}, bias={self.bias is not None}, "
-                f"scheme={self.scheme!r}")
+                f"scheme={self.chooser.policy!r}")
 
 
 @register_conv("condconv")

@@ -179,6 +179,8 @@ def parse_arguments(argv: list[str] | None):
     parser = ArgumentParser((ModelArguments, DataTrainingArguments, MoEArguments, TrainingArguments))
     parsed = parser.parse_args_into_dataclasses(args=argv)
     check_seeds(parsed[-1])
+    if not torch.accelerator.is_available():  # (pinned memory needs an accelerator: torch warns per loader)
+        parsed[-1].dataloader_pin_memory = False
     return parsed
 
 

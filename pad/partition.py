@@ -82,7 +82,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .mixing import GRANULARITIES, PartiallyDynamicWeights, check_granularity, unit_grid, unit_view, weight_banks
+from .mixing import PartiallyDynamicWeights, check_granularity, unit_grid, unit_view, weight_banks
 from .stats import dynamic_ratio as overall_dynamic_ratio
 
 CRITERIA = ("taylor", "random", "magnitude", "grasp", "synflow")

@@ -11,10 +11,9 @@
 # added to the name on CUDA and with --amp, see output_suffix in scripts/flags.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-[ -x "$PY" ] || bash scripts/setup.sh
-export HF_HUB_OFFLINE=1
 source scripts/flags.sh
+use_venv
+export HF_HUB_OFFLINE=1
 SCALE=full
 ALLOCATORS=("" "--keep-freed-memory")
 for arg in "$@"; do

@@ -6,10 +6,9 @@
 # (bench_moe-<full|mini>[-cuda].json, see output_suffix in scripts/flags.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=.venv/bin/python
-[ -x "$PY" ] || bash scripts/setup.sh
-export HF_HUB_OFFLINE=1
 source scripts/flags.sh
+use_venv
+export HF_HUB_OFFLINE=1
 SCALE=full
 for arg in "$@"; do [ "$arg" = --mini ] && SCALE=mini; done
 "$PY" -m moe.bench --output "results/measured/bench_moe-$SCALE$(output_suffix "$PY" "$@").json" "$@"

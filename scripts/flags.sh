@@ -5,7 +5,7 @@
 # at GPU scale; --protocol sets PROTOCOL=1 and MINI=1: the mini rows at the protocol results/regime_selection.md
 # chose); settle_flags sets SEEDS, JOBS and PIPELINE from
 # the flags, else the environment (SEEDS=, JOBS=, PIPELINE=), else the defaults (DEFAULT_SEEDS, 1, all), and
-# checks them. Bad input: one error line, exit status 2. Also here, for every script: cuda_available PY and
+# checks them. Bad input: one error line, exit status 2. Also here, for every script: use_venv, cuda_available PY and
 # output_suffix PY ARGS... (the -cuda/-amp/... part of a benchmark's output name).
 parse_flags() {
   local usage=$1; shift
@@ -47,6 +47,12 @@ settle_flags() {
     dyconv|glue|all) ;;
     *) echo "error: the pipeline must be dyconv, glue or all, got '$PIPELINE'" >&2; exit 2 ;;
   esac
+}
+
+# use_venv: PY, the python of the project's virtual environment (scripts/setup.sh makes it where it is missing).
+use_venv() {
+  PY=.venv/bin/python
+  [ -x "$PY" ] || bash scripts/setup.sh
 }
 
 # cuda_available PY: succeeds when PY's torch sees a CUDA device.

@@ -7,10 +7,9 @@
 #        results/measured/gpu_checks-<GPU name>.log)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-[ -x "$PY" ] || bash scripts/setup.sh
-export HF_HUB_OFFLINE=1
 source scripts/flags.sh
+use_venv
+export HF_HUB_OFFLINE=1
 if ! cuda_available "$PY"; then
   echo "error: scripts/gpu_checks.sh needs a CUDA device (torch.cuda.is_available() is False)" >&2; exit 2
 fi

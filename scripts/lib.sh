@@ -33,8 +33,7 @@ settle_flags "$([ "$PROTOCOL" = 1 ] && echo 5 || { [ "$MINI" = 1 ] && echo 3 || 
 SCRIPT=$(basename "$0" .sh)
 RUNS=${RUNS:-${RUNS_ROOT:-runs}/$SCRIPT-$SCALE}
 RESULTS=${RESULTS:-results/measured}
-PY=.venv/bin/python
-[ -x "$PY" ] || bash scripts/setup.sh
+use_venv
 # require_cuda: with --gpu, before a run starts (finished --gpu runs can still be tabulated without a GPU).
 CUDA_CHECKED=0
 require_cuda() {

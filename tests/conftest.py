@@ -20,6 +20,9 @@ import string
 from pathlib import Path
 
 import pytest
+import torch
+
+import pad.runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -104,3 +107,28 @@ def write_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 
 def image_folder(tmp_path_factory) -> Path:
     """``write_image_folder`` with its defaults: 3 classes, 8 train and 4 val random 32x32 images per class."""
     return write_image_folder(tmp_path_factory.mktemp("imagenet"))
+
+
+def randomize_attention(layer) -> None:
+    """Gives a dynamic conv's attention random BN statistics and Linear weights of order one (call under
+    ``torch.no_grad()``), so that its routing is far from uniform."""
+    for module in layer.attention.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+        if isinstance(module, torch.nn.Linear):
+            module.weight.normal_()
+
+
+def fail_writes_to(monkeypatch, names: tuple, errno_: int) -> None:
+    """Every write to the temporary file of one of ``names`` fails with ``errno_`` (pad.runtime.atomic_write)."""
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if any(Path(path).name == name + ".tmp" for name in names):
+            def write(data):
+                raise OSError(errno_, os.strerror(errno_))
+            handle.write = write
+        return handle
+    monkeypatch.setattr(pad.runtime, "open", failing_open, raising=False)

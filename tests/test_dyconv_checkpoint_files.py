@@ -3,7 +3,6 @@ both load, replacing one leaves the other intact, a stale temporary link is neve
 file system without hard links gets a durable copy."""
 import os
 
-import pytest
 import torch
 
 from dyconv import engine

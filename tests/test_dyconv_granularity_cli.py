@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import pad
 from pad.mixing import GRANULARITIES, unit_view
 from pad.partition import BATCHNORM_MODES
 from dyconv import engine

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
+from conftest import randomize_attention
 from dyconv.layers import (CONV_TYPES, CondConv2d, DynamicConv2d, ODConv2d, conv_factory, get_temperature,
                            set_temperature, temperature_schedule)
 
@@ -32,12 +33,7 @@ def build(kind, geometry, pad_layer=False, scale_factors="both", kernels=3, seed
     layer = LAYERS[kind](in_ch, out_ch, k, stride, padding, groups, bias, kernels=kernels, pad=pad_layer,
                          scale_factors=scale_factors, **extra)
     with torch.no_grad():  # non-trivial attention: random BN statistics and weights of order one
-        for module in layer.attention.modules():
-            if isinstance(module, nn.BatchNorm1d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-            if isinstance(module, nn.Linear):
-                module.weight.normal_()
+        randomize_attention(layer)
     return layer.eval()
 
 

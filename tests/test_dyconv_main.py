@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import pad
+from conftest import write_image_folder
 from pad.runtime import code_version, machine_description
 from dyconv import engine
 from dyconv.main import main, parse_args
@@ -30,14 +28,7 @@ STEPS_PER_EPOCH = 3 * TRAIN_PER_CLASS // BATCH  # drop_last; 24 images / 4
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """DIR/{train,val}/c{0,1,2}/*.png: 8 train and 4 val random 32x32 images per class."""
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", TRAIN_PER_CLASS), ("val", 4)):
-        for c in range(3):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"), classes=3, train=TRAIN_PER_CLASS, val=4)
 
 
 def base_args(folder, output, *extra) -> list[str]:

@@ -63,7 +63,7 @@ def test_a_registered_conv_builds_and_trains_a_resnet(toy_conv, use_pad):
         optimizer.step()
         assert torch.isfinite(loss)
     assert all(not torch.equal(layer.bank.kernels, before[name]) for name, layer in layers.items())
-    assert all(layer.chosen_schemes for layer in layers.values())  # run by the schemes like every routed conv
+    assert all(layer.chooser.schemes for layer in layers.values())  # run by the schemes like every routed conv
 
 
 def test_the_cli_offers_a_registered_conv(toy_conv):

@@ -24,6 +24,8 @@ from dyconv import engine
 from dyconv.engine import CheckpointError, TrainingDiverged
 from dyconv.main import UsageError, check_finite, main, parse_args
 from pad.runtime import IntegrityError
+from conftest import fail_writes_to
+from test_dyconv_main import run_failing
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -58,15 +60,6 @@ def sha(path) -> str:
 def hashes(folder: Path) -> dict:
     """Every file's SHA-256, but the folder lock's (it names the process that holds it)."""
     return {p.name: sha(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
-
-
-def run_failing(argv, capsys) -> str:
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err and err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +294,6 @@ def test_overwritten_bytes_are_reported_or_harmless(saved, tmp_path):
     payload = torch.load(path, weights_only=True)["payload"].numpy().tobytes()
     start = bytes(data).find(payload)  # where the serialized state lies inside the file (stored uncompressed)
     assert start > 0
-    rng = np.random.default_rng(1)
     damaged = tmp_path / "damaged.pt"
     outcomes = {}
     for offset in range(0, len(data) - 4, max(1, len(data) // 400)):
@@ -490,7 +482,7 @@ def test_hidden_entries_are_skipped_and_counted_in_the_log(folder, tmp_path, cap
     (data / "val" / "c1" / ".hidden" / "x.png").write_bytes(b"not an image")
     capsys.readouterr()
     assert main(static_args(data, tmp_path / "out")) == 0
-    assert f"data: skipped 3 hidden entries (names starting with '.'" in capsys.readouterr().out
+    assert "data: skipped 3 hidden entries (names starting with '.'" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["train_samples"], summary["val_samples"], summary["num_classes"]) == (24, 12, 3)
 
@@ -532,7 +524,6 @@ def test_torchrun_rank_without_validation_samples_does_not_hang(folder, tmp_path
 # ---------------------------------------------------------------- preemption, recovery checkpoints, locks
 
 import dyconv.main as dyconv_main  # noqa: E402
-import pad.runtime  # noqa: E402
 
 
 def stop_at_call(monkeypatch, call: int, signum=signal.SIGUSR1) -> None:
@@ -622,20 +613,6 @@ def test_a_resume_that_changes_the_run_is_refused_by_name(static_run, folder, tm
                                       flag, value), capsys)
     assert message.startswith(f"error: {flag} is ") and f"trained with {recorded}" in message
     assert hashes(output) == before
-
-
-def fail_writes_to(monkeypatch, names: tuple, errno_: int) -> None:
-    """Every write to the temporary file of one of ``names`` fails with ``errno_`` (pad.runtime.atomic_write)."""
-    real_open = open
-
-    def failing_open(path, mode="r", *args, **kwargs):
-        handle = real_open(path, mode, *args, **kwargs)
-        if any(Path(path).name == name + ".tmp" for name in names):
-            def write(data):
-                raise OSError(errno_, os.strerror(errno_))
-            handle.write = write
-        return handle
-    monkeypatch.setattr(pad.runtime, "open", failing_open, raising=False)
 
 
 @pytest.mark.parametrize("targets", [("checkpoint.pt", "best.pt"), ("recovery.pt",), ("summary.json",)])

@@ -1,6 +1,5 @@
 """Execution schemes of dynamic convs: every scheme equals a per-sample reference loop in outputs and gradients."""
 import functools
-import math
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
+from conftest import randomize_attention
 from pad.partition import score_positions
 from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, conv_factory, conv_schemes, restore_conv_schemes,
                            scheme_key, set_conv_scheme)
@@ -44,12 +44,7 @@ def build(kind, geometry, use_pad, scheme, seed=0):
     layer = LAYERS[kind](in_ch, out_ch, k, stride, padding, groups, True, kernels=3, pad=use_pad, scheme=scheme,
                          dilation=dilation, padding_mode=padding_mode, **extra)
     with torch.no_grad():  # order-one attention weights, random BN statistics, a random mask and phi
-        for module in layer.attention.modules():
-            if isinstance(module, nn.BatchNorm1d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-            if isinstance(module, nn.Linear):
-                module.weight.normal_()
+        randomize_attention(layer)
         if use_pad:
             layer.bank.mask.copy_((torch.rand(layer.bank.shape) < 0.4).to(layer.bank.mask))
             layer.bank.scale.phi.fill_(0.6)
@@ -116,15 +111,19 @@ def expected_scheme(policy, layer, batch):
     return policy if policy in applicable else "grouped"
 
 
+# Every layer kind, fully dynamic and PAD; the static attentions of PAD-ODConv only with PAD (without PAD
+# there is no static part for an attention to scale).
+KINDS_AND_PAD = [pytest.param(kind, use_pad, id=f"{kind}-{'pad' if use_pad else 'full'}")
+                 for kind in LAYERS for use_pad in (False, True)
+                 if use_pad or kind not in ("odconv-cf", "odconv-all")]
+
+
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
-@pytest.mark.parametrize("use_pad", [False, True], ids=["full", "pad"])
-@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("kind, use_pad", KINDS_AND_PAD)
 def test_every_scheme_equals_per_sample_reference(kind, use_pad, geometry, batch, training):
-    if kind in ("odconv-cf", "odconv-all") and not use_pad:
-        pytest.skip("the static attention of PAD-ODConv: without PAD there is no static part")
     x = torch.randn(batch, GEOMETRIES[geometry][0], 7, 7, generator=torch.Generator().manual_seed(1))
     reference_layer = build(kind, geometry, use_pad, "grouped").train(training)
     expected = outputs_and_gradients(reference_layer, x, reference_forward)
@@ -137,8 +136,8 @@ def test_every_scheme_equals_per_sample_reference(kind, use_pad, geometry, batch
         assert grads.keys() == expected[2].keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected[2][name], rtol=1e-9, atol=1e-10, msg=f"{policy} {name}")
-        assert list(layer.chosen_schemes) == [scheme_key(x)]  # keyed by the input, not the padded input
-        (chosen,) = layer.chosen_schemes.values()
+        assert list(layer.chooser.schemes) == [scheme_key(x)]  # keyed by the input, not the padded input
+        (chosen,) = layer.chooser.schemes.values()
         wanted = expected_scheme(policy, layer, batch)
         assert chosen == wanted or (wanted is None and chosen in ("grouped", "stacked"))
 
@@ -200,7 +199,7 @@ def test_no_batch_times_kernels_tensor_and_stacked_builds_no_per_sample_weights(
         layer(x).sum().backward()
     weight_size = layer.bank.shape.numel()
     assert counter.largest < batch * kernels * weight_size
-    used = layer.chosen_schemes["batch@3x3"]
+    used = layer.chooser.schemes["batch@3x3"]
     if used == "stacked":  # ODConv 3x3 has a spatial attention: grouped
         assert counter.largest < batch * weight_size
     else:
@@ -359,7 +358,7 @@ def test_eval_fold_is_cached_until_a_bank_tensor_changes():
             first = out
     assert len(calls) == 1 + 4 * 2
     layer.train()
-    assert layer._fold_cache is None
+    assert len(layer.cache) == 0
     with torch.no_grad():
         layer(x)
         layer(x)

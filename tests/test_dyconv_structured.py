@@ -5,10 +5,10 @@ import functools
 
 import pytest
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
+from conftest import randomize_attention
 from pad.mixing import set_granularity, weight_banks
 from pad.partition import score_positions, select_dynamic
 from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, UnitSplit, conv_schemes, dynamic_convs,
@@ -40,12 +40,7 @@ def build(kind, geometry, scheme="auto", dynamic_units=DYNAMIC_UNITS, granularit
     layer = LAYERS[kind](in_ch, out_ch, k, stride, padding, groups, True, kernels=3, pad=True, scheme=scheme,
                          dilation=dilation, padding_mode=padding_mode, **extra)
     with torch.no_grad():
-        for module in layer.attention.modules():
-            if isinstance(module, nn.BatchNorm1d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-            if isinstance(module, nn.Linear):
-                module.weight.normal_()
+        randomize_attention(layer)
         layer.bank.mask.zero_()
         layer.bank.mask[list(dynamic_units)] = 1
         layer.bank.scale.phi.fill_(0.6)
@@ -66,7 +61,7 @@ def on_path(layer, x=None, path=None):
     """Records ``path`` as the layer's choice for its input ``x`` (unless ``None``) and counts the unit
     path's calls (``layer.unit_calls``), so a test can check which path ran."""
     if path is not None:
-        layer.chosen_paths[scheme_key(x)] = path
+        layer.chooser.paths[scheme_key(x)] = path
     layer.unit_calls = 0
     unit_conv = layer._unit_conv
 
@@ -103,7 +98,7 @@ def test_unit_path_equals_element_path(kind, geometry, batch, training):
             split = layer.unit_split()
             assert split.dynamic.tolist() == DYNAMIC_UNITS and split.weight.shape[0] == layer.out_channels - 3
             assert_same(outputs_and_gradients(layer, x), expected)
-            assert layer.unit_calls == (path == "unit") and layer.chosen_paths == {scheme_key(x): path}
+            assert layer.unit_calls == (path == "unit") and layer.chooser.paths == {scheme_key(x): path}
 
 
 @pytest.mark.parametrize("geometry", ["3x3_stride1", "depthwise_stride1", "1x1_stride2"])
@@ -411,7 +406,7 @@ def test_model_outputs_and_gradients_do_not_depend_on_the_paths(training):
             with torch.no_grad():
                 model(x)  # records the keys
             for _, layer in dynamic_convs(model):
-                layer.chosen_paths = {key: path for key in layer.chosen_paths}
+                layer.chooser.paths = {key: path for key in layer.chooser.paths}
         model.zero_grad()
         out = model(x)
         out.square().sum().backward()
@@ -444,7 +439,7 @@ def test_inference_form_follows_the_recorded_paths():
             n for n, chosen in recorded_paths(model).items() if chosen["batch@" + chosen_key(n, model)] == "unit"}
         torch.testing.assert_close(inference(x[:1]), expected_single, rtol=1e-10, atol=1e-10)
         for layer in layers.values():  # the other path of every layer: same logits from the same buffers
-            layer.chosen_paths = {k: "element" if p == "unit" else "unit" for k, p in layer.chosen_paths.items()}
+            layer.chooser.paths = {k: "element" if p == "unit" else "unit" for k, p in layer.chooser.paths.items()}
         torch.testing.assert_close(inference(x), expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(inference(x[:1]), expected_single, rtol=1e-10, atol=1e-10)
 

@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import write_image_folder
 from dyconv.main import main as dyconv_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,13 +38,7 @@ def nothing_written(out: Path) -> bool:
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """DIR/{train,val}/c{0,1}/*.png of random 32x32 images, 4 + 2 per class."""
-    root, rng = tmp_path_factory.mktemp("images"), np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 2)):
-        for c in range(2):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), classes=2, train=4, val=2)
 
 
 def dyconv_args(data, out, *extra) -> list[str]:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-import pad
 from pad.mixing import weight_banks
 from moe.modeling import load_model
 from moe.run_glue import main

@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pad.runtime
-
 import moe.run_glue as run_glue
 from moe.run_glue import main
+from conftest import fail_writes_to
 from test_run_glue import REPO, base_args, make_glue_dir, metric_values, read_json
 
 
@@ -291,20 +290,6 @@ def test_a_resume_that_changes_the_run_is_refused_by_name(whole_pad_run, tiny_be
 
 
 # ---------------------------------------------------------------- failed writes
-
-def fail_writes_to(monkeypatch, names: tuple, errno_: int) -> None:
-    """Every write to the temporary file of one of ``names`` fails with ``errno_`` (pad.runtime.atomic_write)."""
-    real_open = open
-
-    def failing_open(path, mode="r", *args, **kwargs):
-        handle = real_open(path, mode, *args, **kwargs)
-        if any(Path(path).name == name + ".tmp" for name in names):
-            def write(data):
-                raise OSError(errno_, os.strerror(errno_))
-            handle.write = write
-        return handle
-    monkeypatch.setattr(pad.runtime, "open", failing_open, raising=False)
-
 
 @pytest.mark.parametrize("target, errno_", [("checksums.json", 28), ("partition.json", 30), ("run_args.json", 5)])
 def test_a_failed_write_is_one_error_line_and_keeps_the_last_good_checkpoint(whole_pad_run, tiny_bert_dir, glue_dir,
