@@ -355,7 +355,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
     parser = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of <script>-<scale>/ run folders")
-    parser.add_argument("--scale", default="mini", choices=("mini", "full", "smoke"))
+    parser.add_argument("--scale", default="mini", choices=("mini", "protocol", "full", "smoke"),
+                        help="whose runs: <script>-<scale>/; a figure of a scale other than mini is named "
+                             "<figure>-<scale>.png")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (seed0 .. seed<N-1>)")
     parser.add_argument("--output", type=Path, default=Path("results/figures"))
     parser.add_argument("--figures", nargs="+", choices=list(FIGURES), default=list(SUITE_FIGURES),
@@ -367,6 +369,8 @@ def main(argv=None) -> int:
             raise InputError(f"--seeds must be >= 1, got {args.seeds}")
         for name in args.figures:
             path = args.output / FIGURES[name]
+            if args.scale != "mini":
+                path = path.with_name(f"{path.stem}-{args.scale}{path.suffix}")
             MAKERS[name](args.runs, args.scale, args.seeds, path)
             print(f"wrote {path}")
     except InputError as err:

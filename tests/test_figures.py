@@ -189,6 +189,21 @@ def test_one_pipeline_gets_one_panel(runs, tmp_path, monkeypatch):
         figures.figure_ratio(only_images, "mini", SEEDS, tmp_path / "none.png")
 
 
+def test_a_scale_other_than_mini_names_its_figures(runs, tmp_path):
+    """--scale protocol reads <script>-protocol/ and writes <figure>-protocol.png, beside the --mini figures."""
+    import shutil
+    protocol = tmp_path / "runs"
+    for script in ("ablation_dynamic_ratio", "table1_imagenet_dyconv"):
+        shutil.copytree(runs / f"{script}-mini", protocol / f"{script}-protocol", ignore=shutil.ignore_patterns("rte-*"))
+    out = tmp_path / "figures"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "figures.py"), "--runs", str(protocol),
+                             "--scale", "protocol", "--seeds", str(SEEDS), "--output", str(out), "--figures", "ratio"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in out.iterdir()] == ["accuracy_vs_dynamic_ratio-protocol.png"]
+    assert result.stdout == f"wrote {out / 'accuracy_vs_dynamic_ratio-protocol.png'}\n"
+
+
 def test_ratio_references_are_table_rows_of_the_same_arch_or_task(runs, capsys):
     folder = runs / "ablation_dynamic_ratio-mini"
     refs = figures.ratio_references(runs, "mini", SEEDS, "resnet", figures.rows_matching(folder, "resnet"))

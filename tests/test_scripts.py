@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -366,14 +367,14 @@ def test_smoke_runs_every_full_scale_row(tmp_path, smoke_data, script):
 
 # ---------------------------------------------------------------- the mini suite
 
-def fake_suite(root: Path, seeds: int) -> None:
-    """Every --mini row of every script finished, with what the figures read: IMP's per-layer ratios
-    for PAD rows and TensorBoard scale factors for the scale-factor rows."""
+def fake_suite(root: Path, seeds: int, scale: str = "mini") -> None:
+    """Every --mini row of every script finished (in ``<script>-<scale>/``), with what the figures read: IMP's
+    per-layer ratios for PAD rows and TensorBoard scale factors for the scale-factor rows."""
     from torch.utils.tensorboard import SummaryWriter
     for script, (_, rows) in SCRIPTS.items():
         for row in rows:
             for seed in range(seeds):
-                run = root / f"{script}-mini" / row / f"seed{seed}"
+                run = root / f"{script}-{scale}" / row / f"seed{seed}"
                 fake_run(run, row, seed)
                 if "pad" in row and is_glue_row(row):
                     (run / "partition.json").write_text(json.dumps({"per_layer": {"l0": 0.5, "l1": 0.5}}))
@@ -423,8 +424,33 @@ def test_mini_suite_one_pipeline(tmp_path):
     assert not figures_dir.exists()
 
 
+def test_protocol_suite_runs_the_claims_and_ablations_it_fixed(tmp_path):
+    """--protocol --pipeline dyconv with every run finished: the claims' tables at 5 seeds, the scale-factor,
+    partition and dynamic-ratio ablations at 3, the accuracy-vs-ratio figure and the cost, all named -protocol."""
+    runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
+    fake_suite(runs, 5, scale="protocol")
+    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("SEEDS", None)
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--protocol", "--pipeline", "dyconv"],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not re.search(r"^== \S+: \S+ seed \d+$", result.stdout, re.M), result.stdout  # no run started
+    tables = {p.name: p.read_text() for p in results.iterdir()}
+    claims, ablations = ("table1_imagenet_dyconv", "table_dynamic_convs"), (
+        "ablation_scale_factors", "ablation_partition", "ablation_dynamic_ratio")
+    assert sorted(tables) == sorted([f"{s}-protocol-dyconv.md" for s in claims + ablations] + ["suite_cost-protocol.md"])
+    for script in claims:
+        assert "(5) |" in tables[f"{script}-protocol-dyconv.md"] and "(3) |" not in tables[f"{script}-protocol-dyconv.md"]
+    for script in ablations:
+        assert "(3) |" in tables[f"{script}-protocol-dyconv.md"] and "(5) |" not in tables[f"{script}-protocol-dyconv.md"]
+    assert [p.name for p in figures_dir.iterdir()] == ["accuracy_vs_dynamic_ratio-protocol.png"]
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--mini"], "error: unknown argument --mini (expected --seeds N, --jobs N, --pipeline P)"),
+    (["--mini"], "error: unknown argument --mini (expected --protocol, --seeds N, --jobs N, --pipeline P)"),
+    (["--protocol", "--seeds", "3"], "error: --protocol runs the seeds results/regime_selection.md fixed (5 per claim, "
+                                     "3 per ablation): drop --seeds"),
     (["--pipeline", "text"], "error: the pipeline must be dyconv, glue or all, got 'text'"),
     (["--jobs", "two"], "error: the number of jobs must be a positive integer, got 'two'"),
     (["--seeds", "-1"], "error: the number of seeds must be a positive integer, got '-1'"),
