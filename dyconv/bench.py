@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 import pad
 from pad.partition import check_dynamic_ratio
-from pad.runtime import keep_freed_memory
+from pad.runtime import error_line, keep_freed_memory
 from .inference import to_inference
 from .layers import conv_schemes, dynamic_convs, set_conv_scheme
 from .models import ARCHS, build_model, set_random_mask
@@ -228,7 +228,7 @@ def compiled_warm_up(runs: dict, device: torch.device) -> dict[str, dict]:
         except torch._dynamo.exc.BackendCompilerFailed as err:  # (inductor raises its subclass InductorError)
             stats[name][f"{label}_compile_s"] = None
             cause = getattr(err, "inner_exception", None) or err  # what the backend raised
-            stats[name]["failures"][label] = f"{type(cause).__name__}: " + str(cause).strip().splitlines()[0]
+            stats[name]["failures"][label] = f"{type(cause).__name__}: {error_line(cause)}"
         stats[name]["graphs"] = dynamo_counters["stats"]["unique_graphs"]
         stats[name]["breaks"] = {reason.strip().splitlines()[0]: count
                                  for reason, count in dynamo_counters["graph_break"].items()}

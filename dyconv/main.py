@@ -232,8 +232,7 @@ def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
     except UnicodeDecodeError as err:
         raise UsageError(f"config {path} is not UTF-8 text (byte {err.start})") from None
     except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: e.g. an impossible !!timestamp
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"config {path} is not valid YAML: {reason}") from None
+        raise UsageError(f"config {path} is not valid YAML: {error_line(err)}") from None
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise UsageError(f"config {path} must be a mapping of flag names to values")
@@ -519,7 +518,7 @@ def restore_model(model: nn.Module, checkpoint: dict, path: str) -> None:
                               f"model holds no granularity_code); retrain it with this version of dyconv/main.py"
                               ) from None
     except (RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).strip().splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {error_line(err)}") from None
     if not isinstance(checkpoint.get("conv_schemes"), dict):
         raise predates(f"checkpoint {path}", "recorded conv schemes (it holds none)",
                        "retrain it with this version of dyconv/main.py")

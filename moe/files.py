@@ -32,7 +32,7 @@ import json
 import os
 import zipfile
 
-from pad.runtime import atomic_write, predates, sha256_file, verify
+from pad.runtime import atomic_write, error_line, predates, sha256_file, verify
 
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generation_config.json", "partition.json", "trainer_state.json",
@@ -91,8 +91,7 @@ def check_safetensors(path: str) -> None:
         with safe_open(path, framework="pt") as f:
             f.keys()
     except (SafetensorError, OSError, ValueError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a complete safetensors file ({detail})") from None
+        raise ValueError(f"{path}: not a complete safetensors file ({error_line(err)})") from None
 
 
 def check_torch_file(path: str) -> None:

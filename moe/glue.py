@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe.files import read_text
+from pad.runtime import error_line
 
 # STS-B similarity scores are annotated from 0 (unrelated) to 5 (equivalent).
 STSB_RANGE = (0.0, 5.0)
@@ -229,8 +230,7 @@ def load_hub(spec: TaskSpec, cache_dir: str | None = None):
     try:
         return datasets.load_dataset("nyu-mll/glue", spec.name, cache_dir=cache_dir)
     except Exception as err:  # offline, no such dataset, proxy errors: all mean "no data from the Hub"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"could not load GLUE task {spec.name} from the Hub ({first}); "
+        raise ValueError(f"could not load GLUE task {spec.name} from the Hub ({error_line(err)}); "
                          f"pass --glue_dir DIR (GLUE TSV layout) or --train_file/--validation_file") from None
 
 
