@@ -9,10 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pad
 from conftest import randomize_attention
-from pad.mixing import set_granularity, weight_banks
+from pad.mixing import set_granularity, unit_order, weight_banks
 from pad.partition import score_positions, select_dynamic
 from dyconv.layers import (CondConv2d, DynamicConv2d, ODConv2d, UnitSplit, conv_schemes, dynamic_convs,
-                           restore_conv_schemes, scheme_key, set_conv_scheme, unit_order)
+                           restore_conv_schemes, scheme_key, set_conv_scheme)
 from dyconv.schemes import POLICIES, UNIT_PATH_MIN_COST, prefers_unit_path
 
 torch.set_num_threads(1)
