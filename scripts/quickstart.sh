@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default data, on CPU (about 12 minutes on 2 cores, set-up included):
+# The main job on the embedded default data, on CPU (about 14 minutes on 2 quiet cores, set-up included):
 #   1. Fashion-MNIST, ResNet-10 (small-input stem): static vs fully dynamic DY-Conv vs PAD-DY-Conv
 #      (dynamic ratio 0.3, IMP taylor/global/exponential), configs/dyconv/fashion_mnist_quick.yaml.
 #   2. all-MiniLM-L6-v2 on an SST-2-style task (Rotten Tomatoes) and an RTE-style task (SNLI pairs):
