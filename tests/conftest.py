@@ -15,8 +15,11 @@ starts with the repository root.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,6 +112,14 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("imagenet"))
 
 
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    """A GLUE folder from ``test_run_glue.make_glue_dir`` (SST-2 with 32 training examples, MNLI, STS-B), one per
+    test module."""
+    from test_run_glue import make_glue_dir
+    return make_glue_dir(tmp_path_factory.mktemp("glue"))
+
+
 def randomize_attention(layer) -> None:
     """Gives a dynamic conv's attention random BN statistics and Linear weights of order one (call under
     ``torch.no_grad()``), so that its routing is far from uniform."""
@@ -118,6 +129,21 @@ def randomize_attention(layer) -> None:
             module.running_var.uniform_(0.5, 2.0)
         if isinstance(module, torch.nn.Linear):
             module.weight.normal_()
+
+
+@contextlib.contextmanager
+def folder_locked_by_another_process(folder: Path):
+    """A child process that holds ``pad.runtime.lock_folder(folder)`` until the block ends (then it is killed,
+    which releases the lock); yields the child's ``Popen``."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; import pad.runtime as r; "
+                               "h = r.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def fail_writes_to(monkeypatch, names: tuple, errno_: int) -> None:

@@ -25,7 +25,7 @@ from pad.runtime import IntegrityError
 from test_dyconv_compact_eval import pad_args
 from test_pad import RoutedLinear, batches, loss_fn, tiny_model
 from test_run_glue import base_args
-from test_run_glue_files import eval_args, glue_dir, pad_dir, run_cli, tree_digest  # noqa: F401 (fixtures)
+from test_run_glue_files import eval_args, pad_dir, run_cli, tree_digest  # noqa: F401 (pad_dir: a fixture)
 
 torch.set_num_threads(1)
 

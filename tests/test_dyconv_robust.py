@@ -24,7 +24,7 @@ from dyconv import engine
 from dyconv.engine import CheckpointError, TrainingDiverged
 from dyconv.main import UsageError, check_finite, main, parse_args
 from pad.runtime import IntegrityError
-from conftest import fail_writes_to
+from conftest import fail_writes_to, folder_locked_by_another_process
 from test_dyconv_main import run_failing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -588,17 +588,10 @@ def test_resume_auto_starts_fresh_in_an_empty_folder(static_run, folder, tmp_pat
 def test_a_second_run_into_a_locked_folder_is_refused(folder, tmp_path, capsys):
     output = tmp_path / "busy"
     output.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; import pad.runtime as r; "
-                               "h = r.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(output)],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with folder_locked_by_another_process(output) as holder:
         message = run_failing(static_args(folder, output), capsys)
         assert f"pid {holder.pid} on host" in message and str(output) in message
         assert sorted(p.name for p in output.iterdir()) == [".lock"]  # nothing written
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(static_args(folder, output)) == 0  # released when its holder died
 
 

@@ -106,12 +106,6 @@ def test_dyconv_ratio_without_a_dynamic_position_is_refused_before_partition(ima
 
 # ---------------------------------------------------------------- run_glue
 
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory) -> Path:
-    from test_run_glue import make_glue_dir
-    return make_glue_dir(tmp_path_factory.mktemp("glue"))  # SST-2: 32 training examples
-
-
 def glue_args(model, glue_dir, out, *extra, task="sst2") -> list[str]:
     from test_run_glue import base_args
     return base_args(model, glue_dir, out, task, "--do_train", "--do_eval", *extra)

@@ -112,11 +112,6 @@ def check_pad_statistics(out, results, target=0.5):
 
 
 @pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory):
-    return make_glue_dir(tmp_path_factory.mktemp("glue"))
-
-
-@pytest.fixture(scope="module")
 def sst2_pad_run(tiny_bert_dir, glue_dir, tmp_path_factory):
     """The default PAD run on SST-2 (train, eval, predict, TensorBoard), shared by several tests."""
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import torch
 
 from moe import files
 from moe.run_glue import main
-from test_run_glue import base_args, make_glue_dir, write_tsv
+from test_run_glue import base_args, write_tsv
 
 RANDOM_LENGTHS = (1, 9, 100, 5000)
 
@@ -51,11 +51,6 @@ def check_outcome(code: int, errors: list[str], file_name: str, must_fail: bool)
 def tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory):
-    return make_glue_dir(tmp_path_factory.mktemp("glue"))
 
 
 @pytest.fixture(scope="module")

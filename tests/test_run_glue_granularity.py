@@ -12,14 +12,9 @@ from transformers import AutoConfig
 from pad.mixing import weight_banks
 from moe.modeling import load_model
 from moe.run_glue import main
-from test_run_glue import base_args, make_glue_dir, masks, read_json
+from test_run_glue import base_args, masks, read_json
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory):
-    return make_glue_dir(tmp_path_factory.mktemp("glue"))
 
 
 def pad_args(model, glue_dir, out, *extra):

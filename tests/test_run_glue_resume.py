@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import moe.run_glue as run_glue
 from moe.run_glue import main
-from conftest import fail_writes_to
-from test_run_glue import REPO, base_args, make_glue_dir, metric_values, read_json
+from conftest import fail_writes_to, folder_locked_by_another_process
+from test_run_glue import base_args, metric_values, read_json
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -30,11 +28,6 @@ def run_cli(args, capfd) -> tuple[int, list[str]]:
     capfd.readouterr()
     code = main(args)
     return code, [line for line in capfd.readouterr().err.splitlines() if line.startswith("error")]
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory):
-    return make_glue_dir(tmp_path_factory.mktemp("glue"))
 
 
 def pad_args(model, glue_dir, out, *extra):
@@ -252,18 +245,11 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(whole_pad_run, tiny_ber
 def test_a_second_run_into_a_locked_folder_is_refused(tiny_bert_dir, glue_dir, tmp_path, capfd):
     out = tmp_path / "busy"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; import pad.runtime as r; "
-                               "h = r.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with folder_locked_by_another_process(out) as holder:
         code, errors = run_cli(base_args(tiny_bert_dir, glue_dir, out, "sst2", "--do_train", "--max_steps", "1"), capfd)
         assert code == 2 and len(errors) == 1
         assert errors[0].startswith(f"error: --output_dir {out} is in use by another run (pid {holder.pid} on host ")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(base_args(tiny_bert_dir, glue_dir, out, "sst2", "--do_eval")) == 0  # released when its holder died
 
 
