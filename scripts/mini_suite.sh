@@ -42,14 +42,12 @@ for script in $SCRIPTS; do
   echo "=== $script --$SCALE --seeds $(seeds_of "$script") --jobs $JOBS --pipeline $PIPELINE"
   bash "scripts/$script.sh" "--$SCALE" --seeds "$(seeds_of "$script")" --jobs "$JOBS" --pipeline "$PIPELINE"
 done
-# the figures: at --mini of both pipelines' runs (with --pipeline all only), at --protocol the accuracy against
-# the dynamic ratio of the pipelines that ran
-if [ "$PIPELINE" = all ] || [ "$PROTOCOL" = 1 ]; then
-  # shellcheck disable=SC2086  # the figure names are words
-  .venv/bin/python scripts/figures.py --runs "$RUNS_ROOT" --scale "$SCALE" --seeds "$FIGURE_SEEDS" \
-    --figures $FIGURES_MADE --output "${FIGURES:-results/figures}"
-fi
+# the figures and the cost: at --mini of both pipelines' runs (with --pipeline all only), at --protocol of the
+# pipelines that ran (its figure: the accuracy against the dynamic ratio)
 [ "$PIPELINE" = all ] || [ "$PROTOCOL" = 1 ] || exit 0
+# shellcheck disable=SC2086  # the figure names are words
+.venv/bin/python scripts/figures.py --runs "$RUNS_ROOT" --scale "$SCALE" --seeds "$FIGURE_SEEDS" \
+  --figures $FIGURES_MADE --output "${FIGURES:-results/figures}"
 # what the whole suite cost, from the runs' records (each run once, shared rows not twice)
 # shellcheck disable=SC2086  # the script names are words
 .venv/bin/python scripts/suite_cost.py --runs "$RUNS_ROOT" --scale "$SCALE" --jobs "$JOBS" --scripts $SCRIPTS \
