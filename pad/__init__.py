@@ -28,14 +28,27 @@ schedules, scoring and selection), :mod:`pad.stats`, :mod:`pad.compact`, :mod:`p
 ``code_version``, ``keep_freed_memory``, ``machine_description``) and :mod:`pad.records` (the finished
 runs' records, read and compared over seeds for the tables and figures).
 """
-from .compact import export_compact, load_compact, load_compact_file, model_granularity, save_compact
-from .mixing import DynamicWeights, PartiallyDynamicWeights, pad_kernels
-from .partition import PartitionReport, iterative_mode_partition
-from .stats import dynamic_ratio, parameter_counts, scale_factors
+import importlib
 
-__all__ = [
-    "DynamicWeights", "PartiallyDynamicWeights", "pad_kernels",
-    "iterative_mode_partition", "PartitionReport",
-    "dynamic_ratio", "parameter_counts", "scale_factors",
-    "export_compact", "load_compact", "save_compact", "load_compact_file", "model_granularity",
-]
+# name -> submodule. The submodules import torch; they load on first use of a name, so that the torch-free parts
+# (pad.runtime, pad.records) serve the table and figure scripts without torch's import time.
+_EXPORTS = {
+    "DynamicWeights": "mixing", "PartiallyDynamicWeights": "mixing", "pad_kernels": "mixing",
+    "iterative_mode_partition": "partition", "PartitionReport": "partition",
+    "dynamic_ratio": "stats", "parameter_counts": "stats", "scale_factors": "stats",
+    "export_compact": "compact", "load_compact": "compact", "save_compact": "compact",
+    "load_compact_file": "compact", "model_granularity": "compact",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pad' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -409,3 +409,19 @@ def test_ties_are_broken_at_random_not_by_position():
 def test_keep_freed_memory_on_glibc():
     import platform
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_public_names_resolve_and_the_torch_free_modules_do_not_import_torch():
+    """Every name of ``pad.__all__`` is documented in the package docstring and resolves to its submodule's
+    object; ``pad.runtime`` and ``pad.records`` (what the table and figure scripts import) load without torch."""
+    import subprocess
+    import sys
+    for name in pad.__all__:
+        assert f"{name}`" in pad.__doc__, name
+        module = __import__(f"pad.{pad._EXPORTS[name]}", fromlist=[name])
+        assert getattr(pad, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="module 'pad' has no attribute 'nothing'"):
+        pad.nothing
+    probe = "import sys, pad.runtime, pad.records; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
