@@ -5,8 +5,9 @@
 # picks the claims' protocol are fixed in results/regime_selection.md; no PAD row runs here.
 # Screen: JOBS=2 OMP_NUM_THREADS=1 bash scripts/regime_search.sh --mini            (3 seeds, every candidate)
 # Confirm: CONFIRM=w8-e2 bash scripts/regime_search.sh --mini --seeds 5             (one candidate, seeds 3-4 added)
-# Tables: results/measured/regime_search-mini.md (every candidate), regime_search-confirm-<setting>-mini.md; the
-# figure results/figures/protocol_search.png and the cost results/measured/suite_cost-regime_search-mini.md.
+# Tables: results/measured/regime_search-mini[-dyconv|-glue].md (every candidate; --pipeline names the file),
+# regime_search-confirm-<setting>-mini.md; the figure results/figures/protocol_search.png and the cost
+# results/measured/suite_cost-regime_search-mini.md.
 source "$(dirname "$0")/lib.sh" "$@"
 [ "$MINI" = 1 ] && [ "$GPU" = 0 ] || { echo "error: regime_search.sh runs at CPU scale only: pass --mini" >&2; exit 2; }
 # setting -> flags, in the cost order of results/regime_selection.md (temperature over the first 10% of training)
