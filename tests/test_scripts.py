@@ -38,8 +38,12 @@ def dynamic_convs_rows(arch):
             + [f"{arch}-odconv"] + [f"{arch}-odconv-pad0.3-{a}" for a in ("channel-filter", "none", "all")])
 
 
-def ratio_rows(arch):
-    return [f"{arch}-pad{r}" for r in ("0.1", "0.3", "0.5", "0.7", "1.0")] + [f"rte-pad{r}" for r in ("0.3", "0.5", "0.7", "0.9")]
+def ratio_rows(arch, text_ratios=("0.3", "0.5", "0.7", "0.9")):
+    """The text sweep is the paper's MoE one, except at --protocol: the sweep the selection note fixed."""
+    return [f"{arch}-pad{r}" for r in ("0.1", "0.3", "0.5", "0.7", "1.0")] + [f"rte-pad{r}" for r in text_ratios]
+
+
+PROTOCOL_TEXT_RATIOS = ("0.1", "0.3", "0.5", "0.7", "1.0")
 
 
 def partition_rows(arch):
@@ -372,6 +376,8 @@ def fake_suite(root: Path, seeds: int, scale: str = "mini") -> None:
     per-layer ratios for PAD rows and TensorBoard scale factors for the scale-factor rows."""
     from torch.utils.tensorboard import SummaryWriter
     for script, (_, rows) in SCRIPTS.items():
+        if scale == "protocol" and script == "ablation_dynamic_ratio":
+            rows = ratio_rows("resnet10", PROTOCOL_TEXT_RATIOS)
         for row in rows:
             for seed in range(seeds):
                 run = root / f"{script}-{scale}" / row / f"seed{seed}"
@@ -445,6 +451,29 @@ def test_protocol_suite_runs_the_claims_and_ablations_it_fixed(tmp_path):
     for script in ablations:
         assert "(3) |" in tables[f"{script}-protocol-dyconv.md"] and "(5) |" not in tables[f"{script}-protocol-dyconv.md"]
     assert [p.name for p in figures_dir.iterdir()] == ["accuracy_vs_dynamic_ratio-protocol.png"]
+
+
+def test_protocol_suite_text_rows(tmp_path):
+    """--protocol --pipeline glue with every run finished: dense / MoE / PAD-MoE at 5 seeds, the text scale-factor
+    rows and the dynamic-ratio sweep the selection note fixed (0.1 .. 1.0, not the paper's 0.3 .. 0.9) at 3."""
+    runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
+    fake_suite(runs, 5, scale="protocol")
+    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("SEEDS", None)
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--protocol", "--pipeline", "glue"],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not re.search(r"^== \S+: \S+ seed \d+$", result.stdout, re.M), result.stdout  # no run started
+    tables = {p.name: p.read_text() for p in results.iterdir()}
+    assert sorted(tables) == sorted([f"{s}-protocol-glue.md" for s in (
+        "table2_glue_moe", "ablation_scale_factors", "ablation_dynamic_ratio")] + ["suite_cost-protocol.md"])
+    assert "(5) |" in tables["table2_glue_moe-protocol-glue.md"]
+    ratio_table = tables["ablation_dynamic_ratio-protocol-glue.md"]
+    assert "(3) |" in ratio_table and "(5) |" not in ratio_table
+    for ratio in PROTOCOL_TEXT_RATIOS:
+        assert f"rte-pad{ratio} " in ratio_table
+    assert "rte-pad0.9" not in ratio_table and "resnet10" not in ratio_table
 
 
 @pytest.mark.parametrize("args, message", [
