@@ -44,6 +44,7 @@ def ratio_rows(arch, text_ratios=("0.3", "0.5", "0.7", "0.9")):
 
 
 PROTOCOL_TEXT_RATIOS = ("0.1", "0.3", "0.5", "0.7", "1.0")
+PROTOCOL_TEXT_PARTITION_ROWS = ["rte-pad-taylor", "rte-pad-random", "rte-pad-oneshot"]
 
 
 def partition_rows(arch):
@@ -378,6 +379,8 @@ def fake_suite(root: Path, seeds: int, scale: str = "mini") -> None:
     for script, (_, rows) in SCRIPTS.items():
         if scale == "protocol" and script == "ablation_dynamic_ratio":
             rows = ratio_rows("resnet10", PROTOCOL_TEXT_RATIOS)
+        if scale == "protocol" and script == "ablation_partition":
+            rows = rows + PROTOCOL_TEXT_PARTITION_ROWS
         for row in rows:
             for seed in range(seeds):
                 run = root / f"{script}-{scale}" / row / f"seed{seed}"
@@ -454,8 +457,9 @@ def test_protocol_suite_runs_the_claims_and_ablations_it_fixed(tmp_path):
 
 
 def test_protocol_suite_text_rows(tmp_path):
-    """--protocol --pipeline glue with every run finished: dense / MoE / PAD-MoE at 5 seeds, the text scale-factor
-    rows and the dynamic-ratio sweep the selection note fixed (0.1 .. 1.0, not the paper's 0.3 .. 0.9) at 3."""
+    """--protocol --pipeline glue with every run finished: dense / MoE / PAD-MoE at 5 seeds; at 3 the text rows of
+    the scale-factor ablation, of the partition ablation (taylor vs random vs one-shot) and of the dynamic-ratio
+    sweep the selection note fixed (0.1 .. 1.0, not the paper's 0.3 .. 0.9)."""
     runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
     fake_suite(runs, 5, scale="protocol")
     env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
@@ -467,13 +471,17 @@ def test_protocol_suite_text_rows(tmp_path):
     assert not re.search(r"^== \S+: \S+ seed \d+$", result.stdout, re.M), result.stdout  # no run started
     tables = {p.name: p.read_text() for p in results.iterdir()}
     assert sorted(tables) == sorted([f"{s}-protocol-glue.md" for s in (
-        "table2_glue_moe", "ablation_scale_factors", "ablation_dynamic_ratio")] + ["suite_cost-protocol.md"])
+        "table2_glue_moe", "ablation_scale_factors", "ablation_partition", "ablation_dynamic_ratio")]
+        + ["suite_cost-protocol.md"])
     assert "(5) |" in tables["table2_glue_moe-protocol-glue.md"]
     ratio_table = tables["ablation_dynamic_ratio-protocol-glue.md"]
     assert "(3) |" in ratio_table and "(5) |" not in ratio_table
     for ratio in PROTOCOL_TEXT_RATIOS:
         assert f"rte-pad{ratio} " in ratio_table
     assert "rte-pad0.9" not in ratio_table and "resnet10" not in ratio_table
+    partition_table = tables["ablation_partition-protocol-glue.md"]
+    for row in ("rte-pad-random - rte-pad-taylor", "rte-pad-oneshot - rte-pad-taylor"):
+        assert row in partition_table
 
 
 @pytest.mark.parametrize("args, message", [
