@@ -2,9 +2,11 @@
 """Why does fully dynamic MoE trail the dense model at CPU scale? Measurements on trained runs.
 
     python scripts/moe_diagnosis.py RUN_DIR [RUN_DIR ...] --glue_dir data/glue --task_name sst2 \\
-        [--pretrained PATH] [--max_seq_length 64] [--eval_samples 500] [--noise_draws 3]
+        [--pretrained PATH] [--max_seq_length 64] [--eval_samples 500] [--noise_draws 3] [--output FILE]
 
-Each RUN_DIR is the output directory of ``moe/run_glue.py`` (dense, MoE or PAD-MoE).
+Each RUN_DIR is the output directory of ``moe/run_glue.py`` (dense, MoE or PAD-MoE) with its trained
+weights: the run records committed under ``results/runs`` keep none, so diagnose runs trained here.
+``--output`` writes the report (headed by the command) to FILE instead of printing it.
 For every run it prints one markdown block with
 
 * accuracy on the first ``--eval_samples`` dev examples with the model's own (deterministic)
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from moe import glue
+from pad.records import InputError
+from pad.runtime import EXIT_BAD_INPUT, atomic_write, error_line
 from moe.modeling import MoELinear, _feed_forward_blocks, load_model, moe_layers
 from moe.run_glue import default_model_path
 
@@ -149,6 +153,18 @@ def learning_curve(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, 
     return losses, evals
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_run(run: Path) -> None:
+    """``run`` holds a trained model (config and weights), or :class:`InputError` naming it."""
+    if not run.is_dir():
+        raise InputError(f"{run} is not a folder")
+    if not (run / "config.json").is_file() or not any((run / name).is_file() for name in WEIGHT_FILES):
+        raise InputError(f"{run} holds no trained model (config.json and {' or '.join(WEIGHT_FILES)}); "
+                         "committed run records keep no weights: train the run here first")
+
+
 def report(run: Path, args, pretrained) -> str:
     config = AutoConfig.from_pretrained(run)
     model = load_model(run, config).eval()
@@ -185,7 +201,18 @@ def report(run: Path, args, pretrained) -> str:
     return "\n".join(lines) + "\n"
 
 
+def without_output(argv: list[str]) -> list[str]:
+    """The command line's arguments less ``--output FILE`` (where the report goes is not what it measured)."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--output" and not arg.startswith("--output="):
+            kept.append(arg)
+        skip = arg == "--output"
+    return kept
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--glue_dir", default="data/glue")
@@ -194,11 +221,22 @@ def main(argv=None) -> int:
     parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--eval_samples", type=int, default=500)
     parser.add_argument("--noise_draws", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=None, help="write the report here instead of printing it")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    pretrained = AutoModelForSequenceClassification.from_pretrained(args.pretrained or default_model_path()).eval()
-    for run in args.runs:
-        print(report(run, args, pretrained))
+    try:
+        for run in args.runs:
+            check_run(run)
+        pretrained = AutoModelForSequenceClassification.from_pretrained(args.pretrained or default_model_path()).eval()
+        reports = [report(run, args, pretrained) for run in args.runs]
+        if args.output is None:
+            print("\n".join(reports))
+        else:
+            header = f"Produced by `python scripts/moe_diagnosis.py {' '.join(without_output(argv))}`.\n\n"
+            atomic_write(args.output, header + "\n".join(reports))
+    except (InputError, OSError, ValueError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

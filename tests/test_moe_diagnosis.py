@@ -44,3 +44,30 @@ def test_diagnosis_of_untrained_and_moved_moe(tiny_bert_dir, tmp_path, capsys):
     assert len(rows) == 4  # 2 layers x (intermediate, output)
     spread = float(re.search(r"expert_spread_around_mean ([\d.]+)", second).group(1))
     assert spread > 0
+
+
+def test_report_to_file_is_headed_by_its_command(tiny_bert_dir, tmp_path, capsys):
+    glue = make_glue_dir(tmp_path / "glue", n_dev=8)
+    run = saved_moe(tiny_bert_dir, tmp_path / "run", moved=True)
+    args = [str(run), "--glue_dir", str(glue), "--task_name", "sst2", "--pretrained", str(tiny_bert_dir),
+            "--max_seq_length", "24", "--eval_samples", "8", "--noise_draws", "1"]
+    out = tmp_path / "report.md"
+    assert moe_diagnosis.main(args + ["--output", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    text = out.read_text()
+    assert text.startswith(f"Produced by `python scripts/moe_diagnosis.py {' '.join(args)}`.\n\n### run (moe)")
+    assert "expert_spread_around_mean" in text
+
+
+def test_a_folder_without_trained_weights_is_one_error_line(tiny_bert_dir, tmp_path, capsys):
+    records_only = tmp_path / "records"
+    records_only.mkdir()
+    (records_only / "all_results.json").write_text("{}")
+    for folder, message in [(records_only, f"error: {records_only} holds no trained model (config.json and "
+                                           "model.safetensors or pytorch_model.bin); committed run records keep no "
+                                           "weights: train the run here first"),
+                            (tmp_path / "missing", f"error: {tmp_path / 'missing'} is not a folder")]:
+        out = tmp_path / "report.md"
+        assert moe_diagnosis.main([str(folder), "--pretrained", str(tiny_bert_dir), "--output", str(out)]) == 2
+        assert capsys.readouterr().err == message + "\n"
+        assert not out.exists()
