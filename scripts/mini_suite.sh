@@ -6,9 +6,9 @@
 #   JOBS=N runs at once, default 1, each run's output then in <row>/seed<k>.log; e.g. JOBS=2 OMP_NUM_THREADS=1
 #   on 2 cores; PIPELINE=P runs only the image or only the text rows, default all)
 #   bash scripts/mini_suite.sh --protocol [--jobs N] [--pipeline P]: the claims at the protocol
-#   results/regime_selection.md chose, as that note fixed them: table1, table_dynamic_convs (and table2_glue_moe
-#   once the text protocol is chosen) with 5 seeds, the scale-factor, partition and dynamic-ratio ablations with 3;
-#   runs, tables, figures and cost named -protocol.
+#   results/regime_selection.md chose, as that note fixed them: table1, table_dynamic_convs and table2_glue_moe
+#   with 5 seeds, the scale-factor, partition and dynamic-ratio ablations with 3; runs, tables, figures and cost
+#   named -protocol.
 # Runs go to results/runs/<script>-mini/<row>/seed<k> (RUNS_ROOT replaces results/runs/), tables to
 # results/measured/ (RESULTS), figures to results/figures/ (FIGURES), and what the suite cost, from the runs'
 # records, to results/measured/suite_cost-mini.md (scripts/suite_cost.py). results/README.md says what the numbers
