@@ -47,7 +47,8 @@ def glue_settings(argv: list[str]) -> dict:
         fields = part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part)
         settings.update({f"{type(part).__name__}.{key}": value for key, value in fields.items()
                          if key not in GLUE_WHERE})
-    if settings.get("ModelArguments.model_name_or_path") == default_model_path() != "bert-base-uncased":
+    embedded = default_model_path()  # "bert-base-uncased" (a hub name, the same everywhere) without the wheel
+    if embedded != "bert-base-uncased" and settings.get("ModelArguments.model_name_or_path") == embedded:
         settings["ModelArguments.model_name_or_path"] = EMBEDDED_MODEL
     return settings
 

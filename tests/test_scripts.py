@@ -433,19 +433,26 @@ def test_mini_suite_one_pipeline(tmp_path):
     assert not figures_dir.exists()
 
 
-def test_protocol_suite_runs_the_claims_and_ablations_it_fixed(tmp_path):
-    """--protocol --pipeline dyconv with every run finished: the claims' tables at 5 seeds, the scale-factor,
-    partition and dynamic-ratio ablations at 3, the accuracy-vs-ratio figure and the cost, all named -protocol."""
+def finished_protocol_suite(tmp_path, pipeline: str) -> tuple[dict[str, str], Path]:
+    """``mini_suite.sh --protocol --pipeline PIPELINE`` over a fake suite with every run finished: it must start no
+    run. Returns its tables (name: text) and its figures folder."""
     runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
     fake_suite(runs, 5, scale="protocol")
     env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
            "OMP_NUM_THREADS": "1"}
     env.pop("SEEDS", None)
-    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--protocol", "--pipeline", "dyconv"],
+    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--protocol", "--pipeline", pipeline],
                             capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert not re.search(r"^== \S+: \S+ seed \d+$", result.stdout, re.M), result.stdout  # no run started
     tables = {p.name: p.read_text() for p in results.iterdir()}
+    return tables, figures_dir
+
+
+def test_protocol_suite_runs_the_claims_and_ablations_it_fixed(tmp_path):
+    """--protocol --pipeline dyconv with every run finished: the claims' tables at 5 seeds, the scale-factor,
+    partition and dynamic-ratio ablations at 3, the accuracy-vs-ratio figure and the cost, all named -protocol."""
+    tables, figures_dir = finished_protocol_suite(tmp_path, "dyconv")
     claims, ablations = ("table1_imagenet_dyconv", "table_dynamic_convs"), (
         "ablation_scale_factors", "ablation_partition", "ablation_dynamic_ratio")
     assert sorted(tables) == sorted([f"{s}-protocol-dyconv.md" for s in claims + ablations] + ["suite_cost-protocol.md"])
@@ -460,16 +467,7 @@ def test_protocol_suite_text_rows(tmp_path):
     """--protocol --pipeline glue with every run finished: dense / MoE / PAD-MoE at 5 seeds; at 3 the text rows of
     the scale-factor ablation, of the partition ablation (taylor vs random vs one-shot) and of the dynamic-ratio
     sweep the selection note fixed (0.1 .. 1.0, not the paper's 0.3 .. 0.9)."""
-    runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
-    fake_suite(runs, 5, scale="protocol")
-    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("SEEDS", None)
-    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--protocol", "--pipeline", "glue"],
-                            capture_output=True, text=True, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert not re.search(r"^== \S+: \S+ seed \d+$", result.stdout, re.M), result.stdout  # no run started
-    tables = {p.name: p.read_text() for p in results.iterdir()}
+    tables, _ = finished_protocol_suite(tmp_path, "glue")
     assert sorted(tables) == sorted([f"{s}-protocol-glue.md" for s in (
         "table2_glue_moe", "ablation_scale_factors", "ablation_partition", "ablation_dynamic_ratio")]
         + ["suite_cost-protocol.md"])
