@@ -10,7 +10,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,31 @@ def run_script(name, *args, env=None, timeout=None) -> subprocess.CompletedProce
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(["bash", str(REPO / "scripts" / f"{name}.sh"), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+RUN_STARTS = re.compile(r"^== \S+: \S+ seed \d+$")  # what lib.sh prints as a run starts
+
+
+def run_finished(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Runs a table script or the suite over runs that are all finished. If it starts a run anyway (a row the
+    fake runs miss), the test fails at once, with that row, instead of training it for minutes."""
+    stdout = []
+    with tempfile.TemporaryFile("w+") as stderr, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env}) as process:
+        for line in process.stdout:
+            stdout.append(line)
+            if RUN_STARTS.match(line.rstrip("\n")):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                pytest.fail(f"a run started, though every run was finished: {line.strip()}")
+        process.wait()
+        stderr.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, "".join(stdout), stderr.read())
+
+
+def run_finished_script(name, *args, env) -> subprocess.CompletedProcess:
+    return run_finished(["bash", str(REPO / "scripts" / f"{name}.sh"), *args], env)
 
 
 def is_glue_row(row: str) -> bool:
@@ -141,9 +168,9 @@ def test_mini_rows_per_seed_finished_runs_skipped_and_compared(tmp_path, script)
     for row in rows:
         for seed in range(2):
             fake_run(runs / row / f"seed{seed}", row, seed)
-    result = run_script(script, "--mini", "--seeds", "2", env={"RUNS": str(runs), "RESULTS": str(results)})
+    result = run_finished_script(script, "--mini", "--seeds", "2", env={"RUNS": str(runs), "RESULTS": str(results)})
     assert result.returncode == 0, result.stderr
-    assert "== " not in result.stdout  # no run started
+    assert "== " not in result.stdout  # no run started or linked
     table = (results / f"{script}-mini.md").read_text()
     assert f"Produced by `bash scripts/{script}.sh --mini --seeds 2`." in table
     for row in rows:
@@ -162,7 +189,7 @@ def test_gpu_scale_rows_table_and_cuda_check(tmp_path):
         for seed in range(2):
             fake_run(runs / "table1_imagenet_dyconv-gpu" / row / f"seed{seed}", row, seed)
     env = {"RUNS_ROOT": str(runs), "RESULTS": str(results)}
-    result = run_script("table1_imagenet_dyconv", "--gpu", "--seeds", "2", "--pipeline", "dyconv", env=env)
+    result = run_finished_script("table1_imagenet_dyconv", "--gpu", "--seeds", "2", "--pipeline", "dyconv", env=env)
     assert result.returncode == 0, result.stderr
     assert "== " not in result.stdout
     table = (results / "table1_imagenet_dyconv-gpu-dyconv.md").read_text()
@@ -234,8 +261,8 @@ def test_pipeline_runs_and_compares_only_its_rows(tmp_path, pipeline, via_env):
         for seed in range(2):
             fake_run(runs / row / f"seed{seed}", row, seed)
     flags, env = (["--pipeline", pipeline], {}) if not via_env else ([], {"PIPELINE": pipeline})
-    result = run_script("ablation_scale_factors", "--mini", "--seeds", "2", *flags,
-                        env={"RUNS": str(runs), "RESULTS": str(results), **env})
+    result = run_finished_script("ablation_scale_factors", "--mini", "--seeds", "2", *flags,
+                                 env={"RUNS": str(runs), "RESULTS": str(results), **env})
     assert result.returncode == 0, result.stderr
     assert "== " not in result.stdout  # nothing started: the other pipeline's runs are missing and not run
     assert [p.name for p in results.iterdir()] == [f"ablation_scale_factors-mini-{pipeline}.md"]
@@ -404,10 +431,8 @@ def test_mini_suite_resumes_and_writes_tables_and_figures(tmp_path):
     """With every run finished, the suite trains nothing and writes every table and the four figures."""
     runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
     fake_suite(runs, 2)
-    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
-           "RUNS": str(tmp_path / "ignored"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--seeds", "2"], capture_output=True,
-                            text=True, env=env, cwd=REPO)
+    env = {"RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir), "RUNS": str(tmp_path / "ignored")}
+    result = run_finished_script("mini_suite", "--seeds", "2", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "== " not in result.stdout.replace("=== ", "")  # no run started
     assert sorted(p.name for p in results.iterdir()) == sorted([f"{s}-mini.md" for s in SCRIPTS] + ["suite_cost-mini.md"])
@@ -422,10 +447,8 @@ def test_mini_suite_one_pipeline(tmp_path):
     """--pipeline glue: the text rows of every script, each in a table of its own; no figures."""
     runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
     fake_suite(runs, 2)
-    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--seeds", "2", "--pipeline", "glue"],
-                            capture_output=True, text=True, env=env, cwd=REPO)
+    env = {"RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir)}
+    result = run_finished_script("mini_suite", "--seeds", "2", "--pipeline", "glue", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with_text = [s for s, (_, rows) in SCRIPTS.items() if any(is_glue_row(r) for r in rows)]
     assert sorted(p.name for p in results.iterdir()) == sorted(f"{s}-mini-glue.md" for s in with_text)
@@ -438,13 +461,9 @@ def finished_protocol_suite(tmp_path, pipeline: str) -> tuple[dict[str, str], Pa
     run. Returns its tables (name: text) and its figures folder."""
     runs, results, figures_dir = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
     fake_suite(runs, 5, scale="protocol")
-    env = {**os.environ, "RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("SEEDS", None)
-    result = subprocess.run(["bash", str(REPO / "scripts" / "mini_suite.sh"), "--protocol", "--pipeline", pipeline],
-                            capture_output=True, text=True, env=env, cwd=REPO)
+    env = {"RUNS_ROOT": str(runs), "RESULTS": str(results), "FIGURES": str(figures_dir), "SEEDS": ""}
+    result = run_finished_script("mini_suite", "--protocol", "--pipeline", pipeline, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert not re.search(r"^== \S+: \S+ seed \d+$", result.stdout, re.M), result.stdout  # no run started
     tables = {p.name: p.read_text() for p in results.iterdir()}
     return tables, figures_dir
 
@@ -648,7 +667,7 @@ def test_regime_search_screens_every_candidate_and_confirms_one(tmp_path):
         for seed in range(3):
             fake_run(runs / row / f"seed{seed}", row, seed)
     env = {"RUNS": str(runs), "RESULTS": str(results)}
-    result = run_script("regime_search", "--mini", "--seeds", "3", env=env)
+    result = run_finished_script("regime_search", "--mini", "--seeds", "3", env=env)
     assert result.returncode == 0, result.stderr
     assert "== " not in result.stdout
     table = (results / "regime_search-mini.md").read_text()
@@ -685,8 +704,8 @@ def test_protocol_scale_rows_seeds_and_table(tmp_path):
     for row in rows:
         for seed in range(5):
             fake_run(runs / "table1_imagenet_dyconv-protocol" / row / f"seed{seed}", row, seed)
-    result = run_script("table1_imagenet_dyconv", "--protocol", "--pipeline", "dyconv",
-                        env={"RUNS_ROOT": str(runs), "RESULTS": str(results)})
+    result = run_finished_script("table1_imagenet_dyconv", "--protocol", "--pipeline", "dyconv",
+                                 env={"RUNS_ROOT": str(runs), "RESULTS": str(results)})
     assert result.returncode == 0, result.stderr
     assert "== " not in result.stdout
     table = (results / "table1_imagenet_dyconv-protocol-dyconv.md").read_text()
