@@ -75,7 +75,7 @@ from pad import DynamicWeights, PartiallyDynamicWeights
 from pad.mixing import SCALE_FACTOR_VARIANTS, UnitSplit, unit_split_applies, zero_tie
 
 from .schemes import (SCHEME_FUNCTIONS, ConvGeometry, ConvTerms, LayerCost, SchemeChooser, applicable_schemes,
-                      check_policy, per_sample_weight, scheme_key)  # noqa: F401  (scheme_key re-exported for callers)
+                      check_policy, scheme_key)  # noqa: F401  (scheme_key re-exported for callers)
 from .unit_path import dynamic_units_conv, static_units_conv
 
 # Which of ODConv's attentions also scale PAD's static part: "none" (the static part of DESIGN's Omega, no
@@ -401,10 +401,6 @@ class RoutedConv2d(nn.Module):
     def routed_terms(self, routing: torch.Tensor, kernels: torch.Tensor, static: torch.Tensor | None) -> ConvTerms:
         """The :class:`ConvTerms` of the attention's output over the given kernels ``(K, O', ...)``."""
         return ConvTerms(routing, kernels, static)
-
-    def mixed_weight(self, routing) -> torch.Tensor:
-        """``Omega`` per sample, ``(B, out, in // groups, k, k)`` (what the ``grouped`` scheme convolves)."""
-        return per_sample_weight(self.conv_terms(routing))
 
     def has_spatial_attention(self, attention) -> bool:
         """Whether the attention's output scales kernel positions (ODConv's spatial attention)."""

@@ -8,8 +8,8 @@ command-line flags override the file; ``--no-pad`` etc. turn off a boolean the f
 turns on).  With ``--pad``, Iterative Mode Partition runs once before training on
 ``--partition-batches`` training batches (rank 0; the masks are then broadcast),
 never when resuming.  Outputs in ``--output``: ``checkpoint.pt`` (latest),
-``best.pt``, ``summary.json``, ``tb/`` (TensorBoard) and, for PAD,
-``model_compact.safetensors``.  A fresh run refuses an ``--output`` that already
+``best.pt``, ``recovery.pt`` (with ``--save-steps``, until an epoch checkpoint supersedes it),
+``summary.json``, ``tb/`` (TensorBoard) and, for PAD, ``model_compact.safetensors``.  A fresh run refuses an ``--output`` that already
 holds a run (``checkpoint.pt``, ``best.pt`` or ``summary.json``) unless given
 ``--overwrite-output-dir``; ``--resume`` of a checkpoint inside ``--output``
 continues that run there.  ``--evaluate`` writes ``summary.json`` into a folder

@@ -377,13 +377,6 @@ class PartiallyDynamicWeights(DynamicWeights):
             return pad_kernels(self.kernels, mask, lambda_d, self.static_weight, lambda_s), None
         return pad_kernels(self.kernels, mask, lambda_d), static_part(self.static_weight, mask, lambda_s)
 
-    def mode_contrast(self) -> torch.Tensor:
-        """``lambda_d * W_k - lambda_s * W_s`` per kernel, ``(K, *S)``: how much turning a
-        position static changes each kernel's contribution (detached)."""
-        with torch.no_grad():
-            lambda_d, lambda_s = self.scale()
-            return lambda_d * self.kernels - lambda_s * self.static_weight
-
     def dynamic_ratio(self) -> float:
         return float(self.mask.sum() / self.mask.numel())
 

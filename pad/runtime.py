@@ -209,7 +209,7 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SI
 class StopSignals:
     """Turns SIGTERM, SIGINT and SIGUSR1 into a stop request (``requested``: the signal number, or None).
 
-    The training loop checks it at step boundaries, saves, and exits with :meth:`exit_code`.  A second
+    The training loop checks it at step boundaries, saves, and raises :class:`Preempted`.  A second
     signal while the first is being honoured changes nothing (the save in progress is not interrupted).
     """
 
@@ -233,12 +233,6 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-
-    def exit_code(self) -> int:
-        return 128 + int(self.requested)
-
-    def name(self) -> str:
-        return signal.Signals(self.requested).name
 
 
 class Preempted(Exception):

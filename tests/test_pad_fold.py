@@ -143,7 +143,8 @@ def test_imp_scores_the_mask_through_the_formula():
     upstream = torch.randn(KERNELS, *SHAPE, dtype=torch.float64)
     (grad,) = torch.autograd.grad((bank(fold=True)[0] * upstream).sum(), bank.mask)
     with torch.no_grad():
-        expected = (upstream * bank.mode_contrast()).sum(0)
+        lambda_d, lambda_s = bank.scale()
+        expected = (upstream * (lambda_d * bank.kernels - lambda_s * bank.static_weight)).sum(0)
     torch.testing.assert_close(grad, expected)
 
 
