@@ -253,8 +253,11 @@ def load_data_files(files: dict[str, str], spec: TaskSpec | None, cache_dir: str
         raise ValueError("all data files must have the same extension")
     raw = datasets.DatasetDict({split: _read_data_file(path, split, extension, cache_dir)
                                 for split, path in files.items()})
-    if spec is None:  # files without a task: regression targets must be finite
+    if spec is None:  # files without a task: a label column (but in test files), finite regression targets
         for split, ds in raw.items():
+            if split != "test" and "label" not in ds.column_names:
+                raise ValueError(f"{files[split]}: no 'label' column (without --task_name, train and validation "
+                                 f"files need one)")
             if "label" in ds.column_names and ds.features["label"].dtype in ("float32", "float64"):
                 bad = next((row for row, value in enumerate(ds["label"], start=1)
                             if value is None or not math.isfinite(value)), None)

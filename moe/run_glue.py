@@ -285,9 +285,8 @@ def build_model(model_args: ModelArguments, moe_args: MoEArguments, num_labels: 
     config = loading("config", source, lambda: AutoConfig.from_pretrained(
         source, num_labels=num_labels, finetuning_task=task_name, cache_dir=model_args.cache_dir))
     saved = saved_moe_settings(config, source)
-    if saved and moe_args.moe is not None and moe_args.moe != saved["moe"]:
-        raise ValueError(f"{source} is already a {saved['moe']!r} model; "
-                         f"drop --moe {moe_args.moe} or start from a dense model")
+    if saved:
+        check_saved_settings(saved, moe_args, source)
     if label_names is not None:
         config.label2id = {name: i for i, name in enumerate(label_names)}
         config.id2label = dict(enumerate(label_names))
@@ -321,6 +320,20 @@ def saved_moe_settings(config, source: str) -> dict | None:
         raise ValueError(f"{os.path.join(source, 'config.json')}: 'moe' must be an object with "
                          f"\"moe\": one of {list(MOE_TYPES)}, got {saved!r}"[:300])
     return saved
+
+
+def check_saved_settings(saved: dict, moe_args: MoEArguments, source: str) -> None:
+    """A saved MoE/PAD model brings its own layers (``config.moe``): ``ValueError`` for a ``--moe`` other than
+    its type, and for a layer flag (``--num_experts``, ``--top_k``, ...) set to neither its default nor the
+    saved value, which would otherwise be ignored without a word."""
+    if moe_args.moe is not None and moe_args.moe != saved["moe"]:
+        raise ValueError(f"{source} is already a {saved['moe']!r} model; "
+                         f"drop --moe {moe_args.moe} or start from a dense model")
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEArguments)}
+    for name, value in moe_args.convert_kwargs().items():
+        if name != "moe" and name in saved and value not in (saved[name], defaults[name]):
+            raise ValueError(f"{source} is a saved {saved['moe']!r} model with {name} {saved[name]!r}; "
+                             f"drop --{name} {value} or start from a dense model")
 
 
 def check_finite_weights(model, source: str) -> None:

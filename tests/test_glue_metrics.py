@@ -276,3 +276,14 @@ def test_regression_labels_without_a_task_must_be_finite(tmp_path, value):
         glue.load_data_files({"train": str(path)}, None, cache_dir=str(tmp_path / "cache"))
     assert str(err.value) == f"{path} row 2: label {None if value in ('nan', '') else float(value)!r} " \
                              "is not a finite number"
+
+
+def test_files_without_a_task_need_a_label_column_but_in_test_files(tmp_path):
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.csv").write_text("text,score\ngood,1\nbad,0\n")
+    with pytest.raises(ValueError) as err:
+        glue.load_data_files({"validation": str(tmp_path / "validation.csv")}, None, cache_dir=str(tmp_path / "cache"))
+    assert str(err.value) == (f"{tmp_path / 'validation.csv'}: no 'label' column (without --task_name, train and "
+                              "validation files need one)")
+    raw = glue.load_data_files({"test": str(tmp_path / "test.csv")}, None, cache_dir=str(tmp_path / "cache"))
+    assert raw["test"].column_names == ["text", "score"]

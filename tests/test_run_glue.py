@@ -341,6 +341,7 @@ def bad_glue_dir(root: Path, train_rows, header=("sentence", "label")) -> Path:
     ("hub_offline", "error: could not load GLUE task sst2 from the Hub"),
     ("bad_choice", "error: argument --moe: invalid choice: 'dense'"),
     ("conflicting_moe", "is already a 'pad' model; drop --moe moe"),
+    ("conflicting_experts", "is a saved 'pad' model with num_experts 4; drop --num_experts 2"),
     ("output_exists", "exists and is not empty; use --overwrite_output_dir"),
 ])
 def test_bad_input_one_line_and_exit_code(case, message, tiny_bert_dir, glue_dir, sst2_pad_run, tmp_path,
@@ -366,10 +367,14 @@ def test_bad_input_one_line_and_exit_code(case, message, tiny_bert_dir, glue_dir
             extra = ["--moe", "dense"]
         elif case == "conflicting_moe":
             model, extra = sst2_pad_run, ["--moe", "moe", "--do_eval"]
+        elif case == "conflicting_experts":
+            model, extra = sst2_pad_run, ["--do_eval"]
         elif case == "output_exists":
             out.mkdir()
             (out / "keep.txt").write_text("a good result")
         args = base_args(model, data, out, "sst2", *extra)
+        if case == "conflicting_experts":
+            args[args.index("--num_experts") + 1] = "2"
         if case == "hub_offline":
             args = [a for a in args if a not in ("--glue_dir", str(data))]
     capfd.readouterr()
