@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 import pad
 from pad.partition import check_dynamic_ratio
-from pad.runtime import error_line, keep_freed_memory
+from pad.runtime import OneLineParser, UsageError, error_line, keep_freed_memory, report_error
 from .inference import to_inference
 from .layers import conv_schemes, dynamic_convs, set_conv_scheme
 from .models import ARCHS, build_model, set_random_mask
@@ -552,13 +552,8 @@ def format_parameters(rows: list[dict], dynamic_ratio: float) -> str:
     return "\n".join(lines)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ValueError(message)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="bench_dyconv", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="bench_dyconv", description=__doc__.split("\n")[0])
     parser.add_argument("--mini", action="store_true", help="quick CPU run: 112 px only, batch 8, 2 repeats")
     parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenetv2_100"], choices=ARCHS,
                         help="archs timed (default resnet18 mobilenetv2_100)")
@@ -616,9 +611,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-    except ValueError as err:
-        print(f"bench_dyconv: error: {err}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError) as err:
+        return report_error(err)
     allocator = "default allocator"
     if args.keep_freed_memory:
         allocator = "pad.runtime.keep_freed_memory()" if keep_freed_memory() else "keep_freed_memory unavailable"

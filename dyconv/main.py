@@ -63,8 +63,9 @@ import pad
 from pad.compact import model_granularity
 from pad.mixing import GRANULARITIES, SCALE_FACTOR_VARIANTS, UnrecordedGranularity, set_granularity, weight_banks
 from pad.partition import BATCHNORM_MODES, CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
-from pad.runtime import (EXIT_BAD_INPUT, FolderInUse, IntegrityError, Preempted, StopSignals, WriteError, atomic_write,
-                         code_version, error_line, keep_freed_memory, lock_folder, machine_description, predates)
+from pad.runtime import (FolderInUse, IntegrityError, OneLineParser, Preempted, StopSignals, UsageError,
+                         WriteError, atomic_write, code_version, error_line, keep_freed_memory, lock_folder,
+                         machine_description, predates, report_error)
 from dyconv.data import DATASETS, DataError, DatasetInfo, build_datasets
 from dyconv.engine import (LR_SCHEDULES, CHECKPOINT_TEMPORARY_SUFFIX, CheckpointError, EpochProgress, TrainingDiverged,
                            TrainSettings, check_compatible, evaluate, link_checkpoint, load_checkpoint,
@@ -81,15 +82,7 @@ MAX_SEED = 2**63 - 1  # torch takes seeds below 2**64; the runs also seed with s
 PARTITION_BUFFERS = (".mask", ".granularity_code")  # a PAD bank's partition, equal on every rank once set
 
 
-class UsageError(Exception):
-    """Expected bad input: printed as one ``error:`` line, exit code 2."""
-
-
 # ---------------------------------------------------------------- arguments
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        raise UsageError(message)
 
 
 def _bounded(kind, low=None, high=None, low_open=False):
@@ -120,7 +113,7 @@ def _dynamic_ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's flags, in the groups ``--help`` shows."""
-    parser = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of flag values; command-line flags override it")
     _add_data_flags(parser.add_argument_group("data"))
     _add_model_flags(parser.add_argument_group("model"))
@@ -258,7 +251,7 @@ def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = OneLineParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     tokens = config_tokens(known.config, parser) if known.config else []
@@ -989,15 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx = init_distributed()
         return run(args, ctx, signals)
     except (UsageError, DataError, CheckpointError, IntegrityError, WriteError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return report_error(err)
     except Preempted as err:
         print(str(err), file=sys.stderr, flush=True)
         return err.exit_code()
     except OSError as err:  # a write outside the project's own writers (TensorBoard's event file)
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"error: cannot write {where}{err.strerror or error_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return report_error(WriteError(err.filename or "a file", err))
     finally:
         signals.restore()
         if ctx is not None and ctx.enabled and dist.is_initialized():

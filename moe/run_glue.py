@@ -45,8 +45,9 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Ev
 import pad
 from pad.mixing import SCALE_FACTOR_VARIANTS
 from pad.partition import CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
-from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, WriteError, atomic_write,
-                         code_version, error_line, keep_freed_memory, lock_folder, machine_description, predates)
+from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, atomic_write,
+                         code_version, keep_freed_memory, lock_folder, machine_description, predates,
+                         report_error)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
 from moe.trainer import PARTITION_FILE, MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
@@ -156,8 +157,7 @@ class ArgumentParser(HfArgumentParser):
     """``HfArgumentParser`` whose parse errors are one ``error: ...`` line (exit 2), no usage text."""
 
     def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(report_error(message))
 
 
 def json_config_to_argv(path: str) -> list[str]:
@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     except ValueError as err:
-        return fail(err)
+        return report_error(err)
     handler = setup_logging(training_args)
     keep_freed_memory()
     signals = StopSignals().install()
@@ -799,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(err), file=sys.stderr, flush=True)
         return err.exit_code()
     except (ValueError, OSError) as err:
-        return fail(err)
+        return report_error(err)
     finally:
         if lock is not None:
             lock.close()
@@ -820,19 +820,6 @@ def lock_output_dir(training_args: TrainingArguments):
         return lock_folder(training_args.output_dir)
     except FolderInUse as err:
         raise ValueError(f"--output_dir {err}") from None
-
-
-def fail(err: Exception) -> int:
-    """Prints ``err`` as one ``error: ...`` line on stderr; returns the exit status, 2.  The project's own writes
-    fail as :class:`pad.runtime.WriteError` (``cannot write PATH: reason``); an ``OSError`` from elsewhere (the
-    Trainer's saves of weights, optimizer and results) names its file where it has one."""
-    if isinstance(err, OSError) and not isinstance(err, WriteError):
-        where = f"{err.filename}: " if err.filename else ""
-        message = f"{where}{err.strerror or error_line(err)}"
-    else:
-        message = error_line(err)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

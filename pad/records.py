@@ -4,8 +4,8 @@
 A dyconv run (``dyconv/main.py``) leaves ``summary.json``, a GLUE run (``moe/run_glue.py``)
 ``all_results.json``.  A row is one configuration: one run per seed (``ROW/seed<k>``) or one run
 (the row folder itself).  Its *score* is what comparisons use: top-1 for dyconv; for GLUE the task
-score, the mean of the task's metrics in percent.  Missing, unfinished or unreadable runs are an
-:class:`InputError` naming the file, never a blank row.
+score, the mean of the task's metrics in percent.  Missing, unfinished or unreadable runs are a
+:class:`pad.runtime.UsageError` naming the file, never a blank row.
 """
 from __future__ import annotations
 
@@ -17,16 +17,14 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from pad.runtime import UsageError, error_line
+
 CONFIDENCE = 0.95
 
 # GLUE keys of all_results.json (moe/glue.py's metric names, HF's eval_ prefix, MNLI-mm with a _mm suffix)
 GLUE_METRICS = {"eval_matthews_correlation": "MCC", "eval_accuracy": "acc", "eval_accuracy_mm": "acc-mm",
                 "eval_f1": "F1", "eval_pearson": "Pearson", "eval_spearmanr": "Spearman"}
 DYCONV_METRICS = {"top1": "top-1", "top5": "top-5"}
-
-
-class InputError(Exception):
-    """Bad input: printed as one ``error:`` line, exit status 2."""
 
 
 @dataclass
@@ -51,19 +49,19 @@ def read_results(run: Path) -> tuple[str, dict]:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise InputError(f"{path}: unreadable ({err})") from None
+            except (OSError, ValueError) as err:  # JSON and UTF-8 decoding errors are ValueErrors
+                raise UsageError(f"{path}: unreadable ({error_line(err)})") from None
             if not isinstance(data, dict):
-                raise InputError(f"{path}: expected a JSON object")
+                raise UsageError(f"{path}: expected a JSON object")
             return kind, data
-    raise InputError(f"{run} holds neither summary.json nor all_results.json: did the run finish?")
+    raise UsageError(f"{run} holds neither summary.json nor all_results.json: did the run finish?")
 
 
 def glue_task_score(results: dict) -> float:
     """The GLUE task score in percent: the mean of the task's metrics present in ``results``."""
     values = [results[key] for key in GLUE_METRICS if key in results]
     if not values:
-        raise InputError(f"no GLUE metric ({', '.join(GLUE_METRICS)}) in the results")
+        raise UsageError(f"no GLUE metric ({', '.join(GLUE_METRICS)}) in the results")
     return 100.0 * float(np.mean(values))
 
 
@@ -76,21 +74,27 @@ def run_metrics(kind: str, results: dict, run: Path) -> tuple[dict[str, float], 
         metrics = {label: 100.0 * float(results[key]) for key, label in GLUE_METRICS.items() if key in results}
         return metrics, glue_task_score(results)
     except KeyError as err:
-        raise InputError(f"{run}: results lack {err}") from None
-    except InputError as err:
-        raise InputError(f"{run}: {err}") from None
+        raise UsageError(f"{run}: results lack {err}") from None
+    except (TypeError, ValueError):
+        raise UsageError(f"{run}: a metric in its results is not a number") from None
+    except UsageError as err:
+        raise UsageError(f"{run}: {err}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fmt_count(value) -> str:
-    if value is None:
-        return "-"
+    if not _is_number(value):
+        return "-" if value is None else str(value)
     return f"{value / 1e6:.3f}M" if value >= 10_000 else str(value)
 
 
 def run_info(kind: str, results: dict) -> dict[str, str]:
     """The columns that describe a configuration (same for every seed): taken from the first seed."""
     ratio = results.get("dynamic_ratio")
-    info = {"dynamic ratio": "-" if ratio is None else f"{ratio:.4f}"}
+    info = {"dynamic ratio": f"{ratio:.4f}" if _is_number(ratio) else "-" if ratio is None else str(ratio)}
     if kind == "dyconv":
         info.update({"arch": str(results.get("arch", "-")), "conv": str(results.get("conv", "-")),
                      "pad": str(results.get("pad", "-")), "params dense": _fmt_count(results.get("params_dense")),
@@ -116,7 +120,7 @@ def load_row(row_dir: Path, seeds: int | None) -> Row:
     missing = [str(path) for _, path in runs
                if not ((path / "summary.json").is_file() or (path / "all_results.json").is_file())]
     if missing:
-        raise InputError(f"row {row_dir.name}: {len(missing)} of {len(runs)} runs missing or unfinished: "
+        raise UsageError(f"row {row_dir.name}: {len(missing)} of {len(runs)} runs missing or unfinished: "
                          f"{', '.join(missing)}")
     row = None
     for seed, path in runs:
@@ -126,12 +130,12 @@ def load_row(row_dir: Path, seeds: int | None) -> Row:
         if row is None:
             row = Row(row_dir.name, kind, [], info=run_info(kind, results))
         elif kind != row.kind:
-            raise InputError(f"row {row_dir.name}: seeds mix dyconv and GLUE runs")
+            raise UsageError(f"row {row_dir.name}: seeds mix dyconv and GLUE runs")
         metrics, score = run_metrics(kind, results, path)
         for name, value in metrics.items():
             row.metrics.setdefault(name, []).append(value)
         if any(len(values) != len(row.score) + 1 for values in row.metrics.values()):
-            raise InputError(f"{path}: its metrics ({', '.join(metrics)}) differ from the row's other seeds")
+            raise UsageError(f"{path}: its metrics ({', '.join(metrics)}) differ from the row's other seeds")
         row.seeds.append(seed)
         row.score.append(score)
         row.machines.append(str(results.get("machine", "")))
@@ -162,7 +166,7 @@ def average_row(name: str, rows: list[Row]) -> Row:
     seeds = rows[0].seeds
     for row in rows:
         if row.seeds != seeds:
-            raise InputError(f"average {name}: row {row.name} has seeds {row.seeds}, {rows[0].name} has {seeds}")
+            raise UsageError(f"average {name}: row {row.name} has seeds {row.seeds}, {rows[0].name} has {seeds}")
     scores = np.mean([row.score for row in rows], axis=0).tolist()
     return Row(name, "average", list(seeds), {"average": scores}, scores,
                {"of": ", ".join(row.name for row in rows)})
@@ -184,6 +188,6 @@ def compare(a: Row, b: Row) -> Comparison:
     """The paired difference of the scores ``a - b``, matched by seed."""
     common = [s for s in a.seeds if s in b.seeds]
     if not common or len(common) != len(a.seeds) or len(common) != len(b.seeds):
-        raise InputError(f"compare {a.name} {b.name}: seeds {a.seeds} and {b.seeds} do not pair up")
+        raise UsageError(f"compare {a.name} {b.name}: seeds {a.seeds} and {b.seeds} do not pair up")
     diffs = [a.score[a.seeds.index(s)] - b.score[b.seeds.index(s)] for s in common]
     return Comparison(a.name, b.name, diffs, common)

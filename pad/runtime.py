@@ -5,7 +5,8 @@ Not part of ``pad``'s public API; it depends on the standard library only (``tor
 
 - :func:`atomic_write`: the one way a file is written (temporary file, fsync, rename, folder fsync); a
   failed write removes its temporary file and raises :class:`WriteError`, naming the path and the error.
-- :func:`error_line` and :data:`EXIT_BAD_INPUT`: every CLI reports bad input as one ``error:`` line and exit 2.
+- :class:`UsageError`, :class:`OneLineParser`, :func:`report_error`, :func:`error_line` and :data:`EXIT_BAD_INPUT`:
+  every CLI reports bad input (flags, files, folders) as one ``error:`` line and exit 2, never a usage block.
 - :func:`sha256_bytes`, :func:`sha256_file`, :func:`sha256_fields` and :func:`verify`: the one integrity scheme of
   every file the project writes and reads back.  Each file kind records the SHA-256 of its contents where that
   kind has room for it (a dyconv checkpoint's wrapper, a safetensors file's metadata, a Trainer folder's
@@ -19,11 +20,13 @@ Not part of ``pad``'s public API; it depends on the standard library only (``tor
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -34,6 +37,32 @@ def error_line(err: BaseException) -> str:
     """The first line of ``err``'s message (its type's name where the message is empty)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+class UsageError(Exception):
+    """Bad input to a command line (a flag, a config, a file or folder it names): its message is the error line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose parse errors raise :class:`UsageError` instead of printing a usage block and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def report_error(err: BaseException | str) -> int:
+    """Prints ``err`` as one ``error: ...`` line on stderr; returns :data:`EXIT_BAD_INPUT` for ``main`` to return.
+    The project's own writes fail as :class:`WriteError` (``cannot write PATH: reason``); an ``OSError`` from
+    elsewhere (a library's save) names its file where it has one; any other error gives its message's first line."""
+    if isinstance(err, str):
+        message = err
+    elif isinstance(err, OSError) and not isinstance(err, WriteError):
+        message = f"{err.filename}: " if err.filename else ""
+        message += err.strerror or error_line(err)
+    else:
+        message = error_line(err)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
 
 
 # ---------------------------------------------------------------- integrity
@@ -114,15 +143,18 @@ def sync_folder(folder: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data) -> None:
+def atomic_write(path: str | os.PathLike, data, parents: bool = False) -> None:
     """Writes ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix.
 
     ``data``: bytes, a str (UTF-8), or a callable that writes to the open binary file.  It goes to ``path.tmp``,
-    is flushed to disk (fsync), renamed over ``path`` and the folder is synced.  Any ``OSError`` on the way
-    (ENOSPC, EROFS, EIO) removes the temporary file and raises :class:`WriteError`; ``path`` is untouched.
+    is flushed to disk (fsync), renamed over ``path`` and the folder is synced (``parents``: its missing folders
+    are made first).  Any ``OSError`` on the way (ENOSPC, EROFS, EIO, a folder that is a file) removes the
+    temporary file and raises :class:`WriteError`; ``path`` is untouched.
     """
     path = Path(path)
     try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_path(path)
     except OSError as err:
         raise WriteError(path, err) from None

@@ -17,7 +17,6 @@ Usage: python scripts/check_schemes.py [--device cuda] [--size 64] [--dtype floa
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -26,6 +25,7 @@ from dyconv.inference import to_inference
 from dyconv.layers import ODCONV_STATIC_ATTENTIONS, set_conv_scheme
 from dyconv.models import build_model, set_random_mask
 from dyconv.schemes import SCHEMES
+from pad.runtime import OneLineParser, UsageError, report_error
 
 
 def logits_and_grads(model, x):
@@ -64,14 +64,16 @@ def relative_errors(out, grads, ref_out, ref_grads) -> tuple[float, float, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=64, help="image size (batch 4)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
+    try:
+        args = parser.parse_args(argv)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda but CUDA is not available")
+    except UsageError as err:
+        return report_error(err)
     device = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

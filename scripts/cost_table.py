@@ -16,28 +16,29 @@ or unreadable run is one ``error:`` line and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-from pad.runtime import EXIT_BAD_INPUT
+from pad.records import read_results
+from pad.runtime import OneLineParser, UsageError, WriteError, atomic_write, report_error
 
 COLUMNS = ("stored parameters", "mask bits", "s / training step")
 
 
 def run_costs(run: Path) -> tuple[float | None, float | None, float | None]:
-    """``(stored parameters, mask bits, seconds per training step)`` of one finished run."""
-    summary, results = run / "summary.json", run / "all_results.json"
-    if summary.is_file():
-        data = json.loads(summary.read_text())
-        return data.get("params_compact"), data.get("mask_entries"), data.get("train_seconds_per_step")
-    if results.is_file():
-        data = json.loads(results.read_text())
-        rate = data.get("train_steps_per_second")
-        return data.get("ffn_params_compact"), data.get("mask_entries"), (1.0 / rate if rate else None)
-    raise ValueError(f"{run} holds neither summary.json nor all_results.json")
+    """``(stored parameters, mask bits, seconds per training step)`` of one finished run; :class:`UsageError`
+    naming the run when it has no results or a recorded cost is not a number."""
+    kind, data = read_results(run)
+    keys = (("params_compact", "mask_entries", "train_seconds_per_step") if kind == "dyconv"
+            else ("ffn_params_compact", "mask_entries", "train_steps_per_second"))
+    values = [data.get(key) for key in keys]
+    for key, value in zip(keys, values):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UsageError(f"{run}: {key} is not a number ({value!r})")
+    if kind == "glue":
+        values[2] = 1.0 / values[2] if values[2] else None
+    return tuple(values)
 
 
 def cell(values: list[float | None]) -> str:
@@ -59,23 +60,22 @@ def table(rows: list[Path], seeds: int, title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="row directories")
     parser.add_argument("--seeds", type=int, required=True, help="each row holds ROW/seed0 .. ROW/seed<N-1>")
     parser.add_argument("--output", type=Path, help="also append the table to this file")
     parser.add_argument("--title", default="Cost")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+            raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
         text = table(args.runs, args.seeds, args.title)
-    except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(text)
-    if args.output is not None:
-        with open(args.output, "a") as handle:
-            handle.write("\n" + text)
+        print(text)
+        if args.output is not None:
+            before = args.output.read_text() if args.output.is_file() else ""
+            atomic_write(args.output, before + "\n" + text, parents=True)
+    except (UsageError, WriteError, OSError, ValueError) as err:  # OSError/ValueError: an unreadable --output
+        return report_error(err)
     return 0
 
 

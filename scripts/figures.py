@@ -23,7 +23,6 @@ Missing runs are an error (one ``error:`` line, exit status 2).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,8 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pad import records  # noqa: E402
-from pad.records import InputError  # noqa: E402
-from pad.runtime import EXIT_BAD_INPUT  # noqa: E402
+from pad.runtime import OneLineParser, UsageError, WriteError, atomic_write, report_error  # noqa: E402
 
 FIGURES = {"ratio": "accuracy_vs_dynamic_ratio.png", "lambdas": "scale_factors_over_training.png",
            "per_layer": "per_layer_dynamic_ratio.png", "comparisons": "paired_differences.png",
@@ -56,7 +54,7 @@ SCALE_VARIANTS = ("both", "s", "d", "none")
 def script_dir(runs: Path, script: str, scale: str) -> Path:
     path = runs / f"{script}-{scale}"
     if not path.is_dir():
-        raise InputError(f"{path}: no runs of scripts/{script}.sh at {scale} scale (see --runs, --scale)")
+        raise UsageError(f"{path}: no runs of scripts/{script}.sh at {scale} scale (see --runs, --scale)")
     return path
 
 
@@ -82,7 +80,7 @@ def achieved_ratio(row_dir: Path, seeds: int) -> float:
     for _, run in records.seed_dirs(row_dir, seeds):
         _, results = records.read_results(run)
         if results.get("dynamic_ratio") is None:
-            raise InputError(f"{run}: no dynamic_ratio in the results")
+            raise UsageError(f"{run}: no dynamic_ratio in the results")
         values.append(float(results["dynamic_ratio"]))
     return float(np.mean(values))
 
@@ -100,7 +98,7 @@ def event_scalars(run: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
                 steps.append(event.step)
                 values.append(event.value)
     if not steps:
-        raise InputError(f"{run}: no TensorBoard scalar {tag!r}")
+        raise UsageError(f"{run}: no TensorBoard scalar {tag!r}")
     order = np.argsort(steps, kind="stable")
     return np.asarray(steps)[order], np.asarray(values)[order]
 
@@ -110,7 +108,7 @@ def seed_mean_curve(row_dir: Path, seeds: int, tag: str) -> tuple[np.ndarray, np
     curves = [event_scalars(run, tag) for _, run in records.seed_dirs(row_dir, seeds)]
     common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves)))
     if not common:
-        raise InputError(f"{row_dir}: the seeds logged {tag!r} at no common step")
+        raise UsageError(f"{row_dir}: the seeds logged {tag!r} at no common step")
     stacked = [[dict(zip(s.tolist(), v.tolist()))[step] for step in common] for s, v in curves]
     return np.asarray(common), np.mean(stacked, axis=0)
 
@@ -130,13 +128,13 @@ def per_layer_ratios(row_dir: Path, seeds: int) -> tuple[list[str], np.ndarray, 
             try:
                 partition = json.loads(source.read_text())
             except (OSError, json.JSONDecodeError) as err:
-                raise InputError(f"{source}: unreadable ({err})") from None
+                raise UsageError(f"{source}: unreadable ({err})") from None
         if not isinstance(partition, dict) or not partition.get("per_layer"):
-            raise InputError(f"{source}: no partition per_layer ratios (is it a PAD run?)")
+            raise UsageError(f"{source}: no partition per_layer ratios (is it a PAD run?)")
         if layers is None:
             layers = list(partition["per_layer"])
         elif list(partition["per_layer"]) != layers:
-            raise InputError(f"{source}: other layers than the row's first seed")
+            raise UsageError(f"{source}: other layers than the row's first seed")
         table.append([partition["per_layer"][name] for name in layers])
     array = np.asarray(table, dtype=float)
     return layers, array.mean(0), array.std(0, ddof=1) if len(array) > 1 else np.zeros(len(layers))
@@ -149,7 +147,7 @@ def pipeline_panels(folder: Path, pipelines: tuple, figure_width: float):
     one panel each (a suite run with ``--pipeline`` has one pipeline's rows only); none is an error."""
     present = [p for p in pipelines if rows_matching(folder, p[0])]
     if not present:
-        raise InputError(f"{folder}: no rows of " + " or ".join(f"{p[0]}*" for p in pipelines))
+        raise UsageError(f"{folder}: no rows of " + " or ".join(f"{p[0]}*" for p in pipelines))
     fig, axes = plt.subplots(1, len(present), figsize=(figure_width * len(present) / len(pipelines), 4),
                              squeeze=False)
     return fig, [(ax, *p) for ax, p in zip(axes[0], present)]
@@ -170,7 +168,7 @@ def ratio_references(runs: Path, scale: str, seeds: int, prefix: str, row_dirs: 
     for script, row, label in wanted:
         try:
             mean, std = records.mean_std(records.load_row(runs / f"{script}-{scale}" / row, seeds).score)
-        except InputError as err:
+        except UsageError as err:
             print(f"note: no {label} line in {FIGURES['ratio']}: {err}", file=sys.stderr)
             continue
         references.append((f"{label}, {script}", mean, std or 0.0))
@@ -205,7 +203,7 @@ def figure_lambdas(runs: Path, scale: str, seeds: int, path: Path) -> None:
         for variant, color in zip(SCALE_VARIANTS, ("C0", "C1", "C2", "C3")):
             matches = [d for d in rows_matching(folder, prefix) if d.name.endswith(f"-scale-{variant}")]
             if len(matches) != 1:
-                raise InputError(f"{folder}: expected one {prefix}*-scale-{variant} row, found {len(matches)}")
+                raise UsageError(f"{folder}: expected one {prefix}*-scale-{variant} row, found {len(matches)}")
             for which, style in (("d", "-"), ("s", "--")):
                 steps, values = seed_mean_curve(matches[0], seeds, tag.format(which))
                 ax.plot(steps, values, style, color=color, marker=".", label=f"{variant}: lambda_{which}")
@@ -223,7 +221,7 @@ def figure_per_layer(runs: Path, scale: str, seeds: int, path: Path) -> None:
     folder = script_dir(runs, "table2_glue_moe", scale)
     sources += [(d, "PAD-MoE") for d in rows_matching(folder, "") if d.name.endswith("-pad")]
     if not sources:
-        raise InputError("no PAD rows in table1_imagenet_dyconv / table2_glue_moe")
+        raise UsageError("no PAD rows in table1_imagenet_dyconv / table2_glue_moe")
     fig, axes = plt.subplots(len(sources), 1, figsize=(12, 2.6 * len(sources)), squeeze=False)
     for ax, (row_dir, title) in zip(axes[:, 0], sources):
         layers, mean, std = per_layer_ratios(row_dir, seeds)
@@ -257,7 +255,7 @@ def headline_comparisons(runs: Path, scale: str, seeds: int) -> list[tuple[str, 
     for moe in ("none", "moe", "pad"):
         rows = [records.load_row(d, seeds) for d in rows_matching(folder, "") if d.name.endswith(f"-{moe}")]
         if not rows:
-            raise InputError(f"{folder}: no *-{moe} rows")
+            raise UsageError(f"{folder}: no *-{moe} rows")
         averages[moe] = records.average_row(f"GLUE average {moe}", rows)
     comparisons += [("GLUE", records.compare(averages["pad"], averages["moe"])),
                     ("GLUE", records.compare(averages["moe"], averages["none"]))]
@@ -293,12 +291,12 @@ def search_gains(runs: Path, scale: str, seeds: int) -> dict[int, list[tuple[int
             setting = f"resnet10-w{width}-e{epochs}"
             try:
                 dynamic, static = (records.load_row(folder / f"{setting}-{conv}", seeds) for conv in ("dyconv", "static"))
-            except InputError as err:
+            except UsageError as err:
                 print(f"note: {setting} is not in {FIGURES['search']}: {err}", file=sys.stderr)
                 continue
             gains.setdefault(epochs, []).append((width, records.compare(dynamic, static)))
     if not gains:
-        raise InputError(f"{folder}: no candidate of the protocol search has finished")
+        raise UsageError(f"{folder}: no candidate of the protocol search has finished")
     return gains
 
 
@@ -338,22 +336,18 @@ def shorten(name: str) -> str:
 
 def save(fig, path: Path) -> None:
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120), parents=True)
+    finally:
+        plt.close(fig)
 
 
 MAKERS = {"ratio": figure_ratio, "lambdas": figure_lambdas, "per_layer": figure_per_layer,
           "comparisons": figure_comparisons, "search": figure_search}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise InputError(message)
-
-
 def main(argv=None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of <script>-<scale>/ run folders")
     parser.add_argument("--scale", default="mini", choices=("mini", "protocol", "full", "smoke"),
                         help="whose runs: <script>-<scale>/; a figure of a scale other than mini is named "
@@ -366,16 +360,15 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.seeds < 1:
-            raise InputError(f"--seeds must be >= 1, got {args.seeds}")
+            raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
         for name in args.figures:
             path = args.output / FIGURES[name]
             if args.scale != "mini":
                 path = path.with_name(f"{path.stem}-{args.scale}{path.suffix}")
             MAKERS[name](args.runs, args.scale, args.seeds, path)
             print(f"wrote {path}")
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (UsageError, WriteError) as err:
+        return report_error(err)
     return 0
 
 

@@ -24,7 +24,6 @@ For every run it prints one markdown block with
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -35,8 +34,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from moe import glue
-from pad.records import InputError
-from pad.runtime import EXIT_BAD_INPUT, atomic_write, error_line
+from pad.runtime import OneLineParser, UsageError, atomic_write, report_error
 from moe.modeling import MoELinear, _feed_forward_blocks, load_model, moe_layers
 from moe.run_glue import default_model_path
 
@@ -157,11 +155,11 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def check_run(run: Path) -> None:
-    """``run`` holds a trained model (config and weights), or :class:`InputError` naming it."""
+    """``run`` holds a trained model (config and weights), or :class:`UsageError` naming it."""
     if not run.is_dir():
-        raise InputError(f"{run} is not a folder")
+        raise UsageError(f"{run} is not a folder")
     if not (run / "config.json").is_file() or not any((run / name).is_file() for name in WEIGHT_FILES):
-        raise InputError(f"{run} holds no trained model (config.json and {' or '.join(WEIGHT_FILES)}); "
+        raise UsageError(f"{run} holds no trained model (config.json and {' or '.join(WEIGHT_FILES)}); "
                          "committed run records keep no weights: train the run here first")
 
 
@@ -213,7 +211,7 @@ def without_output(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--glue_dir", default="data/glue")
     parser.add_argument("--task_name", default="sst2")
@@ -222,9 +220,12 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_samples", type=int, default=500)
     parser.add_argument("--noise_draws", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None, help="write the report here instead of printing it")
-    args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
+        args = parser.parse_args(argv)
+        for flag in ("max_seq_length", "eval_samples", "noise_draws"):
+            if getattr(args, flag) < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
         for run in args.runs:
             check_run(run)
         pretrained = AutoModelForSequenceClassification.from_pretrained(args.pretrained or default_model_path()).eval()
@@ -234,9 +235,8 @@ def main(argv=None) -> int:
         else:
             header = f"Produced by `python scripts/moe_diagnosis.py {' '.join(without_output(argv))}`.\n\n"
             atomic_write(args.output, header + "\n".join(reports))
-    except (InputError, OSError, ValueError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (UsageError, OSError, ValueError) as err:
+        return report_error(err)
     return 0
 
 

@@ -16,6 +16,8 @@ import hashlib
 import json
 import sys
 
+from pad.runtime import UsageError, report_error
+
 # Where a run writes, not what it computes.
 DYCONV_WHERE = ("output", "overwrite_output_dir", "resume", "config", "save_checkpoints", "save_steps")
 GLUE_WHERE = ("output_dir", "overwrite_output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
@@ -26,12 +28,11 @@ def _parsed(parse, argv: list[str], errors: tuple[type[Exception], ...]):
     try:
         return parse(argv)
     except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(report_error(err)) from None
 
 
 def dyconv_settings(argv: list[str]) -> dict:
-    from dyconv.main import UsageError, parse_args
+    from dyconv.main import parse_args
     args = _parsed(parse_args, argv, (UsageError,))
     return {key: value for key, value in vars(args).items() if key not in DYCONV_WHERE}
 
@@ -66,8 +67,7 @@ def run_key(kind: str, argv: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("dyconv", "glue"):
-        print("error: usage: run_key.py dyconv|glue [the CLI's arguments...]", file=sys.stderr)
-        return 2
+        return report_error("usage: run_key.py dyconv|glue [the CLI's arguments...]")
     print(run_key(argv[0], argv[1:]))
     return 0
 

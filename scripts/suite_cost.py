@@ -23,8 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from pad.records import InputError, read_results
-from pad.runtime import EXIT_BAD_INPUT
+from pad.records import read_results
+from pad.runtime import OneLineParser, UsageError, WriteError, atomic_write, report_error
 
 
 def run_seconds(run: Path) -> tuple[str, float | None]:
@@ -43,7 +43,7 @@ def suite_costs(runs: Path, scale: str, scripts: list[str] | None = None) -> dic
     """``{script: {"image": [s, ...], "text": [...], "rows": {row: [s, ...]}, "untimed": [run, ...],
     "linked": n, "unfinished": n}}`` over every script's folder, or only those of ``scripts``."""
     if not runs.is_dir():
-        raise InputError(f"{runs} is not a folder of runs")
+        raise UsageError(f"{runs} is not a folder of runs")
     costs = {}
     for script_dir in sorted(runs.glob(f"*-{scale}")):
         if not script_dir.is_dir() or script_dir.name.startswith("."):  # .shared-<scale>: the index of shared rows
@@ -67,7 +67,7 @@ def suite_costs(runs: Path, scale: str, scripts: list[str] | None = None) -> dic
                 entry["rows"].setdefault(run.parent.name, []).append(float(seconds))
         costs[script_dir.name.removesuffix(f"-{scale}")] = entry
     if not costs:
-        raise InputError(f"no <script>-{scale} folders in {runs}")
+        raise UsageError(f"no <script>-{scale} folders in {runs}")
     return costs
 
 
@@ -103,13 +103,8 @@ def report(costs: dict[str, dict], jobs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise InputError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("results/runs"), help="the runs root (RUNS_ROOT)")
     parser.add_argument("--scale", default="mini", help="the scale suffix of the script folders (mini, gpu, full)")
     parser.add_argument("--jobs", type=int, default=2, help="runs that ran at once (JOBS)")
@@ -123,17 +118,15 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.jobs < 1:
-            raise InputError(f"--jobs must be >= 1, got {args.jobs}")
+            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
         text = report(suite_costs(args.runs, args.scale, args.scripts), args.jobs)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(text, end="")
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        scripts = "" if args.scripts is None else " --scripts " + " ".join(args.scripts)
-        args.output.write_text(f"# python scripts/suite_cost.py --runs {args.runs} --scale {args.scale} "
-                               f"--jobs {args.jobs}{scripts}\n\n{text}")
+        print(text, end="")
+        if args.output is not None:
+            scripts = "" if args.scripts is None else " --scripts " + " ".join(args.scripts)
+            atomic_write(args.output, f"# python scripts/suite_cost.py --runs {args.runs} --scale {args.scale} "
+                                      f"--jobs {args.jobs}{scripts}\n\n{text}", parents=True)
+    except (UsageError, WriteError) as err:
+        return report_error(err)
     return 0
 
 

@@ -23,9 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pad.records import (CONFIDENCE, DYCONV_METRICS, GLUE_METRICS, Comparison, InputError, Row, average_row, compare,
+from pad.records import (CONFIDENCE, DYCONV_METRICS, GLUE_METRICS, Comparison, Row, average_row, compare,
                          load_row, mean_std)
-from pad.runtime import EXIT_BAD_INPUT
+from pad.runtime import OneLineParser, UsageError, WriteError, atomic_write, report_error
 
 
 # ---------------------------------------------------------------- tables
@@ -97,13 +97,8 @@ def report(rows: list[Row], averages: list[Row], comparisons: list[Comparison]) 
 
 # ---------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise InputError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("runs", nargs="+", type=Path, help="row directories")
     parser.add_argument("--seeds", type=int, help="each row holds ROW/seed0 .. ROW/seed<N-1>")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
@@ -118,31 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def summarize(args: argparse.Namespace) -> str:
     if args.seeds is not None and args.seeds < 1:
-        raise InputError(f"--seeds must be >= 1, got {args.seeds}")
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     rows = [load_row(path, args.seeds) for path in args.runs]
     by_name = {}
     for row in rows:
         if row.name in by_name:
-            raise InputError(f"two rows are named {row.name}")
+            raise UsageError(f"two rows are named {row.name}")
         by_name[row.name] = row
     averages = []
     for name, *members in args.average:
         if not members:
-            raise InputError(f"--average {name} needs at least one row")
+            raise UsageError(f"--average {name} needs at least one row")
         unknown = [m for m in members if m not in by_name]
         if unknown:
-            raise InputError(f"--average {name}: unknown row(s) {', '.join(unknown)}")
+            raise UsageError(f"--average {name}: unknown row(s) {', '.join(unknown)}")
         if any(by_name[m].kind != "glue" for m in members):
-            raise InputError(f"--average {name}: only GLUE rows can be averaged")
+            raise UsageError(f"--average {name}: only GLUE rows can be averaged")
         if name in by_name:
-            raise InputError(f"--average {name}: the name is already taken")
+            raise UsageError(f"--average {name}: the name is already taken")
         averages.append(average_row(name, [by_name[m] for m in members]))
         by_name[name] = averages[-1]
     comparisons = []
     for a, b in args.compare:
         unknown = [n for n in (a, b) if n not in by_name]
         if unknown:
-            raise InputError(f"--compare {a} {b}: unknown row(s) {', '.join(unknown)}")
+            raise UsageError(f"--compare {a} {b}: unknown row(s) {', '.join(unknown)}")
         comparisons.append(compare(by_name[a], by_name[b]))
     return report(rows, averages, comparisons)
 
@@ -151,14 +146,12 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         table = summarize(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"\n{args.title}\n\n{table}\n")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        produced = f"Produced by `{args.command}`.\n\n" if args.command else ""
-        args.output.write_text(f"## {args.title}\n\n{produced}{table}\n")
+        print(f"\n{args.title}\n\n{table}\n")
+        if args.output:
+            produced = f"Produced by `{args.command}`.\n\n" if args.command else ""
+            atomic_write(args.output, f"## {args.title}\n\n{produced}{table}\n", parents=True)
+    except (UsageError, WriteError) as err:
+        return report_error(err)
     return 0
 
 

@@ -11,13 +11,12 @@ fast counts as 0. Bad input: one ``error:`` line, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 
-from pad.runtime import EXIT_BAD_INPUT, atomic_write, error_line
+from pad.runtime import OneLineParser, UsageError, atomic_write, report_error
 
 DURATION = re.compile(r"^([0-9.]+)s (?:setup|call|teardown)\s+(\S+)")
 
@@ -41,6 +40,11 @@ def per_file(times: Counter, ids) -> Counter:
     return totals
 
 
+def ratio(after: float, before: float) -> str:
+    """``after / before`` to 3 decimals, or "-" where the baseline took no measurable time."""
+    return f"{after / before:.3f}" if before > 0 else "-"
+
+
 def compare(before: Counter, after: Counter, names: tuple[str, str]) -> str:
     """The markdown report: shared tests' totals and ratio, per-file differences, tests only one run holds."""
     shared = set(before) & set(after)
@@ -48,9 +52,9 @@ def compare(before: Counter, after: Counter, names: tuple[str, str]) -> str:
     shared_before, shared_after = (sum(times[t] for t in shared) for times in (before, after))
     lines = [f"Tests timed: {names[0]} {len(before)}, {names[1]} {len(after)}, in both {len(shared)}.", "",
              "| tests | " + " | ".join(names) + " | ratio |", "|---|---|---|---|",
-             f"| in both runs | {shared_before:.0f} s | {shared_after:.0f} s | {shared_after / shared_before:.3f} |",
+             f"| in both runs | {shared_before:.0f} s | {shared_after:.0f} s | {ratio(shared_after, shared_before)} |",
              f"| all | {sum(before.values()):.0f} s | {sum(after.values()):.0f} s | "
-             f"{sum(after.values()) / sum(before.values()):.3f} |", "",
+             f"{ratio(sum(after.values()), sum(before.values()))} |", "",
              "Per file, the tests in both runs:", "", "| file | " + " | ".join(names) + " | difference |",
              "|---|---|---|---|"]
     files_before, files_after = per_file(before, shared), per_file(after, shared)
@@ -64,19 +68,18 @@ def compare(before: Counter, after: Counter, names: tuple[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before", type=Path, help="pytest --durations=0 output of the baseline checkout")
     parser.add_argument("after", type=Path, help="pytest --durations=0 output of the changed checkout")
     parser.add_argument("--names", nargs=2, default=("before", "after"), help="column names of the two runs")
     parser.add_argument("--output", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         report = compare(read_durations(args.before), read_durations(args.after), tuple(args.names))
         if args.output:
             atomic_write(args.output, report)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (UsageError, OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        return report_error(err)
     print(report, end="")
     return 0
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import cost_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,4 +40,22 @@ def test_missing_run_is_one_error_line(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "cost_table.py"), str(tmp_path / "row"),
                              "--seeds", "2"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr == f"error: {tmp_path / 'row' / 'seed1'} holds neither summary.json nor all_results.json\n"
+    assert result.stderr == (f"error: {tmp_path / 'row' / 'seed1'} holds neither summary.json nor all_results.json: "
+                             "did the run finish?\n")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_a_number", "train_seconds_per_step is not a number ('fast')"),
+    ("output_is_a_folder", "cannot write"),
+    ("bad_flag", "error: argument --seeds: invalid int value: 'two'"),
+])
+def test_bad_input_is_one_error_line(tmp_path, case, message):
+    write(tmp_path / "row" / "seed0" / "summary.json",
+          {"params_compact": 1, "train_seconds_per_step": "fast" if case == "not_a_number" else 0.5})
+    (tmp_path / "out.md").mkdir()
+    args = [str(tmp_path / "row"), "--seeds", "two" if case == "bad_flag" else "1"]
+    args += ["--output", str(tmp_path / "out.md")] if case == "output_is_a_folder" else []
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "cost_table.py"), *args], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr, result.stderr

@@ -507,22 +507,22 @@ def test_bench_bad_input_is_one_line(capsys, argv, message):
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1
     assert message in err
-    assert err.startswith("bench_dyconv: error: ") and message in err
+    assert err.startswith("error: ") and message in err
 
 
 def test_bench_script_exit_code_and_message():
     result = subprocess.run(["bash", str(REPO / "scripts" / "bench_dyconv.sh"), "--batch-size", "x"],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("bench_dyconv")]
-    assert lines == ["bench_dyconv: error: argument --batch-size: invalid int value: 'x'"]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: argument --batch-size: invalid int value: 'x'"]
     assert "Traceback" not in result.stderr
 
 
 def test_bench_cuda_unavailable(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--device", "cuda"]) == 2
-    assert capsys.readouterr().err.strip() == "bench_dyconv: error: --device cuda but CUDA is not available"
+    assert capsys.readouterr().err.strip() == "error: --device cuda but CUDA is not available"
 
 
 def test_peak_memory_reading_of_nothing_is_taken_again(monkeypatch):

@@ -22,8 +22,8 @@ from torch import nn
 
 from dyconv import engine
 from dyconv.engine import CheckpointError, TrainingDiverged
-from dyconv.main import UsageError, check_finite, main, parse_args
-from pad.runtime import IntegrityError
+from dyconv.main import check_finite, main, parse_args
+from pad.runtime import IntegrityError, UsageError
 from conftest import fail_writes_to, folder_locked_by_another_process
 from test_dyconv_main import run_failing
 

@@ -185,7 +185,7 @@ def test_one_pipeline_gets_one_panel(runs, tmp_path, monkeypatch):
     assert grids == [(1, 1), (1, 1)]  # one panel each
     for row in (only_images / "ablation_dynamic_ratio-mini").iterdir():
         shutil.rmtree(row)
-    with pytest.raises(figures.InputError, match="no rows of resnet\\* or rte-pad\\*"):
+    with pytest.raises(figures.UsageError, match="no rows of resnet\\* or rte-pad\\*"):
         figures.figure_ratio(only_images, "mini", SEEDS, tmp_path / "none.png")
 
 
@@ -252,5 +252,5 @@ def test_protocol_search_gains_and_figure(tmp_path, capsys):
         assert image.format == "PNG" and image.width > 300
     empty = tmp_path / "empty" / "regime_search-mini"
     empty.mkdir(parents=True)
-    with pytest.raises(figures.InputError, match="no candidate of the protocol search has finished"):
+    with pytest.raises(figures.UsageError, match="no candidate of the protocol search has finished"):
         figures.search_gains(empty.parent, "mini", SEEDS)

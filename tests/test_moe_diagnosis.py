@@ -71,3 +71,12 @@ def test_a_folder_without_trained_weights_is_one_error_line(tiny_bert_dir, tmp_p
         assert moe_diagnosis.main([str(folder), "--pretrained", str(tiny_bert_dir), "--output", str(out)]) == 2
         assert capsys.readouterr().err == message + "\n"
         assert not out.exists()
+
+
+def test_bad_flags_are_one_error_line(tiny_bert_dir, tmp_path, capsys):
+    run = saved_moe(tiny_bert_dir, tmp_path / "moe", moved=False)
+    for flags, message in [(["--noise_draws", "0"], "error: --noise_draws must be >= 1, got 0"),
+                           (["--eval_samples", "-5"], "error: --eval_samples must be >= 1, got -5"),
+                           (["--noise_draws", "two"], "error: argument --noise_draws: invalid int value: 'two'")]:
+        assert moe_diagnosis.main([str(run), "--pretrained", str(tiny_bert_dir), *flags]) == 2
+        assert capsys.readouterr().err == message + "\n"

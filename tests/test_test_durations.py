@@ -41,11 +41,22 @@ def test_shared_tests_compared_and_the_others_apart(tmp_path, capsys):
     assert "Tests only new holds: 1, 7 s\n\n- tests/test_c.py: 7.0 s" in report
 
 
+def test_runs_without_shared_tests_have_no_ratio(tmp_path, capsys):
+    """No test in both runs: the shared tests' ratio is "-", not a division by zero."""
+    (tmp_path / "b.txt").write_text("1.00s call     tests/test_a.py::test_old\n")
+    (tmp_path / "a.txt").write_text("2.00s call     tests/test_a.py::test_new\n")
+    assert test_durations.main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    report = capsys.readouterr().out
+    assert "| in both runs | 0 s | 0 s | - |" in report and "| all | 1 s | 2 s | 2.000 |" in report
+
+
 def test_bad_input_is_one_error_line(tmp_path):
     (tmp_path / "empty.txt").write_text("3 passed in 1.00s\n")
     for args, message in (([str(tmp_path / "missing.txt"), str(tmp_path / "empty.txt")], "No such file"),
                           ([str(tmp_path / "empty.txt"), str(tmp_path / "empty.txt")],
-                           f"error: {tmp_path / 'empty.txt'} holds no test durations (run pytest with --durations=0)")):
+                           f"error: {tmp_path / 'empty.txt'} holds no test durations (run pytest with --durations=0)"),
+                          ([str(tmp_path / "empty.txt"), "--names", "a"],
+                           "error: argument --names: expected 2 arguments")):
         result = subprocess.run([sys.executable, str(REPO / "scripts" / "test_durations.py"), *args],
                                 capture_output=True, text=True)
         assert result.returncode == 2
