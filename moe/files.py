@@ -32,7 +32,7 @@ import json
 import os
 import zipfile
 
-from pad.runtime import atomic_write, error_line, predates, sha256_file, verify
+from pad.runtime import atomic_write, error_line, predates, read_json, read_text, sha256_file, verify
 
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generation_config.json", "partition.json", "trainer_state.json",
@@ -47,39 +47,6 @@ CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pyto
 CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 TORCH_PATTERNS = ("pytorch_model*.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
                   "training_args.bin")
-
-
-def read_text(path: str) -> str:
-    """The UTF-8 text of ``path``; ``ValueError`` naming the file (and the line of the first
-    undecodable byte) for a folder, an unreadable or a non-UTF-8 file."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, expected a file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
-
-
-def read_json(path: str, expect: type | None = dict):
-    """The JSON value in ``path`` (a ``dict`` unless ``expect`` says otherwise);
-    ``ValueError`` naming the file and the line for anything else."""
-    text = read_text(path)
-    if not text.strip():
-        raise ValueError(f"{path}: empty file, expected JSON")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
-    if expect is not None and not isinstance(value, expect):
-        raise ValueError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
-                         f"got {type(value).__name__}")
-    return value
 
 
 def check_safetensors(path: str) -> None:

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe.files import read_text
-from pad.runtime import error_line
+from pad.runtime import error_line, read_text
 
 # STS-B similarity scores are annotated from 0 (unrelated) to 5 (equivalent).
 STSB_RANGE = (0.0, 5.0)

@@ -47,10 +47,11 @@ from pad.mixing import SCALE_FACTOR_VARIANTS
 from pad.partition import CRITERIA, SCHEDULES, SCOPES, check_dynamic_ratio
 from pad.runtime import (EXIT_BAD_INPUT, LOCK_FILE, FolderInUse, Preempted, StopSignals, atomic_write,
                          code_version, keep_freed_memory, lock_folder, machine_description, predates,
-                         report_error)
+                         read_json, report_error)
 from moe import files, glue
 from moe.modeling import MOE_GRANULARITIES, MOE_LAYERS, MOE_TYPES, check_moe_settings, convert_to_moe, ffn_parameter_counts, load_model
-from moe.trainer import PARTITION_FILE, MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics
+from moe.trainer import (PARTITION_FILE, MoETrainer, PartitionAtStep, PartitionReportKeeper, model_statistics,
+                         write_partition_record)
 
 logger = logging.getLogger("moe.run_glue")
 
@@ -162,7 +163,7 @@ class ArgumentParser(HfArgumentParser):
 
 def json_config_to_argv(path: str) -> list[str]:
     """``{"flag": value}`` -> ``["--flag", "value", ...]`` (lists become several values)."""
-    settings = files.read_json(path)
+    settings = read_json(path)
     argv = []
     for key, value in settings.items():
         values = value if isinstance(value, list) else [value]
@@ -481,7 +482,7 @@ def check_same_run(record: dict, checkpoint: str) -> None:
     if not os.path.lexists(path):
         raise predates(f"checkpoint {checkpoint}", f"recorded run arguments (it has no {RUN_ARGS_FILE})",
                        "train the run again with this version of moe/run_glue.py")
-    recorded = files.read_json(path)
+    recorded = read_json(path)
     kept = KEPT_BY_PARTITIONED_CHECKPOINT if os.path.lexists(os.path.join(checkpoint, PARTITION_FILE)) else set()
     for flag, value in record.items():
         if flag in RESUME_MAY_CHANGE or flag in kept or flag not in recorded or recorded[flag] == value:
@@ -667,7 +668,7 @@ def start_partition(trainer: MoETrainer, keeper: PartitionReportKeeper, moe_args
 
 def checkpoint_step(checkpoint: str) -> int:
     """The optimizer step a Trainer checkpoint was saved at (its ``trainer_state.json``)."""
-    return files.read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
+    return read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
 
 
 def train(trainer: MoETrainer, keeper: PartitionReportKeeper, stopper: StopAtSignal,
@@ -717,7 +718,7 @@ def save_results(trainer: MoETrainer, train_metrics: dict | None, eval_metrics: 
     the train and eval metrics (``*_results.json``) and the trainer state."""
     if train_metrics is not None:
         if record is not None and trainer.is_world_process_zero():
-            atomic_write(os.path.join(trainer.args.output_dir, "partition.json"), json.dumps(record, indent=2))
+            write_partition_record(trainer.args.output_dir, record)
         trainer.save_model()
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)

@@ -36,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 import pad
 from pad.mixing import UnrecordedGranularity, weight_banks
 from pad.partition import check_dynamic_ratio
-from pad.runtime import atomic_write, predates
+from pad.runtime import atomic_write, predates, read_json
 from moe import files
 from moe.modeling import aux_loss, expert_load, moe_layers, save_compact_model
 
@@ -308,7 +308,6 @@ def read_partition_record(folder: str) -> dict | None:
     """``folder/partition.json`` (a checkpoint's), or ``None`` when it has none; ``ValueError``
     naming the file when it is unreadable or lacks one of :data:`PARTITION_KEYS`, the granularity or what decided
     the partition (``decided_by``)."""
-    from moe.files import read_json
     path = os.path.join(folder, PARTITION_FILE)
     if not os.path.lexists(path):
         return None
@@ -323,6 +322,11 @@ def read_partition_record(folder: str) -> dict | None:
         raise predates(f"partition report {path}", "records of what decided the partition (it has no decided_by)",
                        "train the run again with this version of moe/run_glue.py")
     return record
+
+
+def write_partition_record(folder: str, record: dict) -> None:
+    """``folder/partition.json``: the report :func:`read_partition_record` reads back."""
+    atomic_write(os.path.join(folder, PARTITION_FILE), json.dumps(record, indent=2))
 
 
 class PartitionReportKeeper:
@@ -348,4 +352,4 @@ class PartitionReportKeeper:
     def write(self, folder: str) -> None:
         record = self.record()
         if record is not None:
-            atomic_write(os.path.join(folder, PARTITION_FILE), json.dumps(record, indent=2))
+            write_partition_record(folder, record)

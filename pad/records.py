@@ -9,7 +9,6 @@ score, the mean of the task's metrics in percent.  Missing, unfinished or unread
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from pad.runtime import UsageError, error_line
+from pad.runtime import UsageError, error_line, read_json
 
 CONFIDENCE = 0.95
 
@@ -48,12 +47,9 @@ def read_results(run: Path) -> tuple[str, dict]:
         path = run / name
         if path.is_file():
             try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError) as err:  # JSON and UTF-8 decoding errors are ValueErrors
-                raise UsageError(f"{path}: unreadable ({error_line(err)})") from None
-            if not isinstance(data, dict):
-                raise UsageError(f"{path}: expected a JSON object")
-            return kind, data
+                return kind, read_json(path)
+            except ValueError as err:  # names the file and what is wrong with it
+                raise UsageError(error_line(err)) from None
     raise UsageError(f"{run} holds neither summary.json nor all_results.json: did the run finish?")
 
 

@@ -7,6 +7,8 @@ Not part of ``pad``'s public API; it depends on the standard library only (``tor
   failed write removes its temporary file and raises :class:`WriteError`, naming the path and the error.
 - :class:`UsageError`, :class:`OneLineParser`, :func:`report_error`, :func:`error_line` and :data:`EXIT_BAD_INPUT`:
   every CLI reports bad input (flags, files, folders) as one ``error:`` line and exit 2, never a usage block.
+- :func:`read_text` and :func:`read_json`: the one way a text or JSON file is read back, any fault (a folder, an
+  unreadable or non-UTF-8 file, invalid JSON, another JSON type than expected) a ``ValueError`` naming the file.
 - :func:`sha256_bytes`, :func:`sha256_file`, :func:`sha256_fields` and :func:`verify`: the one integrity scheme of
   every file the project writes and reads back.  Each file kind records the SHA-256 of its contents where that
   kind has room for it (a dyconv checkpoint's wrapper, a safetensors file's metadata, a Trainer folder's
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -63,6 +66,41 @@ def report_error(err: BaseException | str) -> int:
         message = error_line(err)
     print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
+
+
+# ---------------------------------------------------------------- reading
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of ``path``; ``ValueError`` naming the file (and the line of the first
+    undecodable byte) for a folder, an unreadable or a non-UTF-8 file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, expected a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+
+
+def read_json(path: str | os.PathLike, expect: type | None = dict):
+    """The JSON value in ``path`` (a ``dict`` unless ``expect`` says otherwise);
+    ``ValueError`` naming the file and the line for anything else."""
+    text = read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file, expected JSON")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise ValueError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
+                         f"got {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------- integrity

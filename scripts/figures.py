@@ -23,7 +23,6 @@ Missing runs are an error (one ``error:`` line, exit status 2).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pad import records  # noqa: E402
-from pad.runtime import OneLineParser, UsageError, WriteError, atomic_write, report_error  # noqa: E402
+from pad.runtime import (OneLineParser, UsageError, WriteError, atomic_write, error_line, read_json,  # noqa: E402
+                         report_error)
 
 FIGURES = {"ratio": "accuracy_vs_dynamic_ratio.png", "lambdas": "scale_factors_over_training.png",
            "per_layer": "per_layer_dynamic_ratio.png", "comparisons": "paired_differences.png",
@@ -126,9 +126,9 @@ def per_layer_ratios(row_dir: Path, seeds: int) -> tuple[list[str], np.ndarray, 
         else:
             source = run / "partition.json"
             try:
-                partition = json.loads(source.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise UsageError(f"{source}: unreadable ({err})") from None
+                partition = read_json(source)
+            except ValueError as err:
+                raise UsageError(error_line(err)) from None
         if not isinstance(partition, dict) or not partition.get("per_layer"):
             raise UsageError(f"{source}: no partition per_layer ratios (is it a PAD run?)")
         if layers is None:

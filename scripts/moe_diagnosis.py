@@ -24,7 +24,6 @@ For every run it prints one markdown block with
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from moe import glue
-from pad.runtime import OneLineParser, UsageError, atomic_write, report_error
+from pad.runtime import OneLineParser, UsageError, atomic_write, read_json, report_error
 from moe.modeling import MoELinear, _feed_forward_blocks, load_model, moe_layers
 from moe.run_glue import default_model_path
 
@@ -145,7 +144,9 @@ def learning_curve(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, 
     state = run / "trainer_state.json"
     if not state.is_file():
         return [], []
-    history = json.loads(state.read_text())["log_history"]
+    history = read_json(state).get("log_history")
+    if not isinstance(history, list):
+        raise UsageError(f"{state}: no log_history list")
     losses = [(h["step"], h.get("task_loss", h.get("loss"))) for h in history if "loss" in h]
     evals = [(h["step"], 100 * h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
     return losses, evals

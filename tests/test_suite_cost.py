@@ -64,8 +64,8 @@ def test_scripts_limits_the_count_to_those_scripts(runs, capsys):
     (["--runs", "{root}", "--scale", "gpu"], "error: no <script>-gpu folders in {root}"),
     (["--runs", "{root}", "--jobs", "0"], "error: --jobs must be >= 1, got 0"),
     (["--runs", "{root}", "--jobs", "two"], "error: argument --jobs: invalid int value: 'two'"),
-    (["--runs", "{root}", "--scale", "bad"], "error: {root}/bad-bad/row/seed0/summary.json: unreadable "
-                                             "(Expecting value: line 1 column 1 (char 0))"),
+    (["--runs", "{root}", "--scale", "bad"], "error: {root}/bad-bad/row/seed0/summary.json: empty file, "
+                                             "expected JSON"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, args, message):
     root = tmp_path / "runs"

@@ -137,7 +137,7 @@ def test_unreadable_and_unfinished_runs(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "summary.json").write_text("{not json")
     result = run_cli(tmp_path / "broken")
-    assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path}/broken/summary.json: unreadable")
+    assert result.returncode == 2 and result.stderr == f"error: {tmp_path}/broken/summary.json line 1: not valid JSON (Expecting property name enclosed in double quotes)\n"
     (tmp_path / "empty").mkdir()
     result = run_cli(tmp_path / "empty")
     assert result.returncode == 2
