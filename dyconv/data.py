@@ -339,15 +339,18 @@ def random_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
 
 
 def build_datasets(dataset: str, data_dir: str | None, image_size: int, train_subset: int | None = None,
-                   val_subset: int | None = None, seed: int = 0,
-                   download_root: str = "data") -> tuple[Dataset, Dataset, DatasetInfo]:
-    """Training and validation sets and their :class:`DatasetInfo`.
+                   val_subset: int | None = None, seed: int = 0, download_root: str = "data",
+                   with_train: bool = True) -> tuple[Dataset | None, Dataset, DatasetInfo]:
+    """Training and validation sets and their :class:`DatasetInfo`; without ``with_train`` (evaluation) the
+    training set is neither read nor listed (``None``) and the classes are the validation folder's.
 
     Items are ``(image float (C, image_size, image_size), label int)``.
     """
+    train_set = None
     if dataset == "fashion-mnist":
-        train_set = TensorImageDataset(*load_fashion_mnist(True, data_dir, download_root),
-                                       fashion_mnist_transform(True, image_size))
+        if with_train:
+            train_set = TensorImageDataset(*load_fashion_mnist(True, data_dir, download_root),
+                                           fashion_mnist_transform(True, image_size))
         val_set = TensorImageDataset(*load_fashion_mnist(False, data_dir, download_root),
                                      fashion_mnist_transform(False, image_size))
         info = DatasetInfo("fashion-mnist", 10, 1, image_size, small_input=True)
@@ -356,12 +359,17 @@ def build_datasets(dataset: str, data_dir: str | None, image_size: int, train_su
             raise DataError("--dataset imagenet needs --data DIR with DIR/train/<class>/* and DIR/val/<class>/*")
         if not Path(data_dir).is_dir():
             raise DataError(f"data folder {data_dir} does not exist")
-        train_set = image_folder(data_dir, "train", image_size, train=True)
         val_set = image_folder(data_dir, "val", image_size, train=False)
-        if train_set.classes != val_set.classes:
-            raise DataError(f"{data_dir}/train and {data_dir}/val have different class folders")
-        info = DatasetInfo("imagenet", len(train_set.classes), 3, image_size, small_input=False,
-                           hidden_entries_skipped=train_set.hidden_entries_skipped + val_set.hidden_entries_skipped)
+        hidden = val_set.hidden_entries_skipped
+        if with_train:
+            train_set = image_folder(data_dir, "train", image_size, train=True)
+            if train_set.classes != val_set.classes:
+                raise DataError(f"{data_dir}/train and {data_dir}/val have different class folders")
+            hidden += train_set.hidden_entries_skipped
+        info = DatasetInfo("imagenet", len(val_set.classes), 3, image_size, small_input=False,
+                           hidden_entries_skipped=hidden)
     else:
         raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    return random_subset(train_set, train_subset, seed), random_subset(val_set, val_subset, seed + 1), info
+    if train_set is not None:
+        train_set = random_subset(train_set, train_subset, seed)
+    return train_set, random_subset(val_set, val_subset, seed + 1), info

@@ -430,25 +430,28 @@ def model_metadata(args: argparse.Namespace, num_classes: int, in_channels: int,
             "odconv_static_attention": args.odconv_static_attention}
 
 
-def make_loaders(train_set, val_set, args, ctx: Distributed) -> tuple[DataLoader, DataLoader]:
-    """Training loader (DistributedSampler under torchrun) and this rank's shard of the validation set.
+def make_train_loader(train_set, args, ctx: Distributed) -> DataLoader:
+    """The training loader (DistributedSampler under torchrun).
 
-    Both draw their worker seeds from their own generator, never from the global RNG.  The training
-    loader's workers are not persistent: each epoch starts workers seeded from the generator, which
-    :func:`seed_epoch` reseeds, so an epoch's augmentation depends on (seed, epoch) only and a resumed
-    run repeats it.  Validation (no randomness) keeps its workers.
+    It draws its worker seeds from its own generator, never from the global RNG.  Its workers are not
+    persistent: each epoch starts workers seeded from the generator, which :func:`seed_epoch` reseeds, so an
+    epoch's augmentation depends on (seed, epoch) only and a resumed run repeats it.
     """
     per_rank = -(-len(train_set) // ctx.world_size)
-    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda")
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed) if ctx.enabled else None
     # drop the last partial batch (a 1-sample batch breaks BatchNorm) unless it is the only one
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=per_rank >= args.batch_size, persistent_workers=False,
-                              generator=torch.Generator().manual_seed(args.seed), **common)
+    return DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                      drop_last=per_rank >= args.batch_size, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(args.seed), num_workers=args.workers,
+                      pin_memory=ctx.device.type == "cuda")
+
+
+def make_val_loader(val_set, args, ctx: Distributed) -> DataLoader:
+    """This rank's shard of the validation set; validation (no randomness) keeps its workers."""
     val_shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size)) if ctx.enabled else val_set
-    val_loader = DataLoader(val_shard, args.batch_size, shuffle=False, persistent_workers=args.workers > 0,
-                            generator=torch.Generator().manual_seed(args.seed), **common)
-    return train_loader, val_loader
+    return DataLoader(val_shard, args.batch_size, shuffle=False, persistent_workers=args.workers > 0,
+                      generator=torch.Generator().manual_seed(args.seed), num_workers=args.workers,
+                      pin_memory=ctx.device.type == "cuda")
 
 
 def seed_epoch(train_loader: DataLoader, args, epoch: int) -> None:
@@ -692,14 +695,13 @@ def evaluate_compact(args: argparse.Namespace, ctx: Distributed, output: Path, s
     """``--evaluate --resume model_compact.safetensors``: the PAD model built from the flags, loaded
     from the compact file and evaluated in inference form (folded kernels, attention temperature 1,
     where the schedule ends; the file holds no temperature)."""
-    _, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset, args.val_subset,
-                                      args.seed)
+    _, val_set, info = load_datasets(args, ctx)
     model = build(args, info, pad_layers=True, temperature=1.0)
     try:
         load_compact_model(model, args.resume, args.arch, args.conv)
     except ValueError as err:
         raise UsageError(error_line(err)) from None
-    _, val_loader = make_loaders(val_set, val_set, args, ctx)
+    val_loader = make_val_loader(val_set, args, ctx)
     metrics = evaluate(to_inference(model).to(ctx.device), val_loader, ctx.device, args.amp, ctx.enabled)
     if ctx.is_main:
         finish_evaluation(model, args, info, metrics, output, {"compact_file": args.resume,
@@ -898,11 +900,12 @@ def run(args: argparse.Namespace, ctx: Distributed, signals: StopSignals) -> int
     if checkpoint is not None:
         restore_model(model, checkpoint, args.resume)
     model.to(ctx.device)
-    loaders = make_loaders(train_set, val_set, args, ctx)
+    if args.evaluate:
+        record = RunRecord(output, info, {"val_samples": len(val_set), "world_size": ctx.world_size}, start)
+        return evaluate_checkpoint(model, checkpoint, make_val_loader(val_set, args, ctx), args, ctx, record)
+    loaders = make_train_loader(train_set, args, ctx), make_val_loader(val_set, args, ctx)
     record = RunRecord(output, info, {"train_samples": len(train_set), "val_samples": len(val_set),
                                       "world_size": ctx.world_size}, start)
-    if args.evaluate:
-        return evaluate_checkpoint(model, checkpoint, loaders[1], args, ctx, record)
     partition = checkpoint.get("partition") if checkpoint else None
     if args.pad and checkpoint is None:
         partition = run_partition(model, train_set, args, ctx)
@@ -917,9 +920,10 @@ def run(args: argparse.Namespace, ctx: Distributed, signals: StopSignals) -> int
 
 
 def load_datasets(args: argparse.Namespace, ctx: Distributed):
-    """``(train set, validation set, DatasetInfo)`` the flags name (:func:`dyconv.data.build_datasets`)."""
+    """``(train set, validation set, DatasetInfo)`` the flags name (:func:`dyconv.data.build_datasets`); with
+    ``--evaluate`` the training set is not read (``None``)."""
     train_set, val_set, info = build_datasets(args.dataset, args.data, args.image_size, args.train_subset,
-                                              args.val_subset, args.seed)
+                                              args.val_subset, args.seed, with_train=not args.evaluate)
     if info.hidden_entries_skipped and ctx.is_main:
         print(f"data: skipped {info.hidden_entries_skipped} hidden entries (names starting with '.', e.g. "
               f".ipynb_checkpoints, AppleDouble ._* files) in {args.data}", flush=True)

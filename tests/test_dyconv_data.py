@@ -1,5 +1,6 @@
 """Datasets of the DY-Conv trainer: the IDX reader, Fashion-MNIST, ImageFolder errors, subsets."""
 import gzip
+import shutil
 import struct
 from pathlib import Path
 
@@ -105,6 +106,16 @@ def test_image_folder_layout_and_transforms(tmp_path):
     train_set, val_set, info = data.build_datasets("imagenet", str(tmp_path), 16)
     assert (info.num_classes, info.in_channels, info.small_input) == (2, 3, False)
     assert len(train_set) == 4 and train_set[0][0].shape == (3, 16, 16) and val_set[0][0].shape == (3, 16, 16)
+
+
+def test_evaluation_reads_no_training_folder(tmp_path):
+    """Without the training set (``--evaluate``), DIR/train is neither needed nor listed: classes come from DIR/val."""
+    make_folder(tmp_path)
+    shutil.rmtree(tmp_path / "train")
+    train_set, val_set, info = data.build_datasets("imagenet", str(tmp_path), 16, with_train=False)
+    assert train_set is None and len(val_set) == 4 and info.num_classes == 2
+    with pytest.raises(DataError, match="train does not exist"):
+        data.build_datasets("imagenet", str(tmp_path), 16)
 
 
 def test_image_folder_errors(tmp_path):
