@@ -4,7 +4,9 @@ Masks are per position (``element``, the paper's) or structured by whole units (
 ``unit``); either way a mask is a full float buffer of the static shape, so statistics and
 compact export count positions whatever the granularity.
 
-Knows nothing of convolutions, BERT, datasets or command lines.
+The layer API (the names below) knows nothing of convolutions, BERT, datasets or command lines;
+:mod:`pad.runtime` and :mod:`pad.records` are the two pipelines' shared run infrastructure (error lines,
+atomic writes, integrity checks, run records), kept beside it because both pipelines and the scripts use it.
 
 Public names:
 

@@ -45,12 +45,14 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.detach().cpu().flatten().numpy() > 0))
 
 
-def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _unpack(bits: torch.Tensor, shape: tuple[int, ...], name: str, granularity: str) -> torch.Tensor:
+    """The ``shape`` boolean units from packed ``bits``; ``ValueError`` when the byte count is not that of
+    ``shape``'s units (a mask packed at another granularity than ``granularity``)."""
     count = int(np.prod(shape))
-    flat = np.unpackbits(bits.cpu().numpy(), count=count).astype(bool)
-    if flat.size != count:
-        raise ValueError("compact mask holds fewer bits than the layer has units")
-    return torch.from_numpy(flat).view(shape)
+    if bits.numel() != -(-count // 8):
+        raise ValueError(f"compact mask of {name!r} holds {bits.numel()} bytes, {granularity} granularity needs "
+                         f"{-(-count // 8)} ({count} units): was it exported at another granularity?")
+    return torch.from_numpy(np.unpackbits(bits.cpu().numpy(), count=count).astype(bool)).view(shape)
 
 
 def export_compact(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,7 +81,7 @@ def load_compact(model: nn.Module, state: dict[str, torch.Tensor], granularity: 
             bits, kernels, static = (state.pop(prefix + k) for k in ("mask", "kernels", "static_weight"))
         except KeyError as err:
             raise ValueError(f"compact state lacks {err.args[0]!r}: not a compact export of this architecture") from None
-        units = _unpack(bits, unit_grid(bank.mask.shape, granularity))
+        units = _unpack(bits, unit_grid(bank.mask.shape, granularity), name, granularity)
         dynamic = unit_view(torch.zeros(bank.mask.shape, dtype=torch.bool), granularity)
         dynamic[units.flatten()] = True
         dynamic = dynamic.view(bank.mask.shape).to(bank.mask.device)

@@ -556,11 +556,20 @@ def iterative_mode_partition(model: nn.Module, batches: Sequence, loss_fn: LossF
     """Runs IMP on every :class:`~pad.PartiallyDynamicWeights` in ``model``, in place.
 
     Args:
-        batches: the partition batches, reused in every iteration (a list, not a one-shot iterator).
-        loss_fn: ``loss_fn(model, batch) -> scalar`` (``taylor``, ``grasp``).
+        model: any module holding PAD banks (their masks are reset to all dynamic first).
+        batches: the partition batches, reused in every iteration (a list, not a one-shot iterator); a batch is
+            whatever ``loss_fn`` takes, e.g. ``(inputs, labels)`` or a dict of model inputs.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (``taylor``, ``grasp``; ``None`` for the data-free ones).
         dynamic_ratio: target ``kappa`` in (0, 1], counted in positions.
         iterations: ``T`` >= 1.
+        criterion: what ranks positions, one of :data:`CRITERIA` (defined in the module docstring): ``taylor``
+            (the paper's), ``random``, ``magnitude``, ``grasp``, ``synflow``.
+        schedule: how the ratio falls from 1 to ``kappa`` over the iterations, one of :data:`SCHEDULES`
+            (``exponential``, the paper's, or ``linear``).
+        scope: one of :data:`SCOPES`: ``global`` ranks positions over all layers at once (the paper's),
+            ``local`` gives every layer the target ratio.
         synflow_fn: ``synflow_fn(model, batch) -> scalar`` (``synflow`` only).
+        generator: the random source of ``random`` scores and of tie-breaking (default: torch's global one).
         granularity: ``element`` (default, the paper's), ``kernel`` or ``unit``; set on every bank.
         batchnorm: ``batch`` (default) or ``running``: the BatchNorm statistics taylor and grasp score with.
     Returns:

@@ -4,7 +4,7 @@
 # Usage: bash scripts/bench_dyconv.sh [--mini] [--sizes 112 224] [--batch-size 32] [--scheme auto|grouped|stacked|bmm]
 #                                     [--device cpu|cuda] [--amp] [--keep-freed-memory] [--variants dyconv ...]
 #                                     [--passes train infer infer1] [--compile [inductor|aot_eager|eager]] [--layers] ...
-# Runs twice, with the default allocator (what a user's own script gets) and after pad.keep_freed_memory()
+# Runs twice, with the default allocator (what a user's own script gets) and after pad.runtime.keep_freed_memory()
 # (what the CLIs use), unless --keep-freed-memory is given (then only that).  The tables are printed and, when
 # the runs succeed, kept in results/measured/bench_dyconv-<mini|full>.txt (-<mini|full>-compile.txt with --compile,
 # -<mini|full>-layers.txt with --layers: each dynamic conv timed alone under every scheme; -cuda and -amp are

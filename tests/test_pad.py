@@ -387,6 +387,21 @@ def test_load_compact_rejects_other_architecture():
         pad.load_compact(tiny_model(), state)
 
 
+def test_load_compact_needs_the_granularity_it_was_exported_at():
+    """A unit-granularity export holds one mask bit per output unit: loaded at that granularity it reproduces the
+    model; read as per-position bits it is refused by name, not mistaken for a shape mismatch."""
+    model = tiny_model()
+    pad.iterative_mode_partition(model, batches(), loss_fn, 0.4, iterations=2, granularity="unit")
+    state = pad.export_compact(model)
+    fresh = tiny_model()
+    pad.load_compact(fresh, state, granularity="unit")
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="compact mask of '0.bank' holds 1 bytes, element granularity needs 4 "
+                                         r"\(25 units\): was it exported at another granularity\?"):
+        pad.load_compact(tiny_model(), state)
+
+
 def test_ties_are_broken_at_random_not_by_position():
     """All-equal scores (e.g. taylor on upcycled experts) must not keep the first layer dynamic."""
     model = tiny_model()
