@@ -170,10 +170,13 @@ def test_config_driven_pad_run_partitions_on_nonzero_scores(config, tiny_bert_di
 
 
 def test_docs_state_the_quick_config_warmup():
-    warmup = json.loads((REPO / "configs" / "glue" / "minilm_quick.json").read_text())["partition_warmup_steps"]
+    cpu_configs = ("minilm_quick.json", "minilm_mini.json", "minilm_protocol.json")
+    warmups = {json.loads((REPO / "configs" / "glue" / name).read_text())["partition_warmup_steps"]
+               for name in cpu_configs}
+    assert len(warmups) == 1, f"the CPU-scale configs disagree on the warm-up: {warmups}"
     bert_base = json.loads((REPO / "configs" / "glue" / "bert_base_pad.json").read_text())["partition_warmup_steps"]
     doc = " ".join((REPO / "docs" / "moe.md").read_text().split())  # line breaks do not matter
-    assert f"The CPU-scale config uses {warmup} warm-up steps" in doc
+    assert f"The CPU-scale configs use {warmups.pop()} warm-up steps" in doc
     assert f"`configs/glue/bert_base_pad.json` uses {bert_base} steps" in doc
 
 
