@@ -169,7 +169,7 @@ def test_config_driven_pad_run_partitions_on_nonzero_scores(config, tiny_bert_di
     assert torch.all(seen[0] == 0)
 
 
-def test_docs_state_the_quick_config_warmup():
+def test_docs_state_the_cpu_configs_warmup():
     cpu_configs = ("minilm_quick.json", "minilm_mini.json", "minilm_protocol.json")
     warmups = {json.loads((REPO / "configs" / "glue" / name).read_text())["partition_warmup_steps"]
                for name in cpu_configs}
